@@ -1,0 +1,16 @@
+"""moeforge: turn pretrained dense language models into Mixture-of-Experts models.
+
+Importing moeforge registers its model classes with transformers' Auto classes, so
+``AutoModelForCausalLM.from_pretrained`` opens checkpoints moeforge writes in its own format.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import models as _models  # noqa: F401  (Auto class registration)
+from .errors import MoeforgeError
+from .loading import load, load_tokenizer, load_with_tokenizer
+from .moe import MoEConfig, MoELayer
+
+__all__ = ["MoeforgeError", "MoEConfig", "MoELayer", "load", "load_tokenizer", "load_with_tokenizer", "__version__"]

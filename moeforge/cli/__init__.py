@@ -1,0 +1,49 @@
+"""The ``moeforge`` command line: one module per subcommand, each a thin typed wrapper over the library.
+
+Every user error raised as :class:`~moeforge.errors.MoeforgeError` is printed as one line on
+stderr, without a traceback, and the process exits with status 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import typer
+
+from ..errors import MoeforgeError
+
+#: subcommand modules; each defines ``register(app: typer.Typer)``.
+COMMAND_MODULES = ("demo", "info")
+
+
+def build_app() -> typer.Typer:
+    app = typer.Typer(
+        name="moeforge",
+        help="Turn dense LLMs into Mixture-of-Experts models, train them, evaluate and export them.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+    )
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"{__name__}.{name}").register(app)
+    return app
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print ``moeforge: error: message`` to stderr and exit with ``code``."""
+    print(f"moeforge: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app = build_app()
+    try:
+        app(args=argv, prog_name="moeforge", standalone_mode=True)
+    except MoeforgeError as err:
+        fail(str(err))
+    except KeyboardInterrupt:
+        fail("interrupted", code=130)

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, cost, routing statistics and plots."""

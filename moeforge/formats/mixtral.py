@@ -1,0 +1,149 @@
+"""Mixtral checkpoints <-> moeforge models: the explicit weight-key table and config mapping.
+
+On disk, transformers (v4 and v5) and vLLM store Mixtral experts per expert:
+
+==================================================================  ================================
+Mixtral key (layer i, expert e)                                     moeforge tensor
+==================================================================  ================================
+model.layers.{i}.block_sparse_moe.gate.weight        (E, H)         model.layers.{i}.mlp.router.weight
+model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight  (I, H)     ...mlp.experts.gate_up_proj[e, :I]   (gate)
+model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight  (I, H)     ...mlp.experts.gate_up_proj[e, I:]   (up)
+model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight  (H, I)     ...mlp.experts.down_proj[e]
+==================================================================  ================================
+
+The stacked in-memory layout of transformers v5 (``mlp.gate.weight``, ``mlp.experts.gate_up_proj``
+(E, 2I, H), ``mlp.experts.down_proj`` (E, H, I)) is accepted too. Every other key (embeddings,
+attention, norms, ``lm_head``) is identical to LLaMA's and maps to itself.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import MoeforgeError
+from ..models.configuration_moeforge import MoeforgeConfig
+from ..models.build import model_from_state
+from ..models.modeling_moeforge import MoeforgeForCausalLM
+from .registry import register_importer
+
+ROUTER = "model.layers.{i}.block_sparse_moe.gate.weight"
+EXPERT_W = "model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight"
+STACKED_ROUTER = "model.layers.{i}.mlp.gate.weight"
+STACKED_GATE_UP = "model.layers.{i}.mlp.experts.gate_up_proj"
+STACKED_DOWN = "model.layers.{i}.mlp.experts.down_proj"
+
+MF_ROUTER = "model.layers.{i}.mlp.router.weight"
+MF_GATE_UP = "model.layers.{i}.mlp.experts.gate_up_proj"
+MF_DOWN = "model.layers.{i}.mlp.experts.down_proj"
+
+_LLAMA_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "use_cache",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "tie_word_embeddings",
+    "rope_parameters",
+    "attention_dropout",
+    "sliding_window",
+)
+
+
+def moeforge_config_from_mixtral(cfg: dict[str, Any]) -> MoeforgeConfig:
+    """Map a Mixtral ``config.json`` dict onto :class:`MoeforgeConfig` (top-k softmax, renormalised)."""
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise MoeforgeError(f"Mixtral checkpoint uses hidden_act={cfg['hidden_act']!r}; only 'silu' experts are supported.")
+    fields = {k: cfg[k] for k in _LLAMA_FIELDS if k in cfg and cfg[k] is not None}
+    if "rope_parameters" not in fields and "rope_theta" in cfg:
+        fields["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg["rope_theta"]}
+    fields["intermediate_size"] = cfg["intermediate_size"]
+    fields["moe"] = {
+        "num_experts": cfg["num_local_experts"],
+        "top_k": cfg["num_experts_per_tok"],
+        "expert_size": cfg["intermediate_size"],
+        "router": "topk",
+        "normalize_weights": True,
+        "aux_loss_coef": cfg.get("router_aux_loss_coef", 1e-3),
+    }
+    return MoeforgeConfig(**fields)
+
+
+def mixtral_state_to_moeforge(get, keys: set[str], config: MoeforgeConfig) -> dict[str, torch.Tensor]:
+    """Translate Mixtral tensors into moeforge's key space.
+
+    Args:
+        get: callable key -> tensor reading one tensor of the checkpoint.
+        keys: every key in the checkpoint.
+        config: the moeforge config built by :func:`moeforge_config_from_mixtral`.
+    Returns:
+        a full moeforge state dict (tied ``lm_head`` omitted when tied).
+    Raises:
+        MoeforgeError when an expected key is missing or a tensor has the wrong shape.
+    """
+    e_count = config.moe["num_experts"]
+    inter = config.moe["expert_size"]
+    hidden = config.hidden_size
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+
+    def take(key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if key not in keys:
+            raise MoeforgeError(f"Mixtral checkpoint is missing tensor {key!r}; the checkpoint is incomplete.")
+        t = get(key)
+        if tuple(t.shape) != shape:
+            raise MoeforgeError(f"Mixtral tensor {key!r} has shape {tuple(t.shape)}, expected {shape}.")
+        used.add(key)
+        return t
+
+    for i in range(config.num_hidden_layers):
+        if ROUTER.format(i=i) in keys:
+            out[MF_ROUTER.format(i=i)] = take(ROUTER.format(i=i), (e_count, hidden)).float()
+            gate_up = torch.empty(e_count, 2 * inter, hidden, dtype=get(EXPERT_W.format(i=i, e=0, w="w1")).dtype)
+            down = torch.empty(e_count, hidden, inter, dtype=gate_up.dtype)
+            for e in range(e_count):
+                gate_up[e, :inter] = take(EXPERT_W.format(i=i, e=e, w="w1"), (inter, hidden))
+                gate_up[e, inter:] = take(EXPERT_W.format(i=i, e=e, w="w3"), (inter, hidden))
+                down[e] = take(EXPERT_W.format(i=i, e=e, w="w2"), (hidden, inter))
+            out[MF_GATE_UP.format(i=i)] = gate_up
+            out[MF_DOWN.format(i=i)] = down
+        else:
+            out[MF_ROUTER.format(i=i)] = take(STACKED_ROUTER.format(i=i), (e_count, hidden)).float()
+            out[MF_GATE_UP.format(i=i)] = take(STACKED_GATE_UP.format(i=i), (e_count, 2 * inter, hidden))
+            out[MF_DOWN.format(i=i)] = take(STACKED_DOWN.format(i=i), (e_count, hidden, inter))
+    moe_key = re.compile(r"model\.layers\.\d+\.(block_sparse_moe|mlp)\.")
+    for key in keys:
+        if key in used:
+            continue
+        if moe_key.match(key):
+            raise MoeforgeError(f"unexpected Mixtral tensor {key!r}; this checkpoint is not a plain Mixtral model.")
+        out[key] = get(key)
+    return out
+
+
+@register_importer("mixtral")
+def load_mixtral(directory: Path, cfg: dict[str, Any], *, dtype: torch.dtype = torch.float32) -> MoeforgeForCausalLM:
+    """Open a Mixtral checkpoint directory as a :class:`MoeforgeForCausalLM` (moeforge's MoE layer)."""
+    from safetensors import safe_open
+
+    from ..utils.io import check_safetensors, safetensors_files
+
+    config = moeforge_config_from_mixtral(cfg)
+    files = safetensors_files(directory)
+    check_safetensors(files)
+    handles = [safe_open(str(f), framework="pt") for f in files]
+    where = {k: h for h in handles for k in h.keys()}
+    state = mixtral_state_to_moeforge(lambda k: where[k].get_tensor(k), set(where), config)
+    return model_from_state(config, state, dtype=dtype)

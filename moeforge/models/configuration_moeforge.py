@@ -1,0 +1,57 @@
+"""``MoeforgeConfig``: a LLaMA-family decoder whose chosen layers use :class:`~moeforge.moe.MoELayer`.
+
+The attention stack is LLaMA's (which also represents SmolLM, Mistral without a sliding window
+shorter than the sequence, and Qwen2 through ``attention_bias`` with a zero ``o_proj`` bias);
+the feed-forward block of every layer in ``moe_layers`` is an MoE layer built from ``moe``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import LlamaConfig
+
+from ..errors import MoeforgeError
+from ..moe.config import MoEConfig
+
+
+@strict
+class MoeforgeConfig(LlamaConfig):
+    """LLaMA config plus the MoE description.
+
+    Extra fields:
+        moe: MoEConfig fields except ``hidden_size`` (taken from the model), as a dict.
+        moe_layers: indices of layers whose FFN is an MoE layer; None means every layer.
+        moe_overrides: {layer index (str): {MoEConfig field: value}} for per-layer differences
+            (e.g. layer-wise rescaling factors in ``output_scale``).
+        sliding_window: Mistral/Mixtral local attention window, or None for full attention.
+    """
+
+    model_type = "moeforge"
+
+    moe: dict | None = None
+    moe_layers: list[int] | None = None
+    moe_overrides: dict | None = None
+    sliding_window: int | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.moe is None:
+            self.moe = {"num_experts": 1, "top_k": 1, "expert_size": self.intermediate_size}
+        super().__post_init__(**kwargs)
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return self.moe_layers is None or layer_idx in self.moe_layers
+
+    def layer_moe_config(self, layer_idx: int) -> MoEConfig:
+        """The validated :class:`MoEConfig` of layer ``layer_idx``."""
+        fields: dict[str, Any] = dict(self.moe)
+        fields.update((self.moe_overrides or {}).get(str(layer_idx), {}))
+        fields["hidden_size"] = self.hidden_size
+        try:
+            return MoEConfig.from_dict(fields)
+        except MoeforgeError as err:
+            raise MoeforgeError(f"layer {layer_idx}: {err}") from None
+
+
+__all__ = ["MoeforgeConfig"]

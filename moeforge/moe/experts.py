@@ -1,0 +1,151 @@
+"""Expert weights stored stacked, and the dropless sort-compute-combine execution.
+
+Weight layout (``nn.Linear`` orientation, as transformers v5's Mixtral experts):
+
+=============  ================  ===========================================
+name           shape             meaning
+=============  ================  ===========================================
+gate_up_proj   (E, 2I, H)        SwiGLU: rows [0, I) gate, rows [I, 2I) up
+up_proj        (E, I, H)         plain MLP (``glu=False``) input projection
+down_proj      (E, H, I)         output projection
+=============  ================  ===========================================
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .kernels import grouped_linear
+from .routing import Routing
+
+_ACT = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def activation_fn(name: str):
+    return _ACT[name]
+
+
+class StackedExperts(nn.Module):
+    """E feed-forward experts of intermediate width I, one tensor per projection.
+
+    ``forward(x, routing)`` runs the dropless execution: sort the P (token, expert) pairs by
+    expert once, gather the tokens into one contiguous (P, H) block, run every expert on its
+    slice with one grouped matmul per projection, scale by the routing weights and combine once
+    (a reshape-sum when each token has exactly k pairs, a scatter-add otherwise). No mask over
+    all tokens is built per expert.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        expert_size: int,
+        *,
+        glu: bool = True,
+        activation: str = "silu",
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.expert_size = expert_size
+        self.glu = glu
+        self.activation = activation
+        self.act = activation_fn(activation)
+        self.dropout = dropout
+        if glu:
+            self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * expert_size, hidden_size))
+            self.register_parameter("up_proj", None)
+        else:
+            self.up_proj = nn.Parameter(torch.empty(num_experts, expert_size, hidden_size))
+            self.register_parameter("gate_up_proj", None)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, expert_size))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for p in (self.gate_up_proj, self.up_proj, self.down_proj):
+            if p is not None:
+                nn.init.normal_(p, std=std)
+
+    @property
+    def in_proj(self) -> Tensor:
+        return self.gate_up_proj if self.glu else self.up_proj
+
+    def expert_forward(self, x_sorted: Tensor, offsets: Tensor, counts: list[int] | None = None) -> Tensor:
+        """Run expert e on rows [offsets[e-1], offsets[e]) of the expert-sorted (P, H) block."""
+        h = grouped_linear(x_sorted, self.in_proj, offsets, counts)
+        if self.glu:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        if self.dropout > 0 and self.training:
+            h = F.dropout(h, p=self.dropout, training=True)
+        return grouped_linear(h, self.down_proj, offsets, counts)
+
+    def forward(self, x: Tensor, routing: Routing) -> Tensor:
+        """Apply the routed experts.
+
+        Args:
+            x: (T, H) tokens.
+            routing: the router's decisions for these T tokens.
+        Returns:
+            (T, H) sum over each token's pairs of weight * expert(x); zero for dropped tokens.
+        """
+        tokens, hidden = x.shape
+        pairs = routing.expert_index.numel()
+        if pairs == 0:
+            return x.new_zeros(tokens, hidden) + 0.0 * routing.weight.sum()
+        order = torch.argsort(routing.expert_index, stable=True)
+        counts_t = torch.bincount(routing.expert_index, minlength=self.num_experts)
+        offsets = torch.cumsum(counts_t, dim=0).to(torch.int32)
+        token_sorted = routing.token_index[order]
+        x_sorted = x.index_select(0, token_sorted)
+        y_sorted = self.expert_forward(x_sorted, offsets)
+        weight_sorted = routing.weight[order].to(y_sorted.dtype)
+        y_sorted = y_sorted * weight_sorted.unsqueeze(-1)
+        if routing.slots is not None:
+            k = routing.slots
+            inverse = torch.empty_like(order)
+            inverse[order] = torch.arange(pairs, device=order.device)
+            return y_sorted.index_select(0, inverse).view(tokens, k, hidden).sum(dim=1)
+        out = x.new_zeros(tokens, hidden, dtype=y_sorted.dtype)
+        return out.index_add(0, token_sorted, y_sorted).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts={self.num_experts}, hidden={self.hidden_size}, expert_size={self.expert_size}, "
+            f"glu={self.glu}, act={self.activation}"
+        )
+
+
+class DenseMLP(nn.Module):
+    """A dense (Swi)GLU or plain MLP with ``nn.Linear`` layers named like LLaMA's.
+
+    Used for always-on shared experts: S shared experts of width I are stored as one MLP of
+    width S * I, which computes exactly the sum of the S experts.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, *, glu: bool = True, activation: str = "silu") -> None:
+        super().__init__()
+        self.glu = glu
+        self.act = activation_fn(activation)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False) if glu else None
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        for lin in (self.up_proj, self.gate_proj, self.down_proj):
+            if lin is not None:
+                nn.init.normal_(lin.weight, std=0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.up_proj(x)
+        h = self.act(self.gate_proj(x)) * h if self.glu else self.act(h)
+        return self.down_proj(h)
+

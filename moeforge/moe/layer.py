@@ -1,0 +1,118 @@
+"""The one feed-forward MoE layer every moeforge model uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .config import MoEConfig
+from .experts import DenseMLP, StackedExperts
+from .routers import Router, SigmoidBiasRouter, build_router
+from .routing import Routing
+
+
+@dataclass
+class MoEOutput:
+    """Result of :meth:`MoELayer.forward`.
+
+    Attributes:
+        hidden_states: same shape as the input, (..., H).
+        aux_loss: scalar sum of the router's weighted auxiliary losses (0 when there are none).
+        aux_losses: name -> weighted scalar loss.
+        routing: the router's decisions (tensors attached to the graph; call ``.detach()`` to keep).
+    """
+
+    hidden_states: Tensor
+    aux_loss: Tensor
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    routing: Routing | None = None
+
+
+class MoELayer(nn.Module):
+    """Feed-forward Mixture-of-Experts: y = scale * sum_{(e, w) routed} w * E_e(x) + shared(x).
+
+    Routed experts are stored stacked (:class:`StackedExperts`), the router is chosen by name
+    (:data:`moeforge.moe.ROUTERS`) and runs in float32, shared experts (if any) see every token.
+    Auxiliary losses are returned in :class:`MoEOutput`, never stored on the module.
+
+    Input (B, S, H) or (T, H); output the same shape.
+    """
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.router: Router = build_router(config)
+        self.experts = StackedExperts(
+            config.num_experts,
+            config.hidden_size,
+            config.expert_size,
+            glu=config.glu,
+            activation=config.activation,
+            dropout=config.expert_dropout,
+        )
+        if config.num_shared_experts > 0:
+            self.shared_experts = DenseMLP(
+                config.hidden_size,
+                config.num_shared_experts * config.shared_size,
+                glu=config.glu,
+                activation=config.activation,
+            )
+        else:
+            self.shared_experts = None
+
+    def forward(self, hidden_states: Tensor) -> MoEOutput:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        batch_shape = tuple(shape[:-1]) if hidden_states.dim() == 3 else None
+        routing = self.router(x, batch_shape)
+        y = self.experts(x, routing)
+        if self.config.output_scale != 1.0:
+            y = y * self.config.output_scale
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        if routing.aux_losses:
+            aux_loss = torch.stack(list(routing.aux_losses.values())).sum()
+        else:
+            aux_loss = x.new_zeros((), dtype=torch.float32)
+        return MoEOutput(y.view(shape).to(hidden_states.dtype), aux_loss, routing.aux_losses, routing)
+
+    # ------------------------------------------------------------------ accounting
+    def num_parameters(self) -> tuple[int, int]:
+        """(total, active per token) parameter counts of this layer (router included)."""
+        c = self.config
+        mats = 3 if c.glu else 2
+        expert = mats * c.hidden_size * c.expert_size
+        shared = mats * c.hidden_size * c.shared_size * c.num_shared_experts
+        router = sum(p.numel() for p in self.router.parameters())
+        total = c.num_experts * expert + shared + router
+        active_k = c.top_k
+        if c.router == "expert_choice":
+            active_k = c.num_experts * min(1.0, (c.capacity_factor or 2.0) / c.num_experts)
+        elif c.router == "switch":
+            active_k = 1
+        active = int(active_k * expert) + shared + router
+        return total, active
+
+    def flops_per_token(self) -> int:
+        """Forward FLOPs per token (2 per multiply-accumulate), router included."""
+        _, active = self.num_parameters()
+        return 2 * active
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"router={c.router}, experts={c.num_experts}, top_k={c.top_k}, shared={c.num_shared_experts}"
+
+
+def update_router_biases(model: nn.Module) -> int:
+    """Apply the aux-loss-free bias update of every ``sigmoid_bias`` router in ``model``.
+
+    Call after each optimiser step. Returns the number of routers updated.
+    """
+    n = 0
+    for module in model.modules():
+        if isinstance(module, SigmoidBiasRouter):
+            module.update_bias()
+            n += 1
+    return n

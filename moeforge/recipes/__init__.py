@@ -1,0 +1,1 @@
+"""Recipes: end-to-end jobs the CLI runs (they print; the library does not)."""

@@ -1,0 +1,1 @@
+"""Small shared helpers (file-system safety, checkpoint reading)."""

@@ -1,0 +1,127 @@
+"""File-system helpers: atomic output directories and files, safe checkpoint reading."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import MoeforgeError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path`` that becomes ``path`` only on success.
+
+    The temporary directory lives in the same parent (so the final rename is atomic on one
+    file system) and is removed if the body raises. An existing ``path`` is refused unless
+    ``overwrite``; then it is replaced only after the new content is complete.
+    """
+    final = Path(path).expanduser().resolve()
+    if final.exists() and not overwrite:
+        raise MoeforgeError(
+            f"output directory {final} already exists; choose another path or pass --overwrite to replace it."
+        )
+    if final.exists() and not final.is_dir():
+        raise MoeforgeError(f"output path {final} exists and is not a directory; choose another path.")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, data) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """The safetensors shards of a checkpoint directory, in index order when an index exists.
+
+    Raises :class:`MoeforgeError` when the index names a missing shard.
+    """
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise MoeforgeError(f"{index} is not a valid safetensors index ({err}); re-save the checkpoint.") from None
+        names = sorted(set(weight_map.values()))
+        files = [directory / n for n in names]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise MoeforgeError(
+                f"checkpoint {directory} is incomplete: its index names {', '.join(missing)}, which are missing."
+            )
+        return files
+    return sorted(directory.glob("*.safetensors"))
+
+
+def pickle_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+
+
+def check_safetensors(files: list[Path]) -> None:
+    """Open every shard's header; a truncated or corrupted file raises :class:`MoeforgeError`."""
+    from safetensors import safe_open
+
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as err:  # safetensors raises several types for a bad header
+            raise MoeforgeError(
+                f"{f} is not a readable safetensors file ({err}); the file is truncated or corrupted, "
+                "re-download or re-save it."
+            ) from None
+        _check_safetensors_length(f, f.stat().st_size)
+
+
+def _check_safetensors_length(path: Path, size: int) -> None:
+    """Compare the data length the header declares with the file's size."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise MoeforgeError(f"{path} is truncated (no safetensors header); re-download or re-save it.")
+        (n,) = struct.unpack("<Q", head)
+        header = json.loads(f.read(n))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise MoeforgeError(
+            f"{path} is truncated: its header declares {8 + n + end} bytes but the file has {size}; "
+            "re-download or re-save it."
+        )
