@@ -1,0 +1,72 @@
+"""MoeforgeForCausalLM against plain transformers models."""
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from moeforge.models import MoeforgeConfig, MoeforgeForCausalLM
+
+TINY = dict(vocab_size=120, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64)
+
+
+def tiny_moe(**moe) -> MoeforgeForCausalLM:
+    spec = {"num_experts": 4, "top_k": 2, "expert_size": 12}
+    spec.update(moe)
+    return MoeforgeForCausalLM(MoeforgeConfig(**TINY, moe=spec)).eval()
+
+
+def test_single_full_expert_model_equals_llama():
+    llama = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
+    moe = MoeforgeForCausalLM(MoeforgeConfig(**TINY, moe={"num_experts": 1, "top_k": 1, "expert_size": 48})).eval()
+    state = llama.state_dict()
+    for i in range(2):
+        p = f"model.layers.{i}.mlp."
+        gate, up, down = (state.pop(p + n + ".weight") for n in ("gate_proj", "up_proj", "down_proj"))
+        state[p + "experts.gate_up_proj"] = torch.cat([gate, up])[None]
+        state[p + "experts.down_proj"] = down[None]
+        state[p + "router.weight"] = torch.zeros(1, 32)
+    moe.load_state_dict(state)
+    ids = torch.randint(0, 120, (2, 9))
+    torch.testing.assert_close(moe(ids).logits, llama(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_dense_layers_outside_moe_layers():
+    model = MoeforgeForCausalLM(MoeforgeConfig(**TINY, moe={"num_experts": 4, "top_k": 1, "expert_size": 12}, moe_layers=[1]))
+    assert type(model.model.layers[0].mlp).__name__ == "LlamaMLP"
+    assert len(model.moe_layers()) == 1
+    out = model(torch.randint(0, 120, (1, 5)), output_routing=True)
+    assert out.routing[0] is None and out.routing[1].num_tokens == 5
+
+
+def test_save_load_roundtrip_through_auto_class(tmp_path):
+    model = tiny_moe(router="noisy_topk", num_shared_experts=1)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(again, MoeforgeForCausalLM)
+    ids = torch.randint(0, 120, (2, 7))
+    torch.testing.assert_close(again(ids).logits, model(ids).logits)
+
+
+def test_aux_loss_added_to_loss_in_training_only():
+    model = tiny_moe(aux_loss_coef=0.5)
+    ids = torch.randint(0, 120, (2, 8))
+    model.train()
+    out = model(ids, labels=ids)
+    torch.testing.assert_close(out.loss, out.lm_loss + out.aux_loss)
+    assert out.aux_losses["balance_loss"] > 0
+    model.eval()
+    out = model(ids, labels=ids)
+    torch.testing.assert_close(out.loss, out.lm_loss)
+
+
+def test_cached_generation_equals_uncached():
+    model = tiny_moe()
+    ids = torch.randint(0, 120, (1, 6))
+    cached = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True)
+    uncached = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_hidden_states_are_recorded():
+    out = tiny_moe()(torch.randint(0, 120, (1, 4)), output_hidden_states=True)
+    assert len(out.hidden_states) == 3 and out.hidden_states[1].shape == (1, 4, 32)

