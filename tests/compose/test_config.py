@@ -1,0 +1,54 @@
+"""CALMConfig: layer spacing by hand, validation messages."""
+
+import pytest
+
+from moeforge.compose.config import CALMConfig, evenly_spaced_layers
+from moeforge.errors import MoeforgeError
+
+
+def test_every_n_over_k_th_layer():
+    # the outputs of layers N/n, 2N/n, ..., N (1-based)
+    assert evenly_spaced_layers(12, 3) == [3, 7, 11]
+    assert evenly_spaced_layers(30, 10) == [2, 5, 8, 11, 14, 17, 20, 23, 26, 29]
+    assert evenly_spaced_layers(4, 4) == [0, 1, 2, 3]
+    assert evenly_spaced_layers(5, 2) == [1, 4]
+
+
+def test_layer_pairs_for_different_depths():
+    assert CALMConfig(num_connections=2).layer_pairs(2, 4) == [(0, 1), (1, 3)]
+    explicit = CALMConfig(num_connections=2, augmenting_layers=[0, 1], anchor_layers=[0, 2])
+    assert explicit.layer_pairs(2, 4) == [(0, 0), (1, 2)]
+
+
+def test_more_connections_than_layers():
+    with pytest.raises(MoeforgeError, match=r"num_connections=3 is more than the augmenting model's 2 layers.*<= 2"):
+        CALMConfig(num_connections=3).layer_pairs(2, 4)
+    with pytest.raises(MoeforgeError, match="more than the anchor model's 4 layers"):
+        CALMConfig(num_connections=5).layer_pairs(8, 4)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"num_connections": 0}, "positive integer"),
+        ({"num_connections": 2, "anchor_layers": [1]}, "lists 1 layers but num_connections=2"),
+        ({"num_connections": 2, "anchor_layers": [2, 1]}, "strictly increasing"),
+        ({"num_heads": 0}, "num_heads"),
+        ({"dropout": 1.5}, "dropout"),
+    ],
+)
+def test_invalid_values(fields, message):
+    with pytest.raises(MoeforgeError, match=message):
+        CALMConfig(**fields)
+
+
+def test_explicit_layer_out_of_range():
+    with pytest.raises(MoeforgeError, match="names layer 7, but the anchor model has layers 0..3"):
+        CALMConfig(num_connections=1, anchor_layers=[7]).layer_pairs(2, 4)
+
+
+def test_unknown_key_names_the_closest():
+    with pytest.raises(MoeforgeError, match="unknown compose setting 'num_conections'. Did you mean 'num_connections'"):
+        CALMConfig.from_dict({"num_conections": 2})
+    cfg = CALMConfig.from_dict({"num_connections": 2, "augmenting": "x"}, extra_keys=("augmenting",))
+    assert CALMConfig.from_dict(cfg.to_dict()) == cfg
