@@ -129,8 +129,12 @@ def evaluate(
     snippets: dict[str, str] = {}
     overall = RoutingStats()
     per_corpus: dict[str, RoutingStats] = {}
+    warmed = False
     for corpus in resolved:
         ids = tokenize_corpus(tokenizer, corpus, max_tokens)
+        if not warmed and ids.numel() >= 2:  # first-call overheads stay out of tokens/s
+            evaluate_nll(model, ids[: min(64, ids.numel())], seq_len=seq_len)
+            warmed = True
         if ids.numel() < 2:
             from ..errors import MoeforgeError
 
