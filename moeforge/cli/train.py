@@ -1,0 +1,42 @@
+"""``moeforge train CONFIG.yaml [--key value ...]``: run (or resume) a training job.
+
+Also ``torchrun --nproc-per-node N -m moeforge train CONFIG.yaml`` for data-parallel training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    from ..train.config import config_help
+
+    @app.command(
+        "train",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+        epilog="Config keys (override any with --key value; data sources by index or name, e.g. "
+        "--data.prose.weight 0.5):\n\n" + config_help().replace("\n", "\n\n"),
+    )
+    def train_cmd(
+        ctx: typer.Context,
+        config: Path = typer.Argument(..., help="YAML training config (see configs/)."),
+    ) -> None:
+        """Train (CPT, SFT, PEFT-MoE or composition) as CONFIG says; rerunning resumes from output_dir."""
+        from ..train import train
+        from ..train.config import load_config
+
+        cfg = load_config(config, list(ctx.args))
+        result = train(cfg)
+        if result.final_dir is not None or result.steps:
+            import os
+
+            if int(os.environ.get("RANK", "0")) == 0:
+                loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
+                print(f"trained {result.steps} steps ({result.tokens:,} tokens) in {result.wall_time_s:.0f}s; final loss {loss}")
+                if result.eval_losses:
+                    print("validation loss: " + ", ".join(f"{k} {v:.4f}" for k, v in result.eval_losses.items()))
+                print(f"metrics: {result.metrics_path}")
+                if result.final_dir is not None:
+                    print(f"model: {result.final_dir}")

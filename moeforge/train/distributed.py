@@ -1,0 +1,174 @@
+"""Multi-process training under ``torchrun``: process group, device, DDP or FSDP2 wrapping, reductions.
+
+``torchrun --nproc-per-node N -m moeforge train CONFIG.yaml`` sets RANK / WORLD_SIZE /
+LOCAL_RANK; :func:`setup` joins the process group with NCCL on GPUs and gloo on CPU. Without
+those variables everything runs in one process and the helpers here are no-ops.
+
+Data parallelism: every process computes the same global batch plan and takes its slice; DDP
+averages gradients. FSDP2 (``fully_shard``) shards each decoder layer's parameters, gradients
+and optimizer state across processes, for models that do not fit one device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import MoeforgeError
+
+
+@dataclass
+class DistContext:
+    """Where this process sits: rank, world size, device; ``initialized`` when a process group is up."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    initialized: bool = False
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.initialized:
+            dist.barrier()
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over processes (in place; returns the tensor). Works on CPU tensors under NCCL too."""
+        if not self.initialized:
+            return tensor
+        if self.device.type == "cuda" and tensor.device.type != "cuda":
+            t = tensor.to(self.device)
+            dist.all_reduce(t)
+            tensor.copy_(t.cpu())
+            return tensor
+        dist.all_reduce(tensor)
+        return tensor
+
+    def all_true(self, flag: bool) -> bool:
+        """True when ``flag`` holds on every process."""
+        if not self.initialized:
+            return flag
+        t = torch.tensor([0.0 if flag else 1.0], device=self.device)
+        dist.all_reduce(t)
+        return bool(t.item() == 0)
+
+    def broadcast_object(self, obj):
+        if not self.initialized:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def setup(timeout_s: int = 1800) -> DistContext:
+    """Join the torchrun process group if the environment asks for one; choose the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world <= 1:
+        return DistContext(0, 1, 0, device, initialized=False)
+    if dist.is_initialized():
+        return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, initialized=True)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    try:
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception as err:  # rendezvous problems surface as several exception types
+        raise MoeforgeError(
+            f"could not join the process group ({backend}, rank {rank} of {world}): {err}. "
+            "Launch with `torchrun --nproc-per-node N -m moeforge train CONFIG.yaml`."
+        ) from None
+    return DistContext(rank, world, local_rank, device, initialized=True, owns_group=True)
+
+
+def teardown(ctx: DistContext) -> None:
+    if ctx.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks FSDP2 shards one by one (``model.model.layers`` for LLaMA-family models)."""
+    for path in ("model.layers", "model.model.layers", "base_model.model.model.layers", "transformer.h"):
+        node = model
+        try:
+            for part in path.split("."):
+                node = getattr(node, part)
+        except AttributeError:
+            continue
+        if isinstance(node, nn.ModuleList):
+            return list(node)
+    return []
+
+
+def wrap_model(model: nn.Module, ctx: DistContext, *, strategy: str, find_unused_parameters: bool = False) -> nn.Module:
+    """DDP (replicated) or FSDP2 (sharded) model for ``ctx``; the model itself when not distributed."""
+    if not ctx.distributed:
+        return model
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in decoder_layers(model):
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DDP(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside a DDP wrapper (FSDP2 shards in place, without a wrapper)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return model.module if isinstance(model, DDP) else model
+
+
+def no_sync(model: nn.Module, skip: bool):
+    """Skip DDP's gradient all-reduce on accumulation micro-batches (all but the last)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if skip and isinstance(model, DDP):
+        return model.no_sync()
+    if skip and hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        return _restore_sync(model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _restore_sync(model):
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def sync_router_loads(model: nn.Module, ctx: DistContext) -> None:
+    """Sum the ``sigmoid_bias`` routers' pending expert loads over processes before their bias update,
+    so every replica applies the same update (the one a single process would apply)."""
+    if not ctx.initialized:
+        return
+    from ..moe.routers import SigmoidBiasRouter
+
+    for module in model.modules():
+        if isinstance(module, SigmoidBiasRouter):
+            ctx.all_reduce_sum(module.pending_load)

@@ -1,0 +1,834 @@
+"""The one trainer behind every moeforge training mode (CPT, SFT, PEFT-MoE, CALM composition).
+
+``train(config) -> TrainResult`` runs a whole job: load the model and tokenizer, apply the
+``peft``/``compose`` wrapper or ``train_params``, build the domain data, resume from the latest
+checkpoint in ``output_dir`` if there is one, and loop:
+
+1. the sampler picks the global batch's blocks by the mixture weights (identically on every
+   process); each process takes its slice and splits it into micro-batches;
+2. each micro-batch's loss is its summed next-token loss divided by the number of target
+   tokens in the whole global batch (so accumulation and processes give the gradient of one big
+   batch), plus the router aux losses (times the trainer's multipliers) averaged over
+   micro-batches, plus the optional KL distillation term;
+3. gradients are clipped, AdamW steps with the warmup+cosine learning rate, and
+   ``moeforge.moe.update_router_biases`` applies the aux-loss-free bias updates (loads summed
+   over processes first);
+4. on schedule: metrics records, per-domain evaluation, dynamic mixture updates, checkpoints.
+
+A non-finite loss or gradient stops the run with a clear message, leaving the last good
+checkpoint in place. The final model goes to ``output_dir/final`` (``save_trained`` when the
+model has it, else ``save_pretrained`` plus the tokenizer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import MoeforgeError
+from . import checkpoint as ckpt
+from .config import TrainConfig, load_config
+from .distributed import DistContext, no_sync, setup, sync_router_loads, teardown, unwrap, wrap_model
+from .losses import distillation_kl, token_cross_entropy, weighted_aux_loss
+from .metrics import MetricsWriter, read_metrics, write_plots
+from .mixture import Mixture
+from .params import count_parameters, prepare_model
+from .schedule import lr_at
+
+FINAL_DIR = "final"
+CONFIG_FILE = "train_config.yaml"
+PLOT_INTERVAL_S = 60.0
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or already complete) run produced."""
+
+    output_dir: Path
+    final_dir: Path | None
+    steps: int
+    """Optimizer steps completed."""
+    resumed_from: int | None
+    """Step of the checkpoint this invocation resumed from, if any."""
+    final_loss: float | None
+    """Last logged training next-token loss."""
+    eval_losses: dict[str, float]
+    """Per-domain validation loss at the end."""
+    weights: dict[str, float]
+    """Final mixture weights."""
+    tokens: int
+    """Tokens fed to the model (all processes, padding excluded)."""
+    wall_time_s: float
+    metrics_path: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """All metrics.jsonl records."""
+    model: nn.Module | None = None
+    """The trained model in memory (this process's replica)."""
+
+
+def train(
+    config: TrainConfig | dict | str | os.PathLike,
+    *,
+    overrides: list[str] | dict[str, Any] | None = None,
+    model: nn.Module | None = None,
+    tokenizer=None,
+    callbacks: list[Any] | tuple = (),
+) -> TrainResult:
+    """Run a training job.
+
+    Args:
+        config: a :class:`TrainConfig`, a dict, or the path of a YAML config.
+        overrides: ``{"lr": 1e-4, "mixture.eta": 0.5}`` or CLI-style ``["--lr", "1e-4"]``.
+        model: an already-built model to train instead of loading ``config.model``
+            (``config.model`` is then only a label, unless the tokenizer is loaded from it).
+        tokenizer: the tokenizer to use instead of loading ``config.tokenizer or config.model``.
+        callbacks: objects with any of ``on_step_end(trainer, step, stats)``, ``on_log(trainer, record)``,
+            ``on_eval(trainer, record)``, ``on_save(trainer, step, path)``, ``on_train_end(trainer, result)``;
+            setting ``trainer.should_stop = True`` ends the run after the current step (with a checkpoint).
+    Returns:
+        :class:`TrainResult`.
+    """
+    if isinstance(config, TrainConfig):
+        cfg = config if not overrides else load_config(config.to_dict(), overrides)
+    else:
+        cfg = load_config(config, overrides)
+    return Trainer(cfg, model=model, tokenizer=tokenizer, callbacks=callbacks).run()
+
+
+class Trainer:
+    """One training run; see :func:`train` (the stable entry point)."""
+
+    def __init__(self, config: TrainConfig, *, model=None, tokenizer=None, callbacks=()) -> None:
+        self.config = config
+        self._given_model = model
+        self._given_tokenizer = tokenizer
+        self.callbacks = list(callbacks)
+        self.should_stop = False
+        self.step = 0
+        self.tokens = 0
+        self.output_dir = Path(config.output_dir).expanduser()
+
+    # =========================================================================== setup
+    def _callback(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, hook, None)
+            if fn is not None:
+                fn(self, *args)
+
+    def _prepare_output_dir(self) -> Path | None:
+        """Create/clean output_dir (main process) and return the checkpoint to resume from."""
+        cfg, out = self.config, self.output_dir
+        if self.ctx.is_main:
+            if cfg.overwrite and out.exists():
+                markers = [out / ckpt.CHECKPOINTS, out / "metrics.jsonl", out / CONFIG_FILE]
+                if any(out.iterdir()) and not any(m.exists() for m in markers):
+                    raise MoeforgeError(
+                        f"output_dir {out} exists and is not a moeforge training directory; refusing to delete it. "
+                        "Choose another output_dir."
+                    )
+                shutil.rmtree(out)
+            out.mkdir(parents=True, exist_ok=True)
+        self.ctx.barrier()
+        latest = ckpt.latest_checkpoint(out)
+        if latest is not None and not cfg.resume:
+            raise MoeforgeError(
+                f"{out} already holds checkpoints (latest {latest.name}) and resume is off; "
+                "pass --resume true to continue it, --overwrite true to start over, or choose another output_dir."
+            )
+        return latest
+
+    def _load_model(self):
+        from ..loading import load, load_tokenizer
+
+        cfg = self.config
+        tok = self._given_tokenizer
+        if tok is None:
+            tok = load_tokenizer(cfg.tokenizer or cfg.model)
+        if cfg.chat_template is not None:
+            from ..data.chat import ensure_chat_template
+
+            ensure_chat_template(tok, cfg.chat_template)
+        model = self._given_model if self._given_model is not None else load(cfg.model, dtype=torch.float32)
+        return model, tok
+
+    def _setup(self) -> Path | None:
+        cfg = self.config
+        self.ctx: DistContext = setup()
+        ctx = self.ctx
+        world = ctx.world_size
+        if cfg.batch_size % world:
+            raise MoeforgeError(
+                f"batch_size={cfg.batch_size} is not divisible by the {world} processes; use a multiple of {world}."
+            )
+        self.per_rank = cfg.batch_size // world
+        self.micro = cfg.micro_batch_size or self.per_rank
+        if self.per_rank % self.micro:
+            raise MoeforgeError(
+                f"each of the {world} processes gets {self.per_rank} sequences per step, which micro_batch_size="
+                f"{self.micro} does not divide; choose a divisor of {self.per_rank}."
+            )
+        self.accum = self.per_rank // self.micro
+        if cfg.parallel == "fsdp" and (cfg.peft is not None or cfg.compose is not None):
+            raise MoeforgeError("parallel: fsdp is not supported with a peft/compose section (their weights are small); use ddp.")
+        latest = self._prepare_output_dir()
+        if ctx.is_main:
+            import yaml
+
+            from ..utils.io import atomic_write_text
+
+            atomic_write_text(self.output_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+        # model: seeded identically on every process (wrappers initialise new weights)
+        _seed_all(cfg.seed)
+        model, tok = self._load_model()
+        self.tokenizer = tok
+        model = prepare_model(model, cfg, tok)
+        self.trainable, self.total_params = count_parameters(model)
+        self.fingerprint = ckpt.model_fingerprint(model)
+        self.ckpt_names = ckpt.trainable_names(model)
+        if cfg.gradient_checkpointing:
+            if not hasattr(model, "gradient_checkpointing_enable"):
+                raise MoeforgeError(f"{type(model).__name__} does not support gradient checkpointing; set it to false.")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.to(ctx.device)
+        model.train()
+        self.model = model  # unwrapped
+        self.autocast_dtype = self._autocast_dtype()
+        self.routing_kw = _accepts_output_routing(model)
+
+        # data: the main process fills the token cache first
+        from ..data.dataset import build_domains
+
+        valid_cap = max(cfg.eval_tokens, cfg.mixture.eval_tokens)
+        if ctx.is_main:
+            self.domains = build_domains(cfg, tok, valid_max_tokens=valid_cap)
+        ctx.barrier()
+        if not ctx.is_main:
+            self.domains = build_domains(cfg, tok, valid_max_tokens=valid_cap)
+        for d, src in zip(self.domains, cfg.data):
+            if src.weight > 0 and len(d.train) == 0:
+                raise MoeforgeError(f"data source {d.name!r} has no training blocks.")
+        vocab = _vocab_size(model)
+        for d in self.domains:
+            top = int(d.train.input_ids.max()) if len(d.train) else 0
+            if vocab is not None and top >= vocab:
+                raise MoeforgeError(
+                    f"data source {d.name!r} has token id {top} but the model's vocabulary has {vocab} entries; "
+                    "the tokenizer does not belong to this model (set `tokenizer:`)."
+                )
+
+        from ..data.sampler import MixtureSampler
+
+        self.mixture = Mixture(cfg.domain_names, [s.weight for s in cfg.data], cfg.mixture)
+        self.sampler = MixtureSampler([len(d.train) for d in self.domains], seed=cfg.seed)
+
+        # teacher for distillation
+        self.teacher = None
+        if cfg.distill.teacher is not None:
+            self.teacher = self._load_frozen(cfg.distill.teacher, "distillation teacher")
+
+        # wrap first: FSDP2 replaces parameters by sharded ones, which the optimizer must hold
+        self.wrapped = wrap_model(model, ctx, strategy=cfg.parallel, find_unused_parameters=cfg.find_unused_parameters)
+        # optimizer over trainable parameters; weight decay on matrices only
+        decay, no_decay = [], []
+        for _, p in self.model.named_parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        self.params = decay + no_decay
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        self.writer = MetricsWriter(self.output_dir, enabled=ctx.is_main)
+        self._reset_window()
+        self._train_loss_since_update = self._zeros_domain()
+        return latest
+
+    def _load_frozen(self, name: str, what: str) -> nn.Module:
+        from ..loading import load
+
+        m = load(name, dtype=torch.float32)
+        m.to(self.ctx.device)
+        m.eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
+        ours, theirs = _vocab_size(self.model), _vocab_size(m)
+        if ours is not None and theirs is not None and ours != theirs:
+            raise MoeforgeError(
+                f"the {what} {name!r} has a vocabulary of {theirs} tokens but the trained model has {ours}; "
+                "they must share a tokenizer."
+            )
+        return m
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        p = self.config.precision
+        dev = self.ctx.device
+        if p == "fp32":
+            return None
+        if p == "bf16":
+            return torch.bfloat16
+        if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.ctx.device.type, dtype=self.autocast_dtype)
+
+    # ========================================================================== resume
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "sampler": self.sampler.state_dict(),
+            "mixture": self.mixture.state_dict(),
+            "window": self._window_state(),
+            "train_loss_since_update": self._train_loss_since_update.tolist(),
+            "fingerprint": self.fingerprint,
+            "world_size": self.ctx.world_size,
+            "domains": self.config.domain_names,
+            "time": time.time(),
+        }
+
+    def _gather_model_state(self) -> dict[str, torch.Tensor] | None:
+        names = set(self.ckpt_names)
+        if self.config.parallel == "fsdp" and self.ctx.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return {k: v for k, v in full.items() if k in names} if self.ctx.is_main else None
+        if not self.ctx.is_main:
+            return None
+        sd = self.model.state_dict(keep_vars=False)
+        return {k: sd[k].detach().cpu().clone() for k in self.ckpt_names}
+
+    def _gather_optimizer_state(self) -> dict[str, Any] | None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        if self.config.parallel == "fsdp" and self.ctx.distributed:
+            osd = get_optimizer_state_dict(
+                self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+            return osd if self.ctx.is_main else None
+        if not self.ctx.is_main:
+            return None
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def save(self) -> Path:
+        """Write a checkpoint for the current step (collective)."""
+        path = ckpt.save_checkpoint(
+            self.output_dir,
+            self.step,
+            ctx=self.ctx,
+            model_state=self._gather_model_state(),
+            optimizer_state=self._gather_optimizer_state(),
+            trainer_state=self._trainer_state() if self.ctx.is_main else None,
+            keep_last=self.config.keep_last,
+        )
+        self._callback("on_save", self.step, path)
+        return path
+
+    def _resume(self, path: Path) -> None:
+        data = ckpt.load_checkpoint(path, self.ctx.rank)
+        state = data["state"]
+        ckpt.check_fingerprint(state["fingerprint"], self.fingerprint, path)
+        tensors = data["model"]
+        missing = sorted(set(self.ckpt_names) - set(tensors))
+        extra = sorted(set(tensors) - set(self.ckpt_names))
+        if missing or extra:
+            raise MoeforgeError(
+                f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {extra[:3]}; "
+                "it was written for a different model or train_params."
+            )
+        fsdp = self.config.parallel == "fsdp" and self.ctx.distributed
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+            opts = StateDictOptions(full_state_dict=True, strict=False)
+            set_model_state_dict(self.model, tensors, options=opts)
+            set_optimizer_state_dict(self.model, self.optimizer, data["optimizer"], options=opts)
+        else:
+            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+            own = self.model.state_dict(keep_vars=True)
+            with torch.no_grad():
+                for k, v in tensors.items():
+                    if tuple(own[k].shape) != tuple(v.shape):
+                        raise MoeforgeError(
+                            f"checkpoint {path}: tensor {k} has shape {tuple(v.shape)}, the model {tuple(own[k].shape)}; "
+                            "it was written for a different model."
+                        )
+                    own[k].copy_(v.to(own[k].dtype))
+            set_optimizer_state_dict(self.model, self.optimizer, data["optimizer"])
+        if state["domains"] != self.config.domain_names:
+            raise MoeforgeError(
+                f"checkpoint {path} was trained on domains {state['domains']}, the config has {self.config.domain_names}; "
+                "resume with the same data sources or use a new output_dir."
+            )
+        self.sampler.load_state_dict(state["sampler"])
+        self.mixture.load_state_dict(state["mixture"])
+        self._load_window_state(state["window"])
+        self._train_loss_since_update = torch.tensor(state["train_loss_since_update"], dtype=torch.float64)
+        self.step = int(state["step"])
+        self.tokens = int(state["tokens"])
+        if data["rng"] is not None:
+            ckpt.set_rng_state(*data["rng"])
+        else:
+            _seed_all(self.config.seed + 7919 * self.ctx.rank + self.step)
+        if self.ctx.is_main:
+            self.writer.truncate_after(self.step)
+
+    # ====================================================================== evaluation
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module | None = None, max_tokens: int | None = None) -> dict[str, float]:
+        """Per-domain mean next-token loss on the validation slices (all processes share the work)."""
+        fsdp = self.config.parallel == "fsdp" and self.ctx.distributed
+        if model is None:
+            model = self.model
+        max_tokens = max_tokens or self.config.eval_tokens
+        was_training = model.training
+        model.eval()
+        results: dict[str, float] = {}
+        world, rank = self.ctx.world_size, self.ctx.rank
+        for dom in self.domains:
+            if dom.valid is None or len(dom.valid) == 0:
+                continue
+            n = min(len(dom.valid), int(np.searchsorted(np.cumsum(dom.valid.lengths), max_tokens)) + 1)
+            batches = [list(range(i, min(i + self.micro, n))) for i in range(0, n, self.micro)]
+            mine = batches[rank::world]
+            rounds = math.ceil(len(batches) / world) if fsdp else len(mine)
+            sums = torch.zeros(2, dtype=torch.float64)
+            for r in range(rounds):
+                dummy = r >= len(mine)
+                idx = batches[0] if dummy else mine[r]
+                ids, labels = dom.valid.batch(idx)
+                with self._autocast():
+                    out = model(input_ids=ids.to(self.ctx.device))
+                if dummy:
+                    continue
+                ce, count = token_cross_entropy(out.logits, labels.to(self.ctx.device))
+                sums += torch.tensor([ce.sum().item(), count.sum().item()], dtype=torch.float64)
+            self.ctx.all_reduce_sum(sums)
+            if sums[1] > 0:
+                results[dom.name] = float(sums[0] / sums[1])
+        model.train(was_training)
+        return results
+
+    def _eval_record(self, losses: dict[str, float]) -> dict[str, Any]:
+        tok = {d.name: min(d.valid.num_tokens(), self.config.eval_tokens) for d in self.domains if d.valid is not None}
+        total = sum(tok.get(n, 0) for n in losses) or 1
+        mean = sum(losses[n] * tok.get(n, 0) for n in losses) / total
+        rec = {"kind": "eval", "step": self.step, "loss": mean, "eval": losses, "weights": self.mixture.as_dict()}
+        if self.mixture.reference is not None:
+            rec["reference"] = dict(zip(self.mixture.names, self.mixture.reference))
+        return rec
+
+    # ========================================================================= logging
+    def _zeros_domain(self) -> torch.Tensor:
+        return torch.zeros(len(self.config.data), 2, dtype=torch.float64)
+
+    def _reset_window(self) -> None:
+        self.w_domain = self._zeros_domain()  # (K, 2) ce sum, target count
+        self.w_aux: dict[str, float] = {}
+        self.w_aux_total = 0.0
+        self.w_kl = 0.0
+        self.w_steps = 0
+        self.w_tokens = 0
+        self.w_time = 0.0
+        self.w_grad = 0.0
+        self.w_load: dict[int, torch.Tensor] = {}
+
+    def _window_state(self) -> dict[str, Any]:
+        return {
+            "domain": self.w_domain.tolist(),
+            "aux": self.w_aux,
+            "aux_total": self.w_aux_total,
+            "kl": self.w_kl,
+            "steps": self.w_steps,
+            "tokens": self.w_tokens,
+            "time": self.w_time,
+            "grad": self.w_grad,
+            "load": {str(k): v.tolist() for k, v in self.w_load.items()},
+        }
+
+    def _load_window_state(self, s: dict[str, Any]) -> None:
+        self.w_domain = torch.tensor(s["domain"], dtype=torch.float64)
+        self.w_aux = dict(s["aux"])
+        self.w_aux_total = s["aux_total"]
+        self.w_kl = s["kl"]
+        self.w_steps = s["steps"]
+        self.w_tokens = s["tokens"]
+        self.w_time = s["time"]
+        self.w_grad = s["grad"]
+        self.w_load = {int(k): torch.tensor(v, dtype=torch.float64) for k, v in s["load"].items()}
+
+    def _log_record(self) -> dict[str, Any]:
+        ce, count = self.w_domain[:, 0], self.w_domain[:, 1]
+        steps = max(1, self.w_steps)
+        rec: dict[str, Any] = {
+            "kind": "train",
+            "step": self.step,
+            "loss": float(ce.sum() / count.sum()) if count.sum() > 0 else float("nan"),
+            "aux_loss": self.w_aux_total / steps,
+            "aux_losses": {k: v / steps for k, v in self.w_aux.items()},
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": self.w_grad / steps,
+            "tokens": self.tokens,
+            "tokens_per_s": self.w_tokens / self.w_time if self.w_time > 0 else None,
+            "domain_loss": {
+                n: float(ce[i] / count[i]) for i, n in enumerate(self.config.domain_names) if count[i] > 0
+            },
+            "weights": self.mixture.as_dict(),
+        }
+        if self.teacher is not None:
+            rec["kl"] = self.w_kl / steps
+        if self.w_load:
+            rec["expert_load"] = {
+                str(k): (v / v.sum()).tolist() if v.sum() > 0 else v.tolist() for k, v in sorted(self.w_load.items())
+            }
+        return rec
+
+    # ============================================================================ step
+    def _forward(self, model, ids: torch.Tensor):
+        with self._autocast():
+            if self.routing_kw:
+                try:
+                    return model(input_ids=ids, output_routing=True)
+                except TypeError as err:
+                    if "output_routing" not in str(err):
+                        raise
+                    self.routing_kw = False  # a wrapper that does not pass it through
+            return model(input_ids=ids)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over the global batch; returns this step's scalar stats."""
+        cfg, ctx = self.config, self.ctx
+        dev = ctx.device
+        t0 = time.perf_counter()
+        picks = self.sampler.draw(self.mixture.weights, cfg.batch_size)
+        mine = picks[ctx.rank * self.per_rank : (ctx.rank + 1) * self.per_rank]
+        from ..data.packing import collate
+
+        micro_batches = []
+        for j in range(self.accum):
+            chunk = mine[j * self.micro : (j + 1) * self.micro]
+            ids, labels = collate([(self.domains[d].train, i) for d, i in chunk])
+            micro_batches.append((ids, labels, torch.tensor([d for d, _ in chunk])))
+        counts = torch.tensor(
+            [sum(int((lab[:, 1:] != -100).sum()) for _, lab, _ in micro_batches),
+             sum(int(self.domains[d].train.lengths[i]) for d, i in mine)],
+            dtype=torch.float64,
+        )
+        ctx.all_reduce_sum(counts)
+        global_targets, global_tokens = float(counts[0]), int(counts[1])
+        if global_targets == 0:
+            raise MoeforgeError(f"step {self.step + 1}: the batch has no target tokens (every label is masked); check the data.")
+        lm_scale = ctx.world_size / global_targets
+        alpha = cfg.distill.weight if self.teacher is not None else 0.0
+        step_domain = self._zeros_domain()
+        step_aux: dict[str, float] = {}
+        step_aux_total = 0.0
+        step_kl = 0.0
+        finite = True
+        loads: dict[int, torch.Tensor] = {}
+        for j, (ids, labels, dom) in enumerate(micro_batches):
+            ids, labels = ids.to(dev), labels.to(dev)
+            with no_sync(self.wrapped, skip=j < self.accum - 1):
+                out = self._forward(self.wrapped, ids)
+                ce, count = token_cross_entropy(out.logits, labels)
+                loss = (1.0 - alpha) * ce.sum() * lm_scale
+                if self.teacher is not None:
+                    with torch.no_grad(), self._autocast():
+                        t_logits = self.teacher(input_ids=ids).logits
+                    kl = distillation_kl(out.logits, t_logits, labels, cfg.distill.temperature)
+                    loss = loss + alpha * kl.sum() * lm_scale
+                    step_kl += float(kl.sum().item()) / global_targets * ctx.world_size
+                aux, aux_named = weighted_aux_loss(out, cfg.aux_loss_scale, cfg.aux_loss_scales)
+                if aux is not None and cfg.aux_loss_scale > 0:
+                    loss = loss + aux / self.accum
+                if not torch.isfinite(loss).item():
+                    finite = False
+                loss.backward()
+            with torch.no_grad():
+                for d_i in range(len(self.domains)):
+                    sel = dom.to(dev) == d_i
+                    if sel.any():
+                        step_domain[d_i, 0] += float(ce[sel].sum().item())
+                        step_domain[d_i, 1] += float(count[sel].sum().item())
+                for k, v in aux_named.items():
+                    step_aux[k] = step_aux.get(k, 0.0) + float(v.item()) / self.accum
+                if aux is not None:
+                    step_aux_total += float(aux.item()) / self.accum
+                routing = getattr(out, "routing", None)
+                if routing:
+                    for li, r in enumerate(routing):
+                        if r is not None:
+                            load = r.expert_load().to(torch.float64).cpu()
+                            loads[li] = loads[li] + load if li in loads else load
+        if not ctx.all_true(finite):
+            self._fail_nonfinite("loss")
+        if cfg.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, float("inf"))
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if not math.isfinite(norm):
+            self._fail_nonfinite("gradient norm")
+        lr = lr_at(self.step, lr=cfg.lr, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        from ..moe.layer import update_router_biases
+
+        sync_router_loads(self.model, ctx)
+        update_router_biases(self.model)
+        self.step += 1
+        self.tokens += global_tokens
+
+        # statistics over processes
+        packed = torch.cat([step_domain.reshape(-1), torch.tensor([step_aux_total, step_kl], dtype=torch.float64)])
+        ctx.all_reduce_sum(packed)
+        k = len(self.domains)
+        step_domain = packed[: 2 * k].reshape(k, 2)
+        step_aux_total = float(packed[2 * k]) / ctx.world_size
+        step_kl = float(packed[2 * k + 1])
+        if step_aux:
+            names = sorted(step_aux)
+            t = torch.tensor([step_aux[n] for n in names], dtype=torch.float64)
+            ctx.all_reduce_sum(t)
+            step_aux = {n: float(v) / ctx.world_size for n, v in zip(names, t)}
+        for li in sorted(loads):
+            ctx.all_reduce_sum(loads[li])
+        elapsed = time.perf_counter() - t0
+        self.w_domain += step_domain
+        self._train_loss_since_update += step_domain
+        for n, v in step_aux.items():
+            self.w_aux[n] = self.w_aux.get(n, 0.0) + v
+        self.w_aux_total += step_aux_total
+        self.w_kl += step_kl
+        self.w_steps += 1
+        self.w_tokens += global_tokens
+        self.w_time += elapsed
+        self.w_grad += norm
+        for li, v in loads.items():
+            self.w_load[li] = self.w_load[li] + v if li in self.w_load else v
+        lm = float(step_domain[:, 0].sum() / step_domain[:, 1].sum())
+        return {"loss": lm, "aux_loss": step_aux_total, "grad_norm": norm, "lr": lr, "tokens": global_tokens, "time": elapsed}
+
+    def _fail_nonfinite(self, what: str) -> None:
+        latest = ckpt.latest_checkpoint(self.output_dir)
+        keep = (
+            f"The last good checkpoint {latest} is kept; rerunning the same command resumes from it."
+            if latest is not None
+            else "No checkpoint had been written yet."
+        )
+        raise MoeforgeError(
+            f"the {what} became NaN or infinite at step {self.step + 1}; training stopped without taking that step. "
+            f"{keep} Lower lr (now {self.config.lr:g}), keep grad_clip on, check the data, or use precision: fp32."
+        )
+
+    # ======================================================================== dynamic mixture
+    def _mixture_losses(self) -> dict[str, float]:
+        m = self.config.mixture
+        if m.signal == "valid":
+            return self.evaluate(max_tokens=m.eval_tokens)
+        t = self._train_loss_since_update
+        return {n: float(t[i, 0] / t[i, 1]) for i, n in enumerate(self.config.domain_names) if t[i, 1] > 0}
+
+    def _init_reference(self) -> None:
+        m = self.config.mixture
+        if not self.mixture.dynamic or self.mixture.reference is not None:
+            return
+        if m.reference_losses is not None:
+            self.mixture.set_reference(m.reference_losses)
+            return
+        if m.reference_model is not None:
+            if self.teacher is not None and m.reference_model == self.config.distill.teacher:
+                ref = self.teacher
+            else:
+                ref = self._load_frozen(m.reference_model, "mixture reference model")
+            losses = self.evaluate(model=ref, max_tokens=m.eval_tokens)
+            if ref is not self.teacher:
+                del ref
+        else:
+            losses = self.evaluate(max_tokens=m.eval_tokens)
+        missing = [n for n in self.config.domain_names if n not in losses]
+        if missing:
+            raise MoeforgeError(f"dynamic mixture: no validation data to compute reference losses for {missing}.")
+        self.mixture.set_reference(losses)
+
+    # ============================================================================= final
+    def _save_final(self) -> Path:
+        from ..utils.io import atomic_output_dir
+
+        final = self.output_dir / FINAL_DIR
+        model = self.model
+        fsdp = self.config.parallel == "fsdp" and self.ctx.distributed
+        full = None
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        error = ""
+        if self.ctx.is_main:
+            try:
+                if hasattr(model, "save_trained"):
+                    model.save_trained(final)
+                    if hasattr(self.tokenizer, "save_pretrained"):
+                        self.tokenizer.save_pretrained(str(final))
+                else:
+                    with atomic_output_dir(final, overwrite=True) as tmp:
+                        if full is not None:
+                            model.save_pretrained(str(tmp), state_dict=full)
+                        else:
+                            model.save_pretrained(str(tmp))
+                        self.tokenizer.save_pretrained(str(tmp))
+            except OSError as err:
+                error = str(err)
+        if not self.ctx.all_true(not error):
+            raise MoeforgeError(
+                f"could not write the final model to {final}: {error or 'the main process failed'}. "
+                "The last checkpoint is intact; free space and rerun the same command."
+            )
+        return final
+
+    # ============================================================================== run
+    def run(self) -> TrainResult:
+        start = time.perf_counter()
+        try:
+            latest = self._setup()
+            return self._run(latest, start)
+        finally:
+            if hasattr(self, "ctx"):
+                teardown(self.ctx)
+
+    def _run(self, latest: Path | None, start: float) -> TrainResult:
+        cfg, ctx = self.config, self.ctx
+        resumed_from = None
+        if latest is not None:
+            self._resume(latest)
+            resumed_from = self.step
+        elif ctx.is_main:
+            self.writer.reset()
+        # model-side randomness differs per process (dropout, router noise); restored on resume
+        if latest is None:
+            _seed_all(cfg.seed + 7919 * ctx.rank)
+        self._init_reference()
+
+        bar = None
+        if cfg.progress and ctx.is_main and self.step < cfg.steps:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)
+        last_plot = time.perf_counter()
+        eval_losses: dict[str, float] = {}
+        try:
+            while self.step < cfg.steps and not self.should_stop:
+                stats = self.train_step()
+                step = self.step
+                if bar is not None:
+                    tps = stats["tokens"] / stats["time"] if stats["time"] > 0 else 0.0
+                    bar.set_postfix(loss=f"{stats['loss']:.3f}", aux=f"{stats['aux_loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+                    bar.update(1)
+                self._callback("on_step_end", step, stats)
+                if self.mixture.due(step):
+                    losses = self._mixture_losses()
+                    self.mixture.update(losses)
+                    self._train_loss_since_update = self._zeros_domain()
+                    if cfg.mixture.signal == "valid":
+                        rec = self._eval_record(losses)
+                        if ctx.is_main:
+                            self.writer.write(rec)
+                        self._callback("on_eval", rec)
+                if step % cfg.log_every == 0 or step == cfg.steps or self.should_stop:
+                    rec = self._log_record()
+                    if ctx.is_main:
+                        self.writer.write(rec)
+                    self._callback("on_log", rec)
+                    self._reset_window()
+                if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                    rec = self._eval_record(self.evaluate())
+                    if ctx.is_main:
+                        self.writer.write(rec)
+                    self._callback("on_eval", rec)
+                if step % cfg.save_every == 0 or step == cfg.steps or self.should_stop:
+                    self.save()
+                    if cfg.plots and ctx.is_main and time.perf_counter() - last_plot > PLOT_INTERVAL_S:
+                        write_plots(self.output_dir)
+                        last_plot = time.perf_counter()
+        finally:
+            if bar is not None:
+                bar.close()
+
+        if any(d.valid is not None for d in self.domains):
+            eval_losses = self.evaluate()
+            rec = self._eval_record(eval_losses)
+            done = ctx.is_main and any(r.get("kind") == "eval" and r["step"] == self.step for r in read_metrics(self.output_dir))
+            if ctx.is_main and not done:
+                self.writer.write(rec)
+            self._callback("on_eval", rec)
+        final_dir = None
+        if cfg.save_final and self.step >= cfg.steps:
+            final = self.output_dir / FINAL_DIR
+            already = resumed_from == cfg.steps and final.is_dir()
+            final_dir = final if ctx.all_true(already) else self._save_final()
+        ctx.barrier()
+        history = read_metrics(self.output_dir) if ctx.is_main else []
+        if cfg.plots and ctx.is_main:
+            write_plots(self.output_dir, history)
+        train_recs = [r for r in history if r.get("kind") == "train"]
+        result = TrainResult(
+            output_dir=self.output_dir,
+            final_dir=final_dir,
+            steps=self.step,
+            resumed_from=resumed_from,
+            final_loss=train_recs[-1]["loss"] if train_recs else None,
+            eval_losses=eval_losses,
+            weights=self.mixture.as_dict(),
+            tokens=self.tokens,
+            wall_time_s=time.perf_counter() - start,
+            metrics_path=self.writer.path,
+            history=history,
+            model=self.model,
+        )
+        self._callback("on_train_end", result)
+        return result
+
+
+# ================================================================================== helpers
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _vocab_size(model: nn.Module) -> int | None:
+    emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if emb is not None and hasattr(emb, "weight"):
+        return int(emb.weight.shape[0])
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "vocab_size", None)
+
+
+def _accepts_output_routing(model: nn.Module) -> bool:
+    """Whether ``model(..., output_routing=True)`` returns per-layer routing (moeforge MoE models)."""
+    from ..models.modeling_moeforge import MoeforgeForCausalLM
+
+    params = inspect.signature(model.forward).parameters
+    if "output_routing" in params:
+        return True
+    has_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return has_kwargs and any(isinstance(m, MoeforgeForCausalLM) for m in model.modules()) and not isinstance(model, MoeforgeForCausalLM)
