@@ -12,5 +12,17 @@ from . import models as _models  # noqa: F401  (Auto class registration)
 from .errors import MoeforgeError
 from .loading import load, load_tokenizer, load_with_tokenizer
 from .moe import MoEConfig, MoELayer
+from . import convert  # noqa: E402  callable: moeforge.convert(model, out=..., method=..., ...)
+from .convert import ConvertConfig  # noqa: E402
 
-__all__ = ["MoeforgeError", "MoEConfig", "MoELayer", "load", "load_tokenizer", "load_with_tokenizer", "__version__"]
+__all__ = [
+    "MoeforgeError",
+    "MoEConfig",
+    "MoELayer",
+    "load",
+    "load_tokenizer",
+    "load_with_tokenizer",
+    "convert",
+    "ConvertConfig",
+    "__version__",
+]

@@ -28,7 +28,9 @@ from ..errors import MoeforgeError
 from ..models.configuration_moeforge import MoeforgeConfig
 from ..models.build import model_from_state
 from ..models.modeling_moeforge import MoeforgeForCausalLM
-from .registry import register_importer
+from ..convert.streaming import PlanEntry
+from .export import Exporter, ExportSpec, MoELayerWeights, config_to_dict, llama_fields
+from .registry import EXPORTERS, register_importer
 
 ROUTER = "model.layers.{i}.block_sparse_moe.gate.weight"
 EXPERT_W = "model.layers.{i}.block_sparse_moe.experts.{e}.{w}.weight"
@@ -147,3 +149,72 @@ def load_mixtral(directory: Path, cfg: dict[str, Any], *, dtype: torch.dtype = t
     where = {k: h for h in handles for k in h.keys()}
     state = mixtral_state_to_moeforge(lambda k: where[k].get_tensor(k), set(where), config)
     return model_from_state(config, state, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------- export
+class MixtralExporter(Exporter):
+    """moeforge -> Mixtral: per-expert ``w1``/``w3``/``w2`` on disk, the layout transformers and vLLM read.
+
+    Exact when every layer is MoE, routing is softmax top-k with renormalised weights (``topk``
+    router, ``normalize_weights``), there are no shared experts and no attention biases; the
+    output scale is folded into ``w2``.
+    """
+
+    name = "mixtral"
+    fold_scale = True
+
+    def unsupported(self, spec: ExportSpec) -> str | None:
+        moe = spec.moe
+        if spec.config.moe_layers is not None and len(set(spec.config.moe_layers)) < spec.num_layers:
+            return "Mixtral has an MoE block in every layer, but only some layers were converted"
+        if moe.get("router", "topk") != "topk":
+            return f"Mixtral routes with softmax top-k; router {moe['router']!r} differs"
+        if not moe.get("normalize_weights", True):
+            return "Mixtral renormalises the top-k weights; normalize_weights=False differs"
+        if moe.get("num_shared_experts", 0):
+            return "Mixtral has no shared experts"
+        if spec.qkv_bias or spec.o_bias:
+            return "Mixtral attention has no biases (the dense model has attention biases)"
+        if not moe.get("glu", True) or moe.get("activation", "silu") != "silu":
+            return "Mixtral experts are SwiGLU (silu)"
+        for field_name in ("router_mlp",):
+            if moe.get(field_name):
+                return f"Mixtral's router is linear; {field_name} is set"
+        return None
+
+    def ffn_plan(self, spec: ExportSpec, i: int) -> list[PlanEntry]:
+        e, m, h, dt = spec.num_experts, spec.expert_size, spec.hidden, spec.dtype
+        out = [PlanEntry(ROUTER.format(i=i), (e, h), dt)]
+        for x in range(e):
+            out.append(PlanEntry(EXPERT_W.format(i=i, e=x, w="w1"), (m, h), dt))
+            out.append(PlanEntry(EXPERT_W.format(i=i, e=x, w="w2"), (h, m), dt))
+            out.append(PlanEntry(EXPERT_W.format(i=i, e=x, w="w3"), (m, h), dt))
+        return out
+
+    def ffn_tensors(self, spec: ExportSpec, i: int, weights) -> list[tuple[str, torch.Tensor]]:
+        if not isinstance(weights, MoELayerWeights):
+            raise TypeError("Mixtral export needs an MoE block in every layer")
+        w = weights.folded()
+        m, dt = spec.expert_size, spec.dtype
+        out = [(ROUTER.format(i=i), w.router.to(dt))]
+        for x in range(spec.num_experts):
+            out.append((EXPERT_W.format(i=i, e=x, w="w1"), w.gate_up[x, :m].to(dt)))
+            out.append((EXPERT_W.format(i=i, e=x, w="w2"), w.down[x].to(dt)))
+            out.append((EXPERT_W.format(i=i, e=x, w="w3"), w.gate_up[x, m:].to(dt)))
+        return out
+
+    def config_dict(self, spec: ExportSpec, scales: dict[int, float]) -> dict[str, Any]:
+        from transformers import MixtralConfig
+
+        fields = llama_fields(spec.config)
+        fields.update(
+            intermediate_size=spec.expert_size,
+            num_local_experts=spec.num_experts,
+            num_experts_per_tok=spec.moe["top_k"],
+            router_aux_loss_coef=spec.moe.get("aux_loss_coef") or 1e-3,
+            sliding_window=spec.config.sliding_window,
+        )
+        return config_to_dict(MixtralConfig(**fields), spec.dtype, "MixtralForCausalLM")
+
+
+EXPORTERS["mixtral"] = MixtralExporter()

@@ -1,0 +1,589 @@
+"""``moeforge.convert``: dense checkpoint in, MoE checkpoint (or in-memory model) out.
+
+The conversion streams: tensors are read one at a time from the dense checkpoint, each layer's
+FFN is converted and written before the next is read, and the output shards are laid out in
+advance (:mod:`moeforge.convert.streaming`). Data-driven steps add the dense model's
+layer-by-layer activations on the calibration tokens (:mod:`moeforge.convert.calibration`).
+
+Before success is reported, the export is re-read byte for byte against digests taken while
+writing, reopened the way its users open it (plain ``transformers`` for ``mixtral`` and
+``qwen2_moe``) and its logits compared with moeforge's model of the same weights; any failure
+raises :class:`~moeforge.errors.MoeforgeError` and leaves no output directory behind.
+
+Example::
+
+    import moeforge
+    report = moeforge.convert("smollm2", out="smollm2-moe", experts=8, top_k=2,
+                              method="coactivation", gate_init="activation", rescale="layerwise")
+    print(report.summary())
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import MoeforgeError
+from ..formats import EXPORT_ORDER, EXPORTERS
+from ..formats.export import DenseLayerWeights, Exporter, ExportSpec, MoELayerWeights
+from ..formats.moeforge_format import final_moeforge_config
+from ..models.configuration_moeforge import MoeforgeConfig
+from ..moe.config import MoEConfig
+from .calibration import DenseRunner, calibration_windows, importance_pass
+from .config import ConvertConfig
+from .layer import LayerConverter, LayerReport, layer_generator
+from .methods.base import DenseFFN
+from .source import ATTN, EMBED, FINAL_NORM, IN_NORM, LM_HEAD, POST_NORM, DenseSource, open_source
+from .streaming import ShardedWriter, parse_size
+
+#: layers kept in memory for the logits check when the whole model is too large to reload
+VERIFY_LAYERS = 2
+#: verification tolerance on logits: max |a - b| <= RTOL * max(1, max |reference|)
+VERIFY_RTOL = 1e-4
+VERIFY_TEXT = "Mixture-of-experts models route each token to a few experts, so most weights stay idle."
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ConvertReport:
+    """Outcome of a conversion.
+
+    out: the written directory (None for an in-memory conversion); format: the format written.
+    parameters: {"dense": {"total", "active"}, "moe": {...}}; flops_per_token: {"dense", "moe"}.
+    perplexity: {"dense", "moe", "tokens", "text"} on held-out embedded prose, when evaluated.
+    verification: what was checked (tensors, max_abs_diff, tokens, layers).
+    layers: one :class:`LayerReport` per converted layer; seconds: wall time per stage.
+    model: the converted :class:`~moeforge.models.MoeforgeForCausalLM` when kept in memory.
+    """
+
+    out: Path | None
+    format: str
+    config: ConvertConfig
+    source: str
+    parameters: dict[str, dict[str, int]]
+    flops_per_token: dict[str, int]
+    layers: list[LayerReport] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    verification: dict[str, Any] = field(default_factory=dict)
+    perplexity: dict[str, Any] | None = None
+    format_notes: dict[str, str] = field(default_factory=dict)
+    model: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out": str(self.out) if self.out else None,
+            "format": self.format,
+            "source": self.source,
+            "config": self.config.to_dict(),
+            "parameters": self.parameters,
+            "flops_per_token": self.flops_per_token,
+            "perplexity": self.perplexity,
+            "verification": self.verification,
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "format_notes": self.format_notes,
+            "layers": [asdict(r) for r in self.layers],
+        }
+
+    @property
+    def mean_layer_error(self) -> float | None:
+        errors = [r.error for r in self.layers if r.error is not None]
+        return sum(errors) / len(errors) if errors else None
+
+    def summary(self) -> str:
+        """A small plain-text table: parameters, active parameters, FLOPs/token, perplexity."""
+        d, m = self.parameters["dense"], self.parameters["moe"]
+        rows = [
+            ("", "dense", "MoE"),
+            ("parameters", f"{d['total']:,}", f"{m['total']:,}"),
+            ("active parameters / token", f"{d['active']:,}", f"{m['active']:,}"),
+            ("FLOPs / token (512 ctx)", f"{self.flops_per_token['dense']:,}", f"{self.flops_per_token['moe']:,}"),
+        ]
+        if self.perplexity:
+            p = self.perplexity
+            rows.append((f"perplexity ({p['tokens']} held-out tokens)", f"{p['dense']:.2f}", f"{p['moe']:.2f}"))
+        width = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = ["  ".join(c.ljust(width[i]) if i == 0 else c.rjust(width[i]) for i, c in enumerate(r)) for r in rows]
+        ratio = self.flops_per_token["moe"] / self.flops_per_token["dense"]
+        lines.append(f"MoE FLOPs per token = {ratio:.2f} x dense")
+        if self.mean_layer_error is not None:
+            lines.append(f"mean layer output error on calibration tokens: {self.mean_layer_error:.3f}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _moe_config(cfg: ConvertConfig, source: DenseSource) -> MoEConfig:
+    m = cfg.expert_size(source.intermediate_size)
+    fields: dict[str, Any] = {
+        "hidden_size": source.hidden_size,
+        "num_experts": cfg.experts,
+        "top_k": cfg.top_k,
+        "expert_size": m,
+        "router": cfg.router,
+        "normalize_weights": cfg.normalize_weights,
+        "num_shared_experts": cfg.shared_experts,
+        "shared_expert_size": m if cfg.shared_experts else None,
+    }
+    for key, value in cfg.router_options.items():
+        if key in fields or key in ("output_scale", "extra", "glu", "activation"):
+            raise MoeforgeError(f"router option {key!r} is set by the conversion itself; remove it from router_options.")
+        fields[key] = value
+    if cfg.router == "expert_choice" and "expert_choice_causal" not in fields and "allow_future_tokens" not in fields:
+        fields["expert_choice_causal"] = True
+    return MoEConfig.from_dict(fields)
+
+
+def _converted_config(source: DenseSource, moe: MoEConfig, cfg: ConvertConfig) -> MoeforgeConfig:
+    moe_dict = moe.to_dict()
+    moe_dict.pop("hidden_size")
+    moe_dict["extra"] = {"conversion": {"method": cfg.method, "gate_init": cfg.gate_init, "rescale": cfg.rescale,
+                                        "refine": cfg.refine, "seed": cfg.seed, "source": source.name}}
+    return MoeforgeConfig(**source.base, moe=moe_dict, moe_layers=cfg.layers)
+
+
+def _router_state_shapes(moe: MoEConfig) -> dict[str, tuple[int, ...]]:
+    from ..moe.routers import build_router
+
+    with torch.device("meta"):
+        router = build_router(moe)
+    shapes = {k: tuple(v.shape) for k, v in router.state_dict().items()}
+    return {"weight": shapes.pop("weight"), **shapes}
+
+
+def choose_exporter(name: str, spec: ExportSpec) -> tuple[Exporter, dict[str, str]]:
+    """The exporter for ``--format name`` (auto: the first exact one), and why others were skipped."""
+    notes: dict[str, str] = {}
+    for fmt in EXPORT_ORDER:
+        reason = EXPORTERS[fmt].unsupported(spec)
+        if reason:
+            notes[fmt] = reason
+    if name == "auto":
+        for fmt in EXPORT_ORDER:
+            if fmt not in notes:
+                return EXPORTERS[fmt], notes
+    exporter = EXPORTERS[name]
+    if name in notes:
+        exact = [f for f in EXPORT_ORDER if f not in notes]
+        raise MoeforgeError(
+            f"--format {name} cannot hold this model exactly: {notes[name]}. Formats that can: {', '.join(exact)} "
+            "(or --format auto)."
+        )
+    return exporter, notes
+
+
+def _count_parameters(config: MoeforgeConfig) -> tuple[dict[str, int], int]:
+    from ..eval.cost import flops_per_token, parameter_counts
+    from ..models.modeling_moeforge import MoeforgeForCausalLM
+
+    with torch.device("meta"):
+        model = MoeforgeForCausalLM(config)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return parameter_counts(model), flops_per_token(model)
+
+
+def _tokenizer_for(source: DenseSource, tokenizer):
+    if tokenizer is not None:
+        return tokenizer
+    if source.directory is None:
+        return None
+    from ..loading import load_tokenizer
+
+    try:
+        return load_tokenizer(source.directory)
+    except MoeforgeError:
+        return None
+
+
+def _verification_ids(tokenizer, vocab: int) -> torch.Tensor:
+    if tokenizer is not None:
+        ids = tokenizer(VERIFY_TEXT, add_special_tokens=False).input_ids[:24]
+        if len(ids) >= 8 and max(ids) < vocab:
+            ids = torch.tensor(ids)
+            return torch.stack([ids, ids.flip(0)])
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(vocab, (2, 24), generator=g)
+
+
+def _estimate_bytes(spec: ExportSpec, exporter: Exporter) -> int:
+    return sum(e.nbytes for e in exporter.plan(spec))
+
+
+def _keep_whole_reference(total_bytes_f32: int) -> bool:
+    """Whether the reference model and the reloaded export fit comfortably in memory together."""
+    try:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    except Exception:  # pragma: no cover - psutil is a dependency of the environment
+        available = 8 << 30
+    return 3 * total_bytes_f32 < available
+
+
+# ---------------------------------------------------------------------------------------- convert
+def convert(
+    model_or_path,
+    out: str | os.PathLike | None = None,
+    *,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    tokenizer=None,
+    verify: bool = True,
+    eval_tokens: int = 4096,
+    progress: Callable[[str], None] | None = None,
+    **options: Any,
+) -> ConvertReport:
+    """Convert a dense LLaMA/Mistral/Qwen2 model into an MoE model.
+
+    Args:
+        model_or_path: a checkpoint directory, a GGUF file, the alias ``smollm2``, or a
+            transformers model object (then pass ``tokenizer`` for data-driven steps).
+        out: output directory, written atomically; None converts in memory only and returns the
+            model in ``report.model`` (nothing is written, no export verification).
+        overwrite: replace an existing ``out`` (only after the new one is complete and verified).
+        allow_pickle: accept a pickle-only (``.bin``) dense checkpoint.
+        tokenizer: tokenizer for calibration/evaluation when ``model_or_path`` is a model object.
+        verify: check the written export (digests and logits) before reporting success.
+        eval_tokens: held-out embedded prose tokens for the dense-vs-MoE perplexity (0 skips it).
+        progress: callable receiving one-line progress messages.
+        **options: :class:`ConvertConfig` fields: method, experts, top_k, shared_experts, router,
+            rescale, gate_init, refine, refine_steps, layers, format, seed, calibration,
+            calibration_tokens, granularity, upcycle_noise, upcycle_reinit, normalize_weights,
+            dtype, max_shard_size, router_options, ...
+    Returns:
+        :class:`ConvertReport`.
+    Raises:
+        MoeforgeError: bad options, unsupported or broken inputs, an existing ``out`` without
+            ``overwrite``, or a failed verification (then nothing is left at ``out``).
+    """
+    unknown = set(options) - ConvertConfig.field_names()
+    if unknown:
+        from ..errors import closest
+
+        name = sorted(unknown)[0]
+        raise MoeforgeError(f"unknown conversion option {name!r}.{closest(name, ConvertConfig.field_names())}")
+    cfg = ConvertConfig(**options)
+    say = progress or (lambda _m: None)
+    if out is None:
+        return _convert(model_or_path, None, cfg, allow_pickle, tokenizer, verify, eval_tokens, say)
+    from ..utils.io import atomic_output_dir
+
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        report = _convert(model_or_path, tmp, cfg, allow_pickle, tokenizer, verify, eval_tokens, say)
+        report.out = Path(out).expanduser().resolve()
+        (tmp / "moeforge_conversion.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return report
+
+
+def _convert(model_or_path, tmp: Path | None, cfg: ConvertConfig, allow_pickle: bool, tokenizer, verify: bool,
+             eval_tokens: int, say: Callable[[str], None]) -> ConvertReport:
+    seconds: dict[str, float] = {}
+    t_start = time.perf_counter()
+    source = open_source(model_or_path, allow_pickle=allow_pickle)
+    try:
+        return _run(source, tmp, cfg, tokenizer, verify, eval_tokens, say, seconds, t_start)
+    finally:
+        source.close()
+
+
+def _run(source: DenseSource, tmp: Path | None, cfg: ConvertConfig, tokenizer, verify: bool, eval_tokens: int,
+         say, seconds: dict[str, float], t_start: float) -> ConvertReport:
+    cfg.check_against(source.num_layers, source.intermediate_size)
+    moe = _moe_config(cfg, source)
+    config = _converted_config(source, moe, cfg)
+    out_dtype = DTYPES[cfg.dtype] if cfg.dtype else source.dtype
+    if out_dtype not in DTYPES.values():
+        out_dtype = torch.float32
+    spec = ExportSpec(config=config, dtype=out_dtype, qkv_bias=source.qkv_bias, o_bias=source.o_bias,
+                      router_state=_router_state_shapes(moe))
+    if tmp is None:
+        exporter, notes = EXPORTERS["moeforge"], {}
+        fmt = "memory"
+    else:
+        exporter, notes = choose_exporter(cfg.format, spec)
+        fmt = exporter.name
+    converted = set(range(source.num_layers)) if cfg.layers is None else set(cfg.layers)
+    say(f"converting {source.name} ({source.family}, {source.num_layers} layers, FFN {source.intermediate_size}) "
+        f"into {cfg.experts} experts, top-{cfg.top_k}, method {cfg.method}, format {fmt}")
+    tokenizer = _tokenizer_for(source, tokenizer)
+
+    # ---------------------------------------------------------------- calibration
+    runner = windows = importance = None
+    needs_calib = cfg.needs_calibration() or (cfg.method in ("importance",))
+    if needs_calib:
+        if tokenizer is None:
+            raise MoeforgeError(
+                f"--method {cfg.method} / --gate-init {cfg.gate_init} / --rescale {cfg.rescale} / --refine {cfg.refine} "
+                "need calibration text, but no tokenizer was found for the model; pass tokenizer=... or use "
+                "data-free options (method random/cluster/upcycle, gate init random/centroid, rescale auto/none/number)."
+            )
+        seq_len = cfg.calibration_seq_len
+        if config.sliding_window:
+            seq_len = min(seq_len, config.sliding_window)
+        windows = calibration_windows(tokenizer, cfg.calibration, cfg.calibration_tokens, seq_len)
+        runner = DenseRunner(source)
+        say(f"calibration: {windows.numel()} tokens in {windows.shape[0]} windows of {windows.shape[1]}")
+        if cfg.method == "importance":
+            t0 = time.perf_counter()
+            importance, _ = importance_pass(
+                runner, windows, cfg.experts, generator=layer_generator(cfg.seed, -1),
+                read_ffn=lambda i: DenseFFN(*source.read_ffn(i)), progress=say,
+            )
+            seconds["importance"] = time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- layer loop
+    writer = None
+    if tmp is not None:
+        writer = ShardedWriter(tmp, exporter.plan(spec), max_shard_bytes=parse_size(cfg.max_shard_size),
+                               metadata={"moeforge_conversion": cfg.method})
+    ref_exporter = EXPORTERS["moeforge"]
+    f32_bytes = sum(e.nbytes for e in ref_exporter.plan(ExportSpec(config, torch.float32, spec.qkv_bias, spec.o_bias,
+                                                                   spec.router_state)))
+    keep_all = tmp is None or _keep_whole_reference(f32_bytes)
+    keep_layers = set(range(source.num_layers)) if keep_all else set(range(min(VERIFY_LAYERS, source.num_layers)))
+    reference: dict[str, torch.Tensor] = {}
+    converter = LayerConverter(cfg, moe)
+    layer_reports: list[LayerReport] = []
+    scales: dict[int, float] = {}
+    t_layers = time.perf_counter()
+
+    def emit(key: str, tensor: torch.Tensor, *, layer: int | None) -> None:
+        if writer is not None:
+            writer.write(key, tensor)
+
+    def remember(pairs: list[tuple[str, torch.Tensor]], layer: int | None) -> None:
+        if layer is None or layer in keep_layers:
+            for k, v in pairs:
+                reference[k] = v
+
+    def passthrough(key: str) -> torch.Tensor:
+        return source.get(key).to(out_dtype)
+
+    # embeddings
+    embed = passthrough(EMBED)
+    emit(EMBED, embed, layer=None)
+    remember([(EMBED, embed)], None)
+    del embed
+    h = runner.embed(windows) if runner is not None else None
+    for i in range(source.num_layers):
+        t_layer = time.perf_counter()
+        # attention and norms: copied (dtype cast) under LLaMA keys, biases as each format wants them
+        layer_src = {k: passthrough(k) for k in source.attention_keys(i)}
+        attn_pairs = _attention_pairs(layer_src, i, *exporter.attention_biases(spec), out_dtype)
+        for k, v in attn_pairs:
+            emit(k, v, layer=i)
+        remember(_attention_pairs(layer_src, i, *ref_exporter.attention_biases(spec), out_dtype), i)
+        # feed-forward
+        ffn = DenseFFN(*source.read_ffn(i))
+        calib = None
+        if runner is not None:
+            h, calib = runner.layer(i, h, ffn)
+            if importance is not None:
+                calib.importance = importance[i]
+        if i in converted:
+            norm_w = layer_src[POST_NORM.format(i=i)].float()
+            weights, rep = converter.convert(i, ffn, norm_weight=norm_w, calib=calib)
+            # stock formats store the router at the model's precision: use that rounding everywhere
+            if exporter.fold_scale or out_dtype != torch.float32:
+                weights.router = weights.router.to(out_dtype).float()
+            scales[i] = weights.output_scale
+            if exporter.fold_scale:
+                weights = weights.folded()
+            layer_reports.append(rep)
+            msg = f"layer {i + 1}/{source.num_layers}: scale {rep.output_scale:.3g}"
+            if rep.error is not None:
+                msg += f", output error {rep.error:.3f}"
+                if rep.error_before_refine is not None:
+                    msg += f" (before refine {rep.error_before_refine:.3f})"
+        else:
+            weights = DenseLayerWeights(ffn.gate, ffn.up, ffn.down)
+            msg = f"layer {i + 1}/{source.num_layers}: kept dense"
+        for k, v in exporter.ffn_tensors(spec, i, weights):
+            emit(k, v, layer=i)
+        if i in keep_layers:
+            remember(ref_exporter.ffn_tensors(spec, i, weights), i)
+        del weights, ffn, calib, layer_src, attn_pairs
+        say(msg + f" ({time.perf_counter() - t_layer:.1f}s)")
+    final_norm = passthrough(FINAL_NORM)
+    emit(FINAL_NORM, final_norm, layer=None)
+    remember([(FINAL_NORM, final_norm)], None)
+    if not source.tied:
+        head = passthrough(LM_HEAD)
+        emit(LM_HEAD, head, layer=None)
+        remember([(LM_HEAD, head)], None)
+        del head
+    seconds["layers"] = time.perf_counter() - t_layers
+    h = None
+
+    # ---------------------------------------------------------------- config, tokenizer, verification
+    ref_scales = {i: 1.0 for i in scales} if exporter.fold_scale else dict(scales)
+    ref_config = final_moeforge_config(ExportSpec(config, out_dtype, spec.qkv_bias, spec.o_bias, spec.router_state),
+                                       ref_scales)
+    dense_config = MoeforgeConfig(**source.base, moe_layers=[])
+    params_dense, flops_dense = _count_parameters(dense_config)
+    params_moe, flops_moe = _count_parameters(ref_config)
+    report = ConvertReport(
+        out=None, format=fmt, config=cfg, source=source.name,
+        parameters={"dense": params_dense, "moe": params_moe},
+        flops_per_token={"dense": flops_dense, "moe": flops_moe},
+        layers=layer_reports, seconds=seconds, format_notes=notes,
+    )
+    if writer is not None:
+        t0 = time.perf_counter()
+        writer.close()
+        (tmp / "config.json").write_text(json.dumps(exporter.config_dict(spec, scales), indent=2, sort_keys=True) + "\n")
+        _write_generation_config(source, tmp, config)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        seconds["write"] = time.perf_counter() - t0
+    from ..models.build import model_from_state
+
+    if keep_all:
+        ref_model = model_from_state(ref_config, reference, dtype=torch.float32)
+    else:
+        ref_model = model_from_state(_truncated(ref_config, VERIFY_LAYERS), reference, dtype=torch.float32)
+    reference = {}
+    if writer is not None and verify:
+        t0 = time.perf_counter()
+        say("verifying the export: re-reading every tensor, reloading and comparing logits")
+        checked = writer.verify_digests()
+        ids = _verification_ids(tokenizer, config.vocab_size)
+        diff, loaded_layers = _compare_export(exporter, tmp, ref_model, ids, keep_all, spec, scales)
+        report.verification = {
+            "tensors_checked": checked,
+            "max_abs_logit_diff": diff,
+            "tokens": int(ids.numel()),
+            "layers_compared": loaded_layers,
+            "loaded_with": "transformers" if exporter.plain_transformers else "moeforge",
+        }
+        seconds["verify"] = time.perf_counter() - t0
+    if tmp is None:
+        report.model = ref_model
+    if eval_tokens and keep_all and tokenizer is not None:
+        t0 = time.perf_counter()
+        report.perplexity = _evaluate(source, ref_model, tokenizer, eval_tokens)
+        seconds["evaluate"] = time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - t_start
+    if tmp is not None:
+        report.model = None
+    return report
+
+
+def _attention_pairs(layer_src: dict[str, torch.Tensor], i: int, qkv_bias: bool, o_bias: bool,
+                     dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
+    """Layer ``i``'s norms and attention tensors in plan order; a bias the source lacks is zero."""
+    pairs = [(IN_NORM.format(i=i), layer_src[IN_NORM.format(i=i)])]
+    for p in ("q", "k", "v", "o"):
+        weight = layer_src[ATTN.format(i=i, p=p, w="weight")]
+        pairs.append((ATTN.format(i=i, p=p, w="weight"), weight))
+        if (o_bias if p == "o" else qkv_bias):
+            bkey = ATTN.format(i=i, p=p, w="bias")
+            pairs.append((bkey, layer_src[bkey] if bkey in layer_src else torch.zeros(weight.shape[0], dtype=dtype)))
+    pairs.append((POST_NORM.format(i=i), layer_src[POST_NORM.format(i=i)]))
+    return pairs
+
+
+def _truncated(config: MoeforgeConfig, n: int) -> MoeforgeConfig:
+    cfg = config.to_dict()
+    for k in ("architectures", "transformers_version", "model_type", "dtype", "torch_dtype"):
+        cfg.pop(k, None)
+    cfg["num_hidden_layers"] = n
+    if cfg.get("moe_layers") is not None:
+        cfg["moe_layers"] = [i for i in cfg["moe_layers"] if i < n]
+    if cfg.get("moe_overrides"):
+        cfg["moe_overrides"] = {k: v for k, v in cfg["moe_overrides"].items() if int(k) < n} or None
+    if cfg.get("layer_types"):
+        cfg["layer_types"] = cfg["layer_types"][:n]
+    return MoeforgeConfig(**cfg)
+
+
+def _compare_export(exporter: Exporter, directory: Path, ref_model, ids: torch.Tensor, whole: bool, spec: ExportSpec,
+                    scales: dict[int, float]) -> tuple[float, int]:
+    """Reload the export (whole, or its first layers) and compare logits with ``ref_model``."""
+    load_dir = directory
+    scratch = None
+    if not whole:
+        scratch = Path(tempfile.mkdtemp(prefix=".verify-", dir=directory.parent))
+        cfg = json.loads((directory / "config.json").read_text())
+        n = VERIFY_LAYERS
+        cfg["num_hidden_layers"] = n
+        if cfg.get("mlp_only_layers"):
+            cfg["mlp_only_layers"] = [i for i in cfg["mlp_only_layers"] if i < n]
+        if cfg.get("layer_types"):
+            cfg["layer_types"] = cfg["layer_types"][:n]
+        if cfg.get("moe_layers") is not None:
+            cfg["moe_layers"] = [i for i in cfg["moe_layers"] if i < n]
+        if cfg.get("moe_overrides"):
+            cfg["moe_overrides"] = {k: v for k, v in cfg["moe_overrides"].items() if int(k) < n} or None
+        (scratch / "config.json").write_text(json.dumps(cfg))
+        for f in directory.iterdir():
+            if f.name.endswith(".safetensors") or f.name == "model.safetensors.index.json":
+                os.symlink(f, scratch / f.name)
+        load_dir = scratch
+    try:
+        try:
+            loaded = exporter.load(load_dir)
+        except Exception as err:  # noqa: BLE001 - any failure to open the export is a verification failure
+            raise MoeforgeError(
+                f"export verification failed: the written {exporter.name} directory does not load ({type(err).__name__}: "
+                f"{err}); the export was discarded."
+            ) from None
+        with torch.no_grad():
+            want = ref_model(ids, use_cache=False).logits.float()
+            got = loaded(ids, use_cache=False).logits.float()
+        del loaded
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if got.shape != want.shape:
+        raise MoeforgeError(f"export verification failed: logits of shape {tuple(got.shape)}, expected {tuple(want.shape)}.")
+    diff = float((got - want).abs().max())
+    bound = VERIFY_RTOL * max(1.0, float(want.abs().max()))
+    if not diff <= bound:
+        raise MoeforgeError(
+            f"export verification failed: the reloaded {exporter.name} model's logits differ from moeforge's by up to "
+            f"{diff:.3g} (allowed {bound:.3g}); the export was discarded. This is a bug in the export; please report it."
+        )
+    return diff, ref_model.config.num_hidden_layers
+
+
+def _write_generation_config(source: DenseSource, tmp: Path, config: MoeforgeConfig) -> None:
+    if source.directory is not None and (source.directory / "generation_config.json").is_file():
+        shutil.copyfile(source.directory / "generation_config.json", tmp / "generation_config.json")
+        return
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                           pad_token_id=config.pad_token_id)
+    gen.save_pretrained(str(tmp))
+
+
+def held_out_ids(tokenizer, max_tokens: int) -> torch.Tensor:
+    """Token ids of the held-out embedded prose (the valid split of the built-in prose domain)."""
+    from ..data.builtin import builtin_text
+
+    return tokenizer(builtin_text("prose", "valid"), return_tensors="pt").input_ids[0][:max_tokens]
+
+
+def _evaluate(source: DenseSource, moe_model, tokenizer, max_tokens: int) -> dict[str, Any]:
+    from ..eval.perplexity import evaluate_nll
+
+    ids = held_out_ids(tokenizer, max_tokens)
+    dense = source._model
+    if dense is None:
+        from ..loading import load
+
+        dense = load(source.directory)
+    seq_len = min(512, ids.numel())
+    d = evaluate_nll(dense, ids, seq_len=seq_len)
+    m = evaluate_nll(moe_model, ids, seq_len=seq_len)
+    return {"dense": d.perplexity, "moe": m.perplexity, "tokens": int(ids.numel()), "text": "held-out embedded prose",
+            "dense_tokens_per_second": d.tokens_per_second, "moe_tokens_per_second": m.tokens_per_second}

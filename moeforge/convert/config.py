@@ -1,0 +1,240 @@
+"""``ConvertConfig``: every choice of a dense -> MoE conversion, validated at construction.
+
+Field docstrings double as the ``moeforge convert`` help. Checks that need the model (experts
+dividing the FFN width, layer indices) run in :meth:`ConvertConfig.check_against`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import MoeforgeError, closest, require
+
+#: expert construction methods (see :mod:`moeforge.convert.methods`)
+METHOD_NAMES = ("random", "cluster", "coactivation", "importance", "upcycle", "granular-upcycle")
+#: router initialisations (see :mod:`moeforge.convert.gate_init`)
+GATE_INIT_NAMES = ("random", "uniform", "centroid", "activation")
+#: layer-wise refinement modes (see :mod:`moeforge.convert.refine`)
+REFINE_NAMES = ("none", "router", "all")
+#: rescale modes besides a number (see :mod:`moeforge.convert.rescale`)
+RESCALE_NAMES = ("auto", "none", "layerwise")
+#: export formats (see :mod:`moeforge.formats`)
+FORMAT_NAMES = ("auto", "mixtral", "qwen2_moe", "moeforge")
+SPLIT_METHODS = ("random", "cluster", "coactivation", "importance")
+
+
+def _choice(kind: str, value: str, choices: tuple[str, ...], flag: str) -> None:
+    if value not in choices:
+        raise MoeforgeError(
+            f"unknown {kind} {value!r}.{closest(str(value), choices)} Choose {flag} from: {', '.join(choices)}."
+        )
+
+
+def parse_layers(spec: str | list[int] | tuple[int, ...] | None) -> list[int] | None:
+    """'0-3,6,8' or [0, 1] -> sorted unique layer indices; None or 'all' -> None (every layer)."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text in ("", "all"):
+            return None
+        out: set[int] = set()
+        for part in text.split(","):
+            part = part.strip()
+            try:
+                if "-" in part:
+                    a, b = part.split("-", 1)
+                    lo, hi = int(a), int(b)
+                    require(lo <= hi, f"--layers range {part!r} is empty; write it low-high, e.g. 0-3.")
+                    out.update(range(lo, hi + 1))
+                else:
+                    out.add(int(part))
+            except ValueError:
+                raise MoeforgeError(f"cannot read --layers {spec!r}; write indices and ranges like '0-3,6'.") from None
+        return sorted(out)
+    values = sorted({int(v) for v in spec})
+    return values
+
+
+@dataclass
+class ConvertConfig:
+    """How to turn a dense model's FFN blocks into MoE layers and where to write the result."""
+
+    method: str = "random"
+    """Expert construction: random, cluster, coactivation, importance, upcycle or granular-upcycle."""
+    experts: int = 8
+    """Routed experts per MoE layer (E)."""
+    top_k: int = 2
+    """Experts each token uses (k); k = E keeps every expert active."""
+    shared_experts: int = 0
+    """Always-on shared experts (split methods): the FFN is cut into E + S equal parts; the S parts every token uses become shared."""
+    router: str = "topk"
+    """Router name from moeforge's registry (topk, noisy_topk, switch, expert_choice, sigmoid_bias)."""
+    rescale: str | float = "auto"
+    """Output scale of the routed experts: auto (E/k for split methods, the published factor for granular upcycling, 1 for upcycling), none, layerwise (fitted per layer on calibration data) or a number."""
+    gate_init: str = "random"
+    """Router initialisation: random (small normal), uniform (zeros: equal weights; ties go to the lowest index), centroid (from each expert's neurons) or activation (fitted on calibration tokens)."""
+    refine: str = "none"
+    """Layer-wise local distillation after construction: none, router, or all (router and experts)."""
+    refine_steps: int = 200
+    """Optimiser steps per layer for --refine."""
+    refine_lr: float | None = None
+    """Learning rate for --refine (default 1e-2 for the router alone, 1e-4 when experts train too)."""
+    layers: list[int] | None = None
+    """Indices of the layers to convert; None converts every layer."""
+    format: str = "auto"
+    """Export format: auto (the first exact one of mixtral, qwen2_moe, moeforge), mixtral, qwen2_moe or moeforge."""
+    seed: int = 0
+    """Seed for every random choice (shuffles, k-means init, router init)."""
+    calibration: Any = None
+    """Text for data-driven steps: a built-in domain name (prose, code, arithmetic, joined with '+'), a .txt/.jsonl path, or a list of strings; default: embedded prose and code."""
+    calibration_tokens: int = 8192
+    """Calibration tokens used by data-driven steps."""
+    calibration_seq_len: int = 256
+    """Window length of the calibration sequences."""
+    granularity: int = 2
+    """granular-upcycle: G, the number of parts each dense FFN is split into (E must be a multiple)."""
+    upcycle_noise: float = 0.0
+    """upcycle: std of Gaussian noise added to each expert copy, relative to each matrix's std."""
+    upcycle_reinit: float = 0.0
+    """upcycle: fraction of each expert's neurons re-initialised from the dense weights' statistics (Drop-Upcycling)."""
+    normalize_weights: bool = True
+    """Renormalise the k routing weights to sum to 1 (Mixtral); False keeps the raw softmax mass (Qwen-MoE)."""
+    kmeans_iters: int = 20
+    """cluster/coactivation: balanced k-means iterations."""
+    dtype: str | None = None
+    """Output dtype (float32, bfloat16, float16); default: the dense checkpoint's."""
+    max_shard_size: str = "2GB"
+    """Largest safetensors shard written."""
+    router_options: dict[str, Any] = field(default_factory=dict)
+    """Extra MoEConfig fields for the router (e.g. aux_loss_coef, capacity_factor)."""
+
+    def __post_init__(self) -> None:
+        _choice("method", self.method, METHOD_NAMES, "--method")
+        _choice("gate init", self.gate_init, GATE_INIT_NAMES, "--gate-init")
+        _choice("refine mode", str(self.refine), REFINE_NAMES, "--refine")
+        _choice("format", self.format, FORMAT_NAMES, "--format")
+        for name in ("experts", "top_k", "refine_steps", "calibration_tokens", "calibration_seq_len", "granularity", "kmeans_iters"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                    f"{name} must be a positive integer, got {value!r}.")
+        require(
+            isinstance(self.shared_experts, int) and self.shared_experts >= 0,
+            f"shared_experts must be an integer >= 0, got {self.shared_experts!r}.",
+        )
+        from ..moe.routers import ROUTERS
+
+        if self.router not in ROUTERS:
+            raise MoeforgeError(
+                f"unknown router {self.router!r}.{closest(self.router, ROUTERS)} Known routers: {', '.join(sorted(ROUTERS))}."
+            )
+        if self.router != "expert_choice":
+            require(
+                self.top_k <= self.experts,
+                f"--top-k {self.top_k} is greater than --experts {self.experts}; choose k <= {self.experts}.",
+            )
+        if self.router == "switch" and self.top_k != 1:
+            raise MoeforgeError(f"the switch router routes each token to one expert; use --top-k 1 (got {self.top_k}).")
+        self.rescale = self._parse_rescale(self.rescale)
+        if self.shared_experts and self.method in ("upcycle", "granular-upcycle"):
+            raise MoeforgeError(
+                f"--shared-experts needs a method that splits the FFN (random, cluster, coactivation, importance); "
+                f"{self.method} copies the whole FFN into every expert."
+            )
+        if self.method == "granular-upcycle":
+            require(
+                self.experts % self.granularity == 0,
+                f"granular upcycling replicates G = {self.granularity} parts E/G times: --experts {self.experts} must be "
+                f"a multiple of --granularity {self.granularity}.",
+            )
+        if self.gate_init in ("centroid", "activation") and not self.is_split:
+            raise MoeforgeError(
+                f"--gate-init {self.gate_init} derives router rows from each expert's own neurons, but {self.method} "
+                "makes experts that are copies of each other; use --gate-init random (or uniform) with upcycling."
+            )
+        require(0.0 <= self.upcycle_reinit <= 1.0, f"upcycle_reinit must be in [0, 1], got {self.upcycle_reinit}.")
+        require(self.upcycle_noise >= 0.0, f"upcycle_noise must be >= 0, got {self.upcycle_noise}.")
+        if self.refine_lr is not None:
+            require(self.refine_lr > 0, f"refine_lr must be > 0, got {self.refine_lr}.")
+        self.layers = parse_layers(self.layers)
+        if self.layers is not None:
+            require(len(self.layers) > 0, "--layers selects no layer; name at least one or omit it to convert all.")
+            require(min(self.layers) >= 0, f"--layers has a negative index ({min(self.layers)}).")
+        if self.dtype is not None:
+            _choice("dtype", self.dtype, ("float32", "bfloat16", "float16"), "--dtype")
+
+    @staticmethod
+    def _parse_rescale(value: str | float) -> str | float:
+        if isinstance(value, bool):
+            raise MoeforgeError(f"rescale must be auto, none, layerwise or a number, got {value!r}.")
+        if isinstance(value, (int, float)):
+            require(value > 0, f"--rescale must be a positive number, got {value}.")
+            return float(value)
+        text = str(value).strip().lower()
+        if text in RESCALE_NAMES:
+            return text
+        try:
+            number = float(text)
+        except ValueError:
+            raise MoeforgeError(
+                f"unknown rescale {value!r}.{closest(text, RESCALE_NAMES)} Use auto, none, layerwise or a number (e.g. 4.0)."
+            ) from None
+        require(number > 0, f"--rescale must be a positive number, got {number}.")
+        return number
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def is_split(self) -> bool:
+        return self.method in SPLIT_METHODS
+
+    @property
+    def parts(self) -> int:
+        """How many equal parts the FFN is cut into: E + S (split), G (granular), 1 (upcycle)."""
+        if self.is_split:
+            return self.experts + self.shared_experts
+        if self.method == "granular-upcycle":
+            return self.granularity
+        return 1
+
+    def expert_size(self, intermediate_size: int) -> int:
+        return intermediate_size // self.parts
+
+    def needs_calibration(self) -> bool:
+        return (
+            self.method in ("coactivation", "importance")
+            or self.gate_init == "activation"
+            or self.rescale == "layerwise"
+            or self.refine != "none"
+            or (self.method == "cluster" and self.shared_experts > 0)
+        )
+
+    def check_against(self, num_layers: int, intermediate_size: int) -> None:
+        """Checks that need the dense model: experts dividing the FFN width, layer indices."""
+        parts = self.parts
+        if intermediate_size % parts:
+            what = (
+                f"--experts {self.experts} + --shared-experts {self.shared_experts} = {parts}"
+                if self.is_split
+                else f"--granularity {parts}"
+            )
+            divisors = [d for d in range(2, min(intermediate_size, 129)) if intermediate_size % d == 0]
+            raise MoeforgeError(
+                f"{what} does not divide the FFN width {intermediate_size}; every expert must get the same number of "
+                f"neurons. Divisors of {intermediate_size} up to 128: {', '.join(map(str, divisors))}."
+            )
+        if self.layers is not None and max(self.layers) >= num_layers:
+            raise MoeforgeError(
+                f"--layers names layer {max(self.layers)}, but the model has {num_layers} layers (0-{num_layers - 1})."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        if not isinstance(out["calibration"], (str, type(None))):
+            out["calibration"] = f"<{type(self.calibration).__name__}>"
+        return out
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}

@@ -1,0 +1,106 @@
+"""Router initialisation (``--gate-init``): the (E, H) float32 router weight of a converted layer.
+
+* ``random``: N(0, 0.02^2) rows (the initializer range of LLaMA-family configs); logits start
+  small, so routing is close to uniform. Experts in one virtual group (granular upcycling)
+  share a row (Megatron-LM's virtual-group initialisation).
+* ``uniform``: all zeros: every expert gets the same probability, so the renormalised top-k
+  weights are exactly 1/k (ties in the top-k choice go to the lowest expert index, so this is
+  for k = E, for degenerate checks, or as a start for noisy/trained routing).
+* ``centroid``: expert e's row is the normalised mean of the unit gate_proj rows of its neurons
+  (the "keys" whose positive projection opens a SwiGLU neuron), so a token is sent to the experts
+  whose neurons it would activate. Rows are scaled so that each logit has unit standard
+  deviation under the layer's RMSNorm weights. Needs a split method.
+* ``activation``: fitted on calibration tokens to predict which experts carry the largest share
+  of the dense FFN output, as MoEfication (Zhang et al. 2022) trains its routers: the target of
+  token t is the distribution of expert output norms ||E_e(x_t)|| / sum_f ||E_f(x_t)||, the
+  router is trained with soft cross-entropy (Adam, full batch), then its temperature is chosen
+  on the same tokens to minimise the layer's output error. Needs a split method.
+
+Both data-free and data-driven rows are combined with the layer's scale policy by the caller.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import MoeforgeError
+from .methods.base import DenseFFN, LayerContext, LayerExperts
+
+RANDOM_STD = 0.02
+
+
+def random_rows(experts: LayerExperts, hidden: int, generator: torch.Generator, std: float = RANDOM_STD) -> Tensor:
+    e = experts.num_experts
+    groups = experts.router_groups if experts.router_groups is not None else torch.arange(e)
+    base = torch.randn(int(groups.max()) + 1, hidden, generator=generator) * std
+    return base[groups].clone()
+
+
+def centroid_rows(experts: LayerExperts, ffn: DenseFFN, norm_weight: Tensor) -> Tensor:
+    """Normalised mean of each expert's unit gate rows, scaled to unit logit std under ``norm_weight``."""
+    if experts.groups is None:
+        raise MoeforgeError("centroid router initialisation needs experts made of neuron groups (a split method).")
+    gate = F.normalize(ffn.gate.float(), dim=1)
+    rows = torch.stack([F.normalize(gate[g].mean(0), dim=0) for g in experts.groups])
+    std = (rows.pow(2) * norm_weight.float().pow(2)).sum(1).sqrt().clamp_min(1e-12)
+    return rows / std.unsqueeze(1)
+
+
+def expert_share_targets(expert_out: Tensor) -> Tensor:
+    """(T, E, H) expert outputs -> (T, E) distribution of output norms per token."""
+    norms = expert_out.norm(dim=-1)
+    return norms / norms.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def fit_router(x: Tensor, targets: Tensor, init: Tensor, *, steps: int = 300, lr: float = 1e-2) -> Tensor:
+    """Soft cross-entropy fit of a linear router: min_W mean_t CE(targets_t, softmax(W x_t)).
+
+    x: (T, H) float32; targets: (T, E) rows summing to 1; init: (E, H). Inputs are standardised
+    per feature during the fit (so one learning rate suits every layer) and folded back.
+    Returns W (E, H) float32.
+    """
+    x = x.float()
+    scale = x.pow(2).mean(0).sqrt().clamp_min(1e-6)  # (H,)
+    xs = x / scale
+    w = (init.float() * scale).clone().requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        logp = F.log_softmax(xs @ w.T, dim=-1)
+        loss = -(targets * logp).sum(-1).mean()
+        loss.backward()
+        opt.step()
+    return (w.detach() / scale).contiguous()
+
+
+def init_router(
+    name: str,
+    experts: LayerExperts,
+    ffn: DenseFFN,
+    ctx: LayerContext,
+    *,
+    norm_weight: Tensor,
+    expert_out: Tensor | None = None,
+) -> Tensor:
+    """The initial (E, H) float32 router weight for ``--gate-init name``.
+
+    ``expert_out`` (T, E, H), the experts' outputs on ``ctx.calib.x``, is required for
+    ``activation`` (the caller computes it once and reuses it for rescaling and refinement).
+    """
+    hidden = ffn.hidden_size
+    if name == "random":
+        return random_rows(experts, hidden, ctx.generator)
+    if name == "uniform":
+        return torch.zeros(experts.num_experts, hidden)
+    if name == "centroid":
+        return centroid_rows(experts, ffn, norm_weight)
+    if name == "activation":
+        if ctx.calib is None or expert_out is None:
+            raise RuntimeError("internal error: activation gate init needs calibration data")
+        if experts.groups is None:
+            raise MoeforgeError("activation router initialisation needs experts made of neuron groups (a split method).")
+        start = centroid_rows(experts, ffn, norm_weight)
+        return fit_router(ctx.calib.x, expert_share_targets(expert_out), start)
+    raise MoeforgeError(f"unknown gate init {name!r}")
