@@ -290,9 +290,10 @@ def wrap(model: nn.Module, config: AdapterConfig | dict) -> AdaptedModel:
         raise MoeforgeError(
             f"wrap() needs a MoVConfig, MoLoRAConfig, IA3Config or LoRAConfig, got {type(config).__name__}."
         )
-    if isinstance(model, AdaptedModel):
-        raise MoeforgeError("this model already carries adapters; call .remove() first or wrap a fresh base model.")
+    if isinstance(model, AdaptedModel) or any(isinstance(m, AdapterLayer) for m in model.modules()):
+        raise MoeforgeError("this model already carries an adapter; call .remove() first or wrap a fresh base model.")
     names, feedforward = _resolve_targets(model, config)
+    require(names, f"{type(config).__name__} selects no module of this {type(model).__name__}; set target_modules.")
     head_dim = config.head_dim if isinstance(config, MoVConfig) and config.head_dim else head_dim_of(model)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():

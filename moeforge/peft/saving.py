@@ -83,7 +83,8 @@ def save_adapter(model: AdaptedModel, directory: str | os.PathLike, *, overwrite
             "name_or_path": getattr(base_cfg, "name_or_path", None) or getattr(base_cfg, "_name_or_path", None),
             "num_parameters": sum(p.numel() for p in base.parameters() if id(p) not in adapter_ids),
         },
-        "modules": {name: _module_record(layer) for name, layer in model.adapter_layers().items()},
+        # a list, so the model's module order survives the JSON writer's key sorting
+        "modules": [{"name": name, **_module_record(layer)} for name, layer in model.adapter_layers().items()],
     }
     fd, tmp = tempfile.mkstemp(prefix=f".{ADAPTER_WEIGHTS}.", dir=directory)
     os.close(fd)
@@ -168,7 +169,7 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike) -> Adapted
     if isinstance(base_model, AdaptedModel):
         raise MoeforgeError("load_adapter needs a base model without adapters; call .remove() first or load a fresh one.")
     config = config_from_dict(meta["config"], where=str(directory / ADAPTER_CONFIG))
-    modules: dict[str, dict] = meta["modules"]
+    modules: dict[str, dict] = {m["name"]: m for m in meta["modules"]}
     problems = _shape_disagreements(base_model, modules)
     if problems:
         raise _refuse(directory, meta, problems, "module shapes")
