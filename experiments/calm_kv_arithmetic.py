@@ -10,8 +10,9 @@ Stages (each model is saved under --out and reused by later runs with --reuse):
    (single-key lookups plus KV-Substitution ``abc+de:`` -> ``12+34``), all keys.
 2. m_B (anchor): a small LLaMA of a different width and depth trained from scratch on
    Numeric-Arithmetic (``12+34-5=`` -> ``41``). Both use the same character tokenizer.
-3. The composition m_B <- m_A (moeforge.compose.compose), trained on KV-Arithmetic
-   (``abc+de-f=`` -> ``41``) over 20% of the keys; m_A and m_B frozen.
+3. The composition m_B <- m_A, trained by ``moeforge train configs/calm_kv.yaml`` (its
+   ``compose:`` section; paths overridden to --out) on KV-Arithmetic (``abc+de-f=`` -> ``41``)
+   over 20% of the keys; m_A and m_B frozen.
 4. Greedy exact-match accuracy of m_A, m_B and the composition on KV-Substitution,
    Numeric-Arithmetic and KV-Arithmetic, KV-Arithmetic on held-out keys only.
 
@@ -32,7 +33,6 @@ from pathlib import Path
 
 import torch
 
-from moeforge.compose import compose
 from moeforge.compose.kv_task import KVTable, char_tokenizer, numeric_sample
 
 PAPER = {  # Table 1 of Bansal et al. 2024, accuracy (%)
@@ -139,6 +139,7 @@ def train_source_model(role: str, directory: Path, tok, make_examples, args, hid
 
     if args.reuse and (directory / "train_stats.json").is_file():
         print(f"[{role}] reusing {directory}", flush=True)
+        tok.save_pretrained(directory)  # the current tokenizer (with its chat template) beside the model
         return AutoModelForCausalLM.from_pretrained(directory).eval(), json.loads((directory / "train_stats.json").read_text())
     torch.manual_seed(args.seed)
     model = new_llama(tok, hidden, layers, heads)
@@ -156,6 +157,40 @@ def train_source_model(role: str, directory: Path, tok, make_examples, args, hid
     return model, stats
 
 
+def train_composition(args, out: Path, table: KVTable):
+    """Stage 3 through the trainer: ``moeforge train configs/calm_kv.yaml`` with this run's paths."""
+    from moeforge.train.trainer import train
+
+    data = out / "data" / "kv_arithmetic_train.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    examples = table.sample("kv_arithmetic", args.train_examples, keys=table.train_keys, seed=args.seed + 2)
+    data.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in examples))
+    overrides = {
+        "model": str(out / "m_B"),
+        "output_dir": str(out / "composition_run"),
+        "data.kv_arithmetic.path": str(data),
+        "compose.augmenting": str(out / "m_A"),
+        "overwrite": True,
+        "progress": False,
+        "plots": False,
+        "seed": args.seed,
+    }
+    for key, value in (("steps", args.steps_c), ("lr", args.lr_c), ("batch_size", args.batch_size),
+                       ("compose.num_connections", args.num_connections)):
+        if value is not None:
+            overrides[key] = value
+    torch.manual_seed(args.seed)
+    result = train(args.config, overrides=overrides)
+    composed = result.model.eval()
+    print(f"[CALM] layer pairs (m_A, m_B): {composed.layer_pairs}, "
+          f"{composed.num_composition_parameters():,} trainable parameters, final loss {result.final_loss:.4f}",
+          flush=True)
+    stats = {"steps": result.steps, "tokens": result.tokens, "wall_s": round(result.wall_time_s, 1),
+             "parameters": composed.num_composition_parameters(), "final_loss": result.final_loss,
+             "train_examples": len(examples), "final_dir": str(result.final_dir)}
+    return composed, stats
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/calm_kv", help="Where the models and the composition are written.")
@@ -166,19 +201,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--steps-a", type=int, default=3000, help="m_A (memoriser) training steps.")
     ap.add_argument("--steps-b", type=int, default=3000, help="m_B (arithmetic) training steps.")
-    ap.add_argument("--steps-c", type=int, default=1500, help="Composition training steps.")
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--lr-c", type=float, default=1e-3)
+    ap.add_argument("--config", default="configs/calm_kv.yaml", help="Trainer config of the composition stage.")
+    ap.add_argument("--steps-c", type=int, default=None, help="Composition training steps (default: the config's).")
+    ap.add_argument("--lr", type=float, default=2e-3, help="Learning rate of m_A and m_B.")
+    ap.add_argument("--lr-c", type=float, default=None, help="Composition learning rate (default: the config's).")
+    ap.add_argument("--train-examples", type=int, default=50_000,
+                    help="KV-Arithmetic training expressions (over the composition keys) written for the trainer.")
     ap.add_argument("--hidden-a", type=int, default=128)
     ap.add_argument("--layers-a", type=int, default=4)
     ap.add_argument("--hidden-b", type=int, default=96)
     ap.add_argument("--layers-b", type=int, default=4)
-    ap.add_argument("--num-connections", type=int, default=2)
+    ap.add_argument("--num-connections", type=int, default=None, help="Default: the config's.")
     ap.add_argument("--eval-size", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--reuse", action="store_true", help="Reuse m_A / m_B already trained under --out.")
     ap.add_argument("--no-report", action="store_true", help="Do not write docs/results.md.")
+    ap.add_argument("--report", default=None, help="Report file (default docs/results.md).")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.time()
@@ -198,23 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     def arithmetic(rng, n):  # m_B: numbers only
         return numeric_sample(n, max_value=args.max_value, max_terms=args.max_terms, seed=rng.randrange(1 << 30))
 
-    def composite(rng, n):  # composition: KV-Arithmetic over the composition keys only
-        return table.sample("kv_arithmetic", n, keys=table.train_keys, seed=rng.randrange(1 << 30))
-
     m_a, stats_a = train_source_model("m_A", out / "m_A", tok, memorise, args, args.hidden_a, args.layers_a,
                                       max(1, args.hidden_a // 32), args.steps_a, args.lr)
     m_b, stats_b = train_source_model("m_B", out / "m_B", tok, arithmetic, args, args.hidden_b, args.layers_b,
                                       max(1, args.hidden_b // 32), args.steps_b, args.lr)
 
-    torch.manual_seed(args.seed)
-    composed = compose(out / "m_B", out / "m_A", num_connections=args.num_connections)
-    print(f"[CALM] layer pairs (m_A, m_B): {composed.layer_pairs}, "
-          f"{composed.num_composition_parameters():,} trainable parameters", flush=True)
-    stats_c = train_loop(composed, composed.composition_parameters(),
-                         stream(composite, tok, args.batch_size, args.seed + 2), steps=args.steps_c, lr=args.lr_c,
-                         warmup=min(100, args.steps_c // 10), log_every=args.log_every, name="CALM")
-    stats_c["parameters"] = composed.num_composition_parameters()
-    composed.save_trained(out / "composition")
+    composed, stats_c = train_composition(args, out, table)
 
     evals = {
         "kv_substitution": table.sample("kv_substitution", args.eval_size, seed=10_001),
@@ -223,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "kv_arithmetic": table.sample("kv_arithmetic", args.eval_size, keys=table.heldout_keys, seed=10_003),
         "kv_arithmetic_train_keys": table.sample("kv_arithmetic", args.eval_size, keys=table.train_keys, seed=10_004),
     }
+    composed = composed.eval()
     models = {"m_A": m_a, "m_B": m_b, "CALM": composed}
     results = {task: {name: accuracy(m, tok, ex) for name, m in models.items()} for task, ex in evals.items()}
     wall = time.time() - started
@@ -233,12 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     if not args.no_report:
-        write_report(summary, argv if argv is not None else sys.argv[1:])
+        write_report(summary, argv if argv is not None else sys.argv[1:], args.report)
     return 0
 
 
-def write_report(summary: dict, argv: list[str]) -> None:
-    from moeforge.eval.report import device_description, update_section
+def write_report(summary: dict, argv: list[str], path: str | None = None) -> None:
+    from moeforge.eval.report import DEFAULT_REPORT, device_description, update_section
 
     r, s, a = summary["results"], summary["stats"], summary["args"]
     rows = ["| task | m_A (ours) | m_B (ours) | CALM (ours) | m_A (paper) | m_B (paper) | CALM (paper) |",
@@ -266,19 +295,20 @@ def write_report(summary: dict, argv: list[str]) -> None:
         "Both are trained here from scratch and share a character-level tokenizer "
         "(`moeforge.compose.kv_task.char_tokenizer`); the paper uses PaLM2 models, and deriving both from smollm2 "
         "is beyond this CPU's budget (~100 training tokens/s).",
-        f"- Composition: {a['num_connections']} connections, layer pairs (m_A, m_B) {summary['layer_pairs']}, "
+        f"- Composition (trained with `moeforge train {a['config']}`): {len(summary['layer_pairs'])} connections, layer pairs (m_A, m_B) {summary['layer_pairs']}, "
         f"{s['CALM']['parameters']:,} trainable parameters; both models frozen.",
         f"- Budget: m_A {s['m_A']['steps']} steps / {s['m_A']['tokens']:,} tokens / {s['m_A']['wall_s']:.0f} s; "
         f"m_B {s['m_B']['steps']} steps / {s['m_B']['tokens']:,} tokens / {s['m_B']['wall_s']:.0f} s; "
         f"composition {s['CALM']['steps']} steps / {s['CALM']['tokens']:,} tokens / {s['CALM']['wall_s']:.0f} s "
-        f"(batch {a['batch_size']}); whole script {summary['wall_s'] / 60:.0f} min.",
+        f"on {s['CALM']['train_examples']:,} expressions (batch {a['batch_size']}); whole script {summary['wall_s'] / 60:.0f} min.",
         "- Scaled-down task: the paper uses 25K pairs, keys of 2–6 characters, values up to 25K and expressions of "
         "3–6 keys with +, −, ×; here keys have 2–4 letters and expressions 2–"
         f"{a['max_terms']} keys with + and −. Prompts: `abc+de:` (substitution), `12+34=` (arithmetic), `abc+de=` (KV-arithmetic).",
         f"- Device: {device_description()}, one thread (`OMP_NUM_THREADS=1`), shared with other jobs.",
         f"- Command: `{cmd}`",
     ])
-    update_section("claim-4-calm", md, title="CALM: key-value arithmetic (Bansal et al. 2024, Table 1)")
+    update_section("claim-4-calm", md, path=path or DEFAULT_REPORT,
+                   title="CALM: key-value arithmetic (Bansal et al. 2024, Table 1)")
 
 
 if __name__ == "__main__":

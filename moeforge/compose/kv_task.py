@@ -33,6 +33,14 @@ SYMBOLS = string.ascii_lowercase + string.digits + "+-=: "
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 TASKS = ("kv_substitution", "numeric_arithmetic", "kv_arithmetic")
 
+#: Chat template of the character tokenizer: ``<s>`` + prompt + answer + ``</s>``, so that
+#: (prompt, answer) records train through ``moeforge train`` (chat data, loss on the answer)
+#: in exactly the layout the experiment evaluates.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
 
 def char_tokenizer():
     """A transformers fast tokenizer with one token per character of :data:`SYMBOLS` plus <pad>, <s>, </s>.
@@ -50,10 +58,12 @@ def char_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, 1)])
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=PAD,
         padding_side="left", clean_up_tokenization_spaces=False,
     )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
 @dataclass

@@ -111,7 +111,14 @@ class CompositionCache:
 @dataclass
 class ComposedCausalLMOutput(CausalLMOutputWithPast):
     """``loss`` (with labels), ``logits`` (batch, T, vocab) from the anchor's head, ``past_key_values``
-    a :class:`CompositionCache` when caching."""
+    a :class:`CompositionCache` when caching, ``routing`` the anchor's per-layer routing when it is
+    a moeforge MoE model and ``output_routing=True``.
+
+    There is no ``aux_loss``: the anchor is frozen, and its routers' balancing losses would only
+    push gradient into the composition through the anchor's hidden states.
+    """
+
+    routing: tuple | None = None
 
 
 # ------------------------------------------------------------------------------------ model
@@ -212,6 +219,7 @@ class ComposedForCausalLM(nn.Module):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | Tensor = 0,
+        output_routing: bool = False,
         **kwargs,
     ) -> ComposedCausalLMOutput:
         """input_ids (batch, T); attention_mask (batch, S) over cached + new positions (1 = token).
@@ -268,6 +276,8 @@ class ComposedForCausalLM(nn.Module):
             anc_layers[b].register_forward_hook(partial(_inject_hook, conn, *keys_values[k], mask))
             for k, ((_, b), conn) in enumerate(zip(self.layer_pairs, self.connections))
         ]
+        if output_routing and _accepts(self.anchor, "output_routing"):
+            kwargs["output_routing"] = True
         try:
             out = self.anchor(
                 input_ids=input_ids,
@@ -280,7 +290,9 @@ class ComposedForCausalLM(nn.Module):
         finally:
             for h in hooks:
                 h.remove()
-        return ComposedCausalLMOutput(loss=out.loss, logits=out.logits, past_key_values=cache)
+        return ComposedCausalLMOutput(
+            loss=out.loss, logits=out.logits, past_key_values=cache, routing=getattr(out, "routing", None)
+        )
 
     # ---------------------------------------------------------------------------- generation
     @torch.no_grad()
@@ -353,6 +365,12 @@ class ComposedForCausalLM(nn.Module):
             )
         self.connections.load_state_dict({k.removeprefix("connections."): v for k, v in state.items()})
         return self
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(model.forward).parameters
 
 
 def _capture_hook(store: list, k: int, module: nn.Module, args, output) -> None:

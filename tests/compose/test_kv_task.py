@@ -44,3 +44,13 @@ def test_char_tokenizer_roundtrip(tmp_path):
 
     again = AutoTokenizer.from_pretrained(tmp_path)
     assert again.get_vocab() == tok.get_vocab() and again(text)["input_ids"] == ids
+
+
+def test_chat_template_gives_the_evaluated_layout():
+    """A (prompt, answer) record renders to <s> prompt answer </s>, loss on the answer and </s> only."""
+    from moeforge.data.chat import tokenize_chat
+
+    tok = char_tokenizer()
+    ids, labels = tokenize_chat(tok, [{"role": "user", "content": "ab+c="}, {"role": "assistant", "content": "-10"}])
+    assert ids == tok("ab+c=-10")["input_ids"] + [tok.eos_token_id]
+    assert labels == [-100] * 6 + ids[6:]

@@ -161,3 +161,12 @@ def test_only_composition_parameters_train(anchor, augmenting):
     assert all(p.grad is None for p in composed.augmenting.parameters())
     # the output projections received gradient and moved away from zero
     assert all(c.attn.o_proj.weight.abs().sum() > 0 for c in composed.connections)
+
+
+def test_moe_anchor_routing_passes_through_without_aux_loss():
+    composed = compose(moe(hidden=48, layers=3), llama(), num_connections=1)
+    out = composed(torch.randint(3, 40, (1, 5)), output_routing=True)
+    assert len(out.routing) == 3 and out.routing[0].num_tokens == 5
+    assert getattr(out, "aux_loss", None) is None
+    # a LLaMA anchor has no routing to give
+    assert compose(llama(), moe(), num_connections=1)(torch.randint(3, 40, (1, 5)), output_routing=True).routing is None
