@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fused import fused_expert_mlp
 from .kernels import grouped_linear
 from .routing import Routing
 
@@ -37,9 +38,9 @@ class StackedExperts(nn.Module):
 
     ``forward(x, routing)`` runs the dropless execution: sort the P (token, expert) pairs by
     expert once, gather the tokens into one contiguous (P, H) block, run every expert on its
-    slice with one grouped matmul per projection, scale by the routing weights and combine once
-    (a reshape-sum when each token has exactly k pairs, a scatter-add otherwise). No mask over
-    all tokens is built per expert.
+    slice (one grouped matmul per projection on GPU; the fused workspace path of
+    :mod:`moeforge.moe.fused` on CPU), scale by the routing weights and scatter-add once. No
+    mask over all tokens is built per expert.
     """
 
     def __init__(
@@ -60,6 +61,8 @@ class StackedExperts(nn.Module):
         self.activation = activation
         self.act = activation_fn(activation)
         self.dropout = dropout
+        # "auto": the fused workspace path on CPU, grouped matmuls elsewhere; "fused"/"grouped" force one
+        self.execution = "auto"
         if glu:
             self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * expert_size, hidden_size))
             self.register_parameter("up_proj", None)
@@ -78,8 +81,15 @@ class StackedExperts(nn.Module):
     def in_proj(self) -> Tensor:
         return self.gate_up_proj if self.glu else self.up_proj
 
-    def expert_forward(self, x_sorted: Tensor, offsets: Tensor, counts: list[int] | None = None) -> Tensor:
-        """Run expert e on rows [offsets[e-1], offsets[e]) of the expert-sorted (P, H) block."""
+    def expert_forward(
+        self, x_sorted: Tensor, offsets: Tensor, weight_sorted: Tensor | None = None, counts: list[int] | None = None
+    ) -> Tensor:
+        """Run expert e on rows [offsets[e-1], offsets[e]) of the expert-sorted (P, H) block.
+
+        ``weight_sorted`` (P,) scales each row's intermediate activation before the down
+        projection, which equals scaling the output (the down projection is linear) at I/H of
+        the cost.
+        """
         h = grouped_linear(x_sorted, self.in_proj, offsets, counts)
         if self.glu:
             gate, up = h.chunk(2, dim=-1)
@@ -88,6 +98,8 @@ class StackedExperts(nn.Module):
             h = self.act(h)
         if self.dropout > 0 and self.training:
             h = F.dropout(h, p=self.dropout, training=True)
+        if weight_sorted is not None:
+            h = h * weight_sorted.to(h.dtype).unsqueeze(-1)
         return grouped_linear(h, self.down_proj, offsets, counts)
 
     def forward(self, x: Tensor, routing: Routing) -> Tensor:
@@ -100,24 +112,26 @@ class StackedExperts(nn.Module):
             (T, H) sum over each token's pairs of weight * expert(x); zero for dropped tokens.
         """
         tokens, hidden = x.shape
-        pairs = routing.expert_index.numel()
-        if pairs == 0:
+        if routing.expert_index.numel() == 0:
             return x.new_zeros(tokens, hidden) + 0.0 * routing.weight.sum()
         order = torch.argsort(routing.expert_index, stable=True)
-        counts_t = torch.bincount(routing.expert_index, minlength=self.num_experts)
-        offsets = torch.cumsum(counts_t, dim=0).to(torch.int32)
+        counts = torch.bincount(routing.expert_index, minlength=self.num_experts)
         token_sorted = routing.token_index[order]
-        x_sorted = x.index_select(0, token_sorted)
-        y_sorted = self.expert_forward(x_sorted, offsets)
-        weight_sorted = routing.weight[order].to(y_sorted.dtype)
-        y_sorted = y_sorted * weight_sorted.unsqueeze(-1)
-        if routing.slots is not None:
-            k = routing.slots
-            inverse = torch.empty_like(order)
-            inverse[order] = torch.arange(pairs, device=order.device)
-            return y_sorted.index_select(0, inverse).view(tokens, k, hidden).sum(dim=1)
-        out = x.new_zeros(tokens, hidden, dtype=y_sorted.dtype)
-        return out.index_add(0, token_sorted, y_sorted).to(x.dtype)
+        weight_sorted = routing.weight[order]
+        if self._use_fused(x):
+            return fused_expert_mlp(
+                x, weight_sorted, self.in_proj, self.down_proj, token_sorted, counts.tolist(), self.act, self.glu
+            )
+        offsets = torch.cumsum(counts, dim=0).to(torch.int32)
+        y_sorted = self.expert_forward(x.index_select(0, token_sorted), offsets, weight_sorted)
+        return x.new_zeros(tokens, hidden, dtype=y_sorted.dtype).index_add_(0, token_sorted, y_sorted).to(x.dtype)
+
+    def _use_fused(self, x: Tensor) -> bool:
+        if self.execution == "grouped":
+            return False
+        if self.dropout > 0 and self.training:
+            return False
+        return self.execution == "fused" or x.device.type == "cpu"
 
     def extra_repr(self) -> str:
         return (

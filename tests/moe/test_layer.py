@@ -137,5 +137,40 @@ def test_dropless_execution_builds_no_per_expert_token_mask(monkeypatch):
 
     monkeypatch.setattr(experts_mod, "grouped_linear", spy)
     layer = make_layer(num_experts=8, top_k=2)
+    layer.experts.execution = "grouped"
     layer(torch.randn(50, 16))
     assert calls == [((100, 16), (8, 16, 16)), ((100, 8), (8, 16, 8))]
+
+
+@pytest.mark.parametrize("glu", [True, False])
+@pytest.mark.parametrize("router", ["topk", "switch", "expert_choice"])
+def test_fused_cpu_path_equals_grouped_autograd_path(glu, router):
+    kw = dict(num_experts=8, top_k=1 if router == "switch" else 2, glu=glu, router=router, expert_size=8)
+    if router == "expert_choice":
+        kw["allow_future_tokens"] = True
+    if router == "switch":
+        kw["capacity_factor"] = 0.5  # some tokens are dropped
+    fused, grouped = make_layer(**kw).train(), make_layer(**kw).train()
+    grouped.load_state_dict(fused.state_dict())
+    fused.experts.execution, grouped.experts.execution = "fused", "grouped"
+    x = torch.randn(3, 10, 16)
+    g = torch.randn(3, 10, 16)
+    outs = []
+    for layer in (fused, grouped):
+        torch.manual_seed(5)
+        inp = x.clone().requires_grad_()
+        y = layer(inp).hidden_states
+        y.backward(g)
+        outs.append((y, inp.grad, {n: p.grad for n, p in layer.named_parameters()}))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-5, rtol=1e-5)
+    for name, grad in outs[0][2].items():
+        torch.testing.assert_close(grad, outs[1][2][name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_fused_path_skips_gradients_of_frozen_experts():
+    layer = make_layer().train()
+    layer.experts.requires_grad_(False)
+    y = layer(torch.randn(20, 16)).hidden_states
+    y.sum().backward()
+    assert layer.experts.gate_up_proj.grad is None and layer.router.weight.grad is not None
