@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-terms", type=int, default=3)
     ap.add_argument("--composition-fraction", type=float, default=0.2)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--steps-a", type=int, default=3000, help="m_A (memoriser) training steps.")
+    ap.add_argument("--steps-a", type=int, default=1500, help="m_A (memoriser) training steps.")
     ap.add_argument("--steps-b", type=int, default=3000, help="m_B (arithmetic) training steps.")
     ap.add_argument("--config", default="configs/calm_kv.yaml", help="Trainer config of the composition stage.")
     ap.add_argument("--steps-c", type=int, default=None, help="Composition training steps (default: the config's).")
@@ -207,9 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr-c", type=float, default=None, help="Composition learning rate (default: the config's).")
     ap.add_argument("--train-examples", type=int, default=50_000,
                     help="KV-Arithmetic training expressions (over the composition keys) written for the trainer.")
-    ap.add_argument("--hidden-a", type=int, default=128)
+    ap.add_argument("--hidden-a", type=int, default=96)
     ap.add_argument("--layers-a", type=int, default=4)
-    ap.add_argument("--hidden-b", type=int, default=96)
+    ap.add_argument("--hidden-b", type=int, default=128)
     ap.add_argument("--layers-b", type=int, default=4)
     ap.add_argument("--num-connections", type=int, default=None, help="Default: the config's.")
     ap.add_argument("--eval-size", type=int, default=1000)
@@ -239,8 +239,12 @@ def main(argv: list[str] | None = None) -> int:
 
     m_a, stats_a = train_source_model("m_A", out / "m_A", tok, memorise, args, args.hidden_a, args.layers_a,
                                       max(1, args.hidden_a // 32), args.steps_a, args.lr)
+    print(f"[m_A] KV-Substitution accuracy (200 expressions): "
+          f"{accuracy(m_a, tok, table.sample('kv_substitution', 200, seed=99)):.1f}%", flush=True)
     m_b, stats_b = train_source_model("m_B", out / "m_B", tok, arithmetic, args, args.hidden_b, args.layers_b,
                                       max(1, args.hidden_b // 32), args.steps_b, args.lr)
+    print(f"[m_B] Numeric-Arithmetic accuracy (200 expressions): "
+          f"{accuracy(m_b, tok, numeric_sample(200, max_value=args.max_value, seed=99)):.1f}%", flush=True)
 
     composed, stats_c = train_composition(args, out, table)
 

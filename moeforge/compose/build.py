@@ -90,7 +90,7 @@ def compose(
     if config is None:
         config = CALMConfig.from_dict(changes)
     elif changes:
-        CALMConfig.from_dict(changes)  # unknown keys -> closest-key error
+        CALMConfig.check_keys(changes)
         config = dataclasses.replace(config, **changes)
     anchor_model, anchor_tok, anchor_src = _open("anchor", anchor, anchor_tokenizer, dtype)
     aug_dtype = dtype if dtype is not None else next(anchor_model.parameters()).dtype

@@ -123,6 +123,12 @@ class CALMConfig:
         ``extra_keys`` are keys the caller handles itself (e.g. ``augmenting``); they are skipped
         here but count as valid for the "did you mean" hint.
         """
+        cls.check_keys(data, extra_keys=extra_keys)
+        return cls(**{k: v for k, v in data.items() if k not in extra_keys})
+
+    @classmethod
+    def check_keys(cls, data: dict[str, Any], *, extra_keys: tuple[str, ...] = ()) -> None:
+        """Refuse a non-mapping or an unknown key (naming the closest valid one)."""
         if not isinstance(data, dict):
             raise MoeforgeError(f"the compose section must be a mapping of settings, got {type(data).__name__}.")
         valid = cls.field_names() + list(extra_keys)
@@ -132,7 +138,6 @@ class CALMConfig:
                     f"unknown compose setting {key!r}.{closest(str(key), valid)} "
                     f"Valid settings: {', '.join(sorted(valid))}."
                 )
-        return cls(**{k: v for k, v in data.items() if k not in extra_keys})
 
 
 __all__ = ["CALMConfig", "evenly_spaced_layers"]

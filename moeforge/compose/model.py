@@ -183,6 +183,13 @@ class ComposedForCausalLM(nn.Module):
         """The anchor's config (vocabulary, special tokens): the composed model speaks the anchor's language."""
         return self.anchor.config
 
+    def get_input_embeddings(self) -> nn.Module:
+        """The anchor's token embedding (both models read the same ids)."""
+        return self.anchor.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.anchor.get_output_embeddings()
+
     @property
     def device(self) -> torch.device:
         return next(self.connections.parameters()).device

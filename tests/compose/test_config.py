@@ -52,3 +52,13 @@ def test_unknown_key_names_the_closest():
         CALMConfig.from_dict({"num_conections": 2})
     cfg = CALMConfig.from_dict({"num_connections": 2, "augmenting": "x"}, extra_keys=("augmenting",))
     assert CALMConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_compose_settings_override_a_config(anchor, augmenting):
+    from moeforge.compose import compose
+
+    base = CALMConfig(num_connections=2, norm=False)
+    composed = compose(anchor, augmenting, config=base, anchor_layers=[0, 2])
+    assert composed.layer_pairs == [(0, 0), (1, 2)] and composed.calm_config.norm is False
+    with pytest.raises(MoeforgeError, match="Did you mean 'norm'"):
+        compose(anchor, augmenting, config=base, nrom=True)
