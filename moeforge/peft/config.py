@@ -138,7 +138,8 @@ class MoVConfig(AdapterConfig):
     router_input: str = "activation"
     """What the router reads: "activation" (the rescaled activation, per head for k/v: the paper's
     code), "block" (the input of the block: the projection's input for k/v, the FFN block's input
-    for the intermediate activation), or "sentence" (a frozen mean-pooled embedding of the text)."""
+    for the intermediate activation), or "sentence" (a frozen mean-pooled embedding of the text:
+    the prefix mean in decoders; in packed training blocks it spans the block, not one document)."""
     head_dim: int | None = None
     """Head size used to split keys/values per head; None reads it from the model config."""
 
