@@ -26,8 +26,10 @@ def can_use_grouped_mm(x: Tensor, weight: Tensor) -> bool:
     """True when ``F.grouped_mm`` accepts these operands on this backend."""
     if not hasattr(F, "grouped_mm") or x.dtype not in _GROUPED_DTYPES or weight.dtype != x.dtype:
         return False
-    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
-        return False
+    if x.device.type == "cuda":
+        # the CUDA kernel takes bfloat16 on SM >= 80 (torch.nn.functional.grouped_mm docs)
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
+            return False
     _, n, k = weight.shape
     return _aligned(n, x.dtype) and _aligned(k, x.dtype)
 
