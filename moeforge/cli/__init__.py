@@ -15,7 +15,7 @@ import typer
 from ..errors import MoeforgeError
 
 #: subcommand modules; each defines ``register(app: typer.Typer)``.
-COMMAND_MODULES = ("demo", "info", "eval", "train")
+COMMAND_MODULES = ("demo", "info", "eval", "train", "convert")
 
 
 def build_app() -> typer.Typer:

@@ -29,28 +29,31 @@ def cluster_sizes(n: int, k: int) -> list[int]:
     return [n // k + (1 if i < n % k else 0) for i in range(k)]
 
 
-def _sq_dist(points: Tensor, centroids: Tensor) -> Tensor:
-    """(N, k) squared Euclidean distances."""
-    p2 = (points * points).sum(1, keepdim=True)
+def _sq_dist(points: Tensor, centroids: Tensor, p2: Tensor | None = None) -> Tensor:
+    """(N, k) squared Euclidean distances; ``p2`` (N, 1) are the points' squared norms if known."""
+    if p2 is None:
+        p2 = (points * points).sum(1, keepdim=True)
     c2 = (centroids * centroids).sum(1)
-    return (p2 - 2.0 * points @ centroids.T + c2).clamp_min_(0.0)
+    return (p2 - 2.0 * (points @ centroids.T) + c2).clamp_min_(0.0)
 
 
-def kmeans_pp_init(points: Tensor, k: int, generator: torch.Generator) -> Tensor:
+def kmeans_pp_init(points: Tensor, k: int, generator: torch.Generator, p2: Tensor | None = None) -> Tensor:
     """k-means++ seeding: (k, D) centroids drawn from ``points``."""
     n = points.shape[0]
+    if p2 is None:
+        p2 = (points * points).sum(1, keepdim=True)
     first = int(torch.randint(n, (1,), generator=generator))
-    centroids = [points[first]]
-    d2 = _sq_dist(points, points[first : first + 1]).squeeze(1)
+    chosen = [first]
+    d2 = _sq_dist(points, points[first : first + 1], p2).squeeze(1)
     for _ in range(1, k):
         total = float(d2.sum())
         if total <= 0:
             idx = int(torch.randint(n, (1,), generator=generator))
         else:
             idx = int(torch.multinomial(d2 / total, 1, generator=generator))
-        centroids.append(points[idx])
-        d2 = torch.minimum(d2, _sq_dist(points, points[idx : idx + 1]).squeeze(1))
-    return torch.stack(centroids)
+        chosen.append(idx)
+        d2 = torch.minimum(d2, _sq_dist(points, points[idx : idx + 1], p2).squeeze(1))
+    return points[chosen].clone()
 
 
 def greedy_assign(cost: Tensor, sizes: list[int]) -> Tensor:
@@ -127,12 +130,12 @@ def balanced_kmeans(
     if sum(sizes) != n or len(sizes) != k:
         raise ValueError(f"cluster sizes {sizes} do not partition {n} points into {k} clusters")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    centroids = kmeans_pp_init(points, k, generator)
-    labels = greedy_assign(_sq_dist(points, centroids), sizes)
+    p2 = (points * points).sum(1, keepdim=True)
+    centroids = kmeans_pp_init(points, k, generator, p2)
+    labels = greedy_assign(_sq_dist(points, centroids, p2), sizes)
     for _ in range(iters):
         centroids = _centroids(points, labels, k, centroids)
-        cost = _sq_dist(points, centroids)
-        new_labels, swaps = swap_refine(cost, labels)
+        new_labels, swaps = swap_refine(_sq_dist(points, centroids, p2), labels)
         if swaps == 0:
             break
         labels = new_labels
@@ -141,6 +144,8 @@ def balanced_kmeans(
 
 
 def _centroids(points: Tensor, labels: Tensor, k: int, previous: Tensor) -> Tensor:
-    sums = torch.zeros(k, points.shape[1], dtype=points.dtype).index_add_(0, labels, points)
-    counts = torch.bincount(labels, minlength=k).to(points.dtype).unsqueeze(1)
+    """Cluster means as one (k, N) x (N, D) product; an empty cluster keeps its previous centroid."""
+    onehot = torch.nn.functional.one_hot(labels, k).to(points.dtype).T  # (k, N)
+    counts = onehot.sum(1, keepdim=True)
+    sums = onehot @ points
     return torch.where(counts > 0, sums / counts.clamp_min(1), previous)

@@ -1,0 +1,79 @@
+"""``moeforge convert MODEL --out DIR``: dense model -> MoE checkpoint (thin wrapper over moeforge.convert)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("convert")
+    def convert(
+        model: str = typer.Argument(..., help="Dense model: checkpoint directory, GGUF file or alias (smollm2)."),
+        out: str = typer.Option(..., "--out", "-o", help="Output directory (must not exist unless --overwrite)."),
+        method: str = typer.Option("random", help="random, cluster, coactivation, importance, upcycle, granular-upcycle."),
+        experts: int = typer.Option(8, "--experts", "-e", help="Routed experts per layer (E)."),
+        top_k: int = typer.Option(2, "--top-k", "-k", help="Experts per token (k)."),
+        shared_experts: int = typer.Option(0, "--shared-experts", help="Always-on shared experts (split methods)."),
+        router: str = typer.Option("topk", help="Router: topk, noisy_topk, switch, expert_choice, sigmoid_bias."),
+        rescale: str = typer.Option("auto", help="auto (E/k for split methods), none, layerwise, or a number."),
+        gate_init: str = typer.Option("random", "--gate-init", help="random, uniform, centroid or activation."),
+        refine: str = typer.Option("none", help="Layer-wise local distillation: none, router, all."),
+        refine_steps: int = typer.Option(200, "--refine-steps", help="Optimiser steps per layer for --refine."),
+        layers: str = typer.Option("all", help="Layers to convert, e.g. '0-11' or '0,2,4'; default all."),
+        fmt: str = typer.Option("auto", "--format", help="auto, mixtral, qwen2_moe or moeforge."),
+        seed: int = typer.Option(0, help="Seed for shuffles, k-means and router init."),
+        calibration: str = typer.Option(None, help="Calibration text: prose, code, arithmetic (join with +) or a .txt/.jsonl file."),
+        calibration_tokens: int = typer.Option(8192, "--calibration-tokens", help="Calibration tokens for data-driven steps."),
+        granularity: int = typer.Option(2, help="granular-upcycle: parts per dense FFN (G)."),
+        upcycle_noise: float = typer.Option(0.0, "--upcycle-noise", help="upcycle: relative noise std on expert copies."),
+        upcycle_reinit: float = typer.Option(0.0, "--upcycle-reinit", help="upcycle: fraction of neurons re-initialised."),
+        dtype: str = typer.Option(None, help="Output dtype: float32, bfloat16, float16 (default: the model's)."),
+        eval_tokens: int = typer.Option(4096, "--eval-tokens", help="Held-out tokens for dense vs MoE perplexity (0 skips)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+        allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept a pickle-only (.bin) dense checkpoint."),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+    ) -> None:
+        """Convert a dense LLaMA/Mistral/Qwen2/SmolLM model into a Mixture-of-Experts model and export it."""
+        from ..convert.api import convert as run_convert
+
+        start = time.perf_counter()
+
+        def progress(message: str) -> None:
+            if not quiet:
+                print(f"[{time.perf_counter() - start:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+        report = run_convert(
+            model,
+            out,
+            overwrite=overwrite,
+            allow_pickle=allow_pickle,
+            eval_tokens=eval_tokens,
+            progress=progress,
+            method=method,
+            experts=experts,
+            top_k=top_k,
+            shared_experts=shared_experts,
+            router=router,
+            rescale=rescale,
+            gate_init=gate_init,
+            refine=refine,
+            refine_steps=refine_steps,
+            layers=layers,
+            format=fmt,
+            seed=seed,
+            calibration=calibration,
+            calibration_tokens=calibration_tokens,
+            granularity=granularity,
+            upcycle_noise=upcycle_noise,
+            upcycle_reinit=upcycle_reinit,
+            dtype=dtype,
+        )
+        print(f"wrote {report.out} (format {report.format}) in {report.seconds.get('total', 0):.1f}s")
+        if report.verification:
+            v = report.verification
+            print(f"verified: {v['tensors_checked']} tensors re-read, reloaded with {v['loaded_with']}, "
+                  f"max |logit difference| {v['max_abs_logit_diff']:.2e} over {v['tokens']} tokens")
+        print(report.summary())
