@@ -4,14 +4,14 @@ import json
 
 import pytest
 import torch
+import yaml
 
-from moeforge.compose import ComposedForCausalLM, load_composition
+from moeforge.cli import main
+from moeforge.compose import load_composition
 from moeforge.compose.kv_task import KVTable
 
-trainer = pytest.importorskip("moeforge.train.trainer")
 
-
-def test_trainer_trains_a_composition(saved_models, tmp_path):
+def _config(saved_models, tmp_path, **compose):
     table = KVTable.generate(40, seed=0)
     data = tmp_path / "kv.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n"
@@ -22,16 +22,38 @@ def test_trainer_trains_a_composition(saved_models, tmp_path):
         "data": [{"name": "kv", "path": str(data), "prompt_field": "prompt", "response_field": "answer"}],
         "steps": 3, "batch_size": 8, "seq_len": 24, "lr": 1e-2, "warmup_steps": 0,
         "progress": False, "plots": False,
-        "compose": {"augmenting": str(saved_models["augmenting"]), "num_connections": 2},
+        "compose": {"augmenting": str(saved_models["augmenting"]), "num_connections": 2, **compose},
     }
-    result = trainer.train(config)
-    model = result.model
-    assert isinstance(model, ComposedForCausalLM)
-    assert all(p.requires_grad == n.startswith("connections.") for n, p in model.named_parameters())
-    files = {p.name for p in result.final_dir.iterdir()}
-    assert {"composition.json", "composition.safetensors"} <= files and "model.safetensors" not in files
-    again = load_composition(result.final_dir)
+    path = tmp_path / "calm.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_moeforge_train_trains_a_composition(saved_models, tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["train", str(_config(saved_models, tmp_path))])
+    assert done.value.code in (0, None)
+    final = tmp_path / "run" / "final"
+    files = {p.name for p in final.iterdir()}
+    assert {"composition.json", "composition.safetensors"} <= files
+    assert not any(f.startswith("model") for f in files)  # the frozen models are not copied
+    composed = load_composition(final)
+    assert composed.sources["anchor"] == str(saved_models["anchor"].resolve())
     ids = torch.randint(3, 40, (2, 9))
     with torch.no_grad():
-        assert torch.equal(again(ids).logits, model(ids).logits)
-        assert not torch.allclose(again(ids).logits, again.anchor(ids).logits)  # the connections trained
+        assert not torch.allclose(composed(ids).logits, composed.anchor(ids).logits)  # the connections trained
+    # the anchor on disk is untouched
+    from moeforge import load
+
+    with torch.no_grad():
+        assert torch.equal(load(saved_models["anchor"])(ids).logits, composed.anchor(ids).logits)
+
+
+def test_bad_compose_section_exits_with_one_line(saved_models, tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["train", str(_config(saved_models, tmp_path, num_connections=9))])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("moeforge: error:")]
+    assert len(errors) == 1 and "num_connections=9 is more than the augmenting model's 2 layers" in errors[0]
+    assert "Traceback" not in err
