@@ -69,7 +69,12 @@ class FusedExpertMLP(torch.autograd.Function):
         h = x.new_empty(pairs, w_in.shape[1])
         for e, s, t in _slices(counts):
             torch.mm(buf[s:t], w_in[e].t(), out=h[s:t])
-        aw = _activate(h, act, glu) * w_pair.to(h.dtype).unsqueeze(-1)
+        if glu:
+            gate, up = h.chunk(2, dim=-1)
+            aw = act(gate).mul_(up)
+        else:
+            aw = act(h)
+        aw.mul_(w_pair.to(h.dtype).unsqueeze(-1))
         for e, s, t in _slices(counts):
             torch.mm(aw[s:t], w_out[e].t(), out=buf[s:t])
         out = x.new_zeros(tokens, hidden).index_add_(0, token_sorted, buf)
