@@ -138,6 +138,7 @@ class MoeforgePreTrainedModel(PreTrainedModel):
                     init.normal_(module.mlp_out, mean=0.0, std=module.num_experts**-0.5)
             if isinstance(module, SigmoidBiasRouter):
                 init.zeros_(module.bias)
+                init.zeros_(module.pending_load)  # non-persistent: never in a checkpoint, so never loaded
 
 
 @dataclass
