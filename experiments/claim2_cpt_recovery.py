@@ -103,6 +103,10 @@ def main() -> None:
         distill = {"teacher": tb.model, "weight": 0.5, "temperature": 1.0} if spec["distill"] else None
         result, curve, secs = run_cpt(model, tok, tb, out / "tmp", steps=steps, evaluator=evaluator,
                                       eval_steps=set(points), mixture=mixture, distill=distill, seed=args.seed)
+        if not spec.get("dense"):  # kept for experiments/routing_analysis.py
+            keep = out / "models" / name.replace("+", "-").replace(", ", "-").replace(" ", "-")
+            result.model.save_pretrained(keep)
+            tok.save_pretrained(keep)
         weights = [(r["step"], r["weights"]) for r in result.history if r.get("weights")]
         store.put(name, {
             "curve": [[0, start_ppl]] + [[t, p] for t, p in curve.points],

@@ -115,14 +115,24 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "testbed")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-report", action="store_true", help="do not write docs/results.md")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the report section from a finished OUT/dense")
+    ap.add_argument("--note", default="", help="a remark added to the report section")
     args = ap.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from moeforge.eval.report import device_description, update_section
     from moeforge.utils.io import atomic_output_dir
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        from transformers import AutoTokenizer
+
+        info = json.loads((out / "dense" / "pretrain_log.json").read_text())
+        tok = AutoTokenizer.from_pretrained(out / "dense")
+        model = LlamaForCausalLM.from_pretrained(out / "dense")
+        write_report(args, sum(p.numel() for p in model.parameters()), tok, domain_tokens(tok, "train"),
+                     domain_tokens(tok, "valid"), info["steps"], info["wall_s"], info["valid_ppl"])
+        return
     tok_dir = out / "tokenizer"
     if (tok_dir / "tokenizer.json").is_file():
         from transformers import AutoTokenizer
@@ -194,9 +204,15 @@ def main() -> None:
                                                             "tokens": steps * BATCH * SEQ, "wall_s": elapsed}) + "\n")
     if state_path.is_file():
         state_path.unlink()
-    if args.no_report:
-        return
+    if not args.no_report:
+        write_report(args, n_params, tok, train, valid, steps, elapsed, ppl)
+
+
+def write_report(args, n_params, tok, train, valid, steps, elapsed, ppl) -> None:
+    from moeforge.eval.report import device_description, update_section
+
     rows = "\n".join(f"| {k} | {valid[k].numel():,} | {v:.2f} |" for k, v in ppl.items())
+    note = f"\n{args.note}\n" if args.note else ""
     md = f"""The second testbed for claims 1 and 2 (SmolLM2-135M trains at ~100 tokens/s here, too slow for recovery curves).
 
 * Architecture: LLaMA (`LlamaForCausalLM`), hidden 256, 8 layers, 4 query / 2 key-value heads, SwiGLU FFN 1,024,
@@ -209,8 +225,8 @@ def main() -> None:
   (AdamW 0.9/0.95, wd 0.1, lr {args.lr:g}, 60 warmup steps, cosine to 0.1x, clip 1.0, float32, one thread, niced,
   on a machine shared with other jobs).
 * Device: {device_description()}.
-* Command: `OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python experiments/testbed.py --tokens {args.tokens}`
-
+* Command: `OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python experiments/testbed.py --tokens {steps * BATCH * SEQ}`
+{note}
 Held-out perplexity of the dense testbed (valid split, 256-token windows, first 8,192 tokens):
 
 | domain | valid tokens | perplexity |
