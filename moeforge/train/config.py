@@ -308,18 +308,18 @@ class TrainConfig:
                 "trains; remove train_params (or set it to auto)."
             )
         m = self.mixture
+        if m.reference_losses is not None:
+            missing = sorted(set(names) - set(m.reference_losses))
+            extra = sorted(set(m.reference_losses) - set(names))
+            require(
+                not missing and not extra,
+                f"mixture.reference_losses must name every domain exactly: missing {missing}, unknown {extra}.",
+            )
         if m.type == "dynamic":
             require(
                 len(self.data) >= 2,
                 "mixture.type dynamic needs at least two data domains to move weight between; use static.",
             )
-            if m.reference_losses is not None:
-                missing = sorted(set(names) - set(m.reference_losses))
-                extra = sorted(set(m.reference_losses) - set(names))
-                require(
-                    not missing and not extra,
-                    f"mixture.reference_losses must name every domain exactly: missing {missing}, unknown {extra}.",
-                )
             if m.signal == "valid":
                 for d in self.data:
                     require(

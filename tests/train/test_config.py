@@ -1,0 +1,107 @@
+"""TrainConfig: shipped configs load, overrides, unknown keys with the closest valid key, bad values."""
+
+from pathlib import Path
+
+import pytest
+
+from moeforge.errors import MoeforgeError
+from moeforge.train.config import TrainConfig, load_config, parse_overrides
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+BASE = {"model": "m", "output_dir": "o", "data": [{"name": "prose", "builtin": "prose"}, {"name": "code", "builtin": "code", "weight": 3}]}
+
+
+def test_shipped_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"cpt_smollm2_moe.yaml", "sft_gsm8k.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.steps > 0 and cfg.data
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg  # round trip
+
+
+def test_cpt_and_sft_configs_content():
+    cpt = load_config(CONFIGS[0].parent / "cpt_smollm2_moe.yaml")
+    assert [d.builtin for d in cpt.data] == ["prose", "code", "arithmetic"]
+    assert cpt.mixture.type == "dynamic" and cpt.mixture.reference_model == "smollm2"
+    sft = load_config(CONFIGS[0].parent / "sft_gsm8k.yaml")
+    assert (sft.data[0].prompt_field, sft.data[0].response_field) == ("question", "answer")
+
+
+def test_overrides_cli_form_and_dict_form():
+    cfg = load_config(BASE, ["--lr", "1e-4", "--mixture.type=dynamic", "--data.code.weight", "0.5", "--betas", "[0.8, 0.9]", "--micro-batch-size", "2"])
+    assert cfg.lr == 1e-4 and cfg.mixture.type == "dynamic" and cfg.data[1].weight == 0.5
+    assert cfg.betas == [0.8, 0.9] and cfg.micro_batch_size == 2
+    assert cfg.weights == pytest.approx([1 / 1.5, 0.5 / 1.5])
+    cfg = load_config(BASE, {"steps": "20", "data.0.weight": 2, "distill.teacher": "smollm2"})
+    assert cfg.steps == 20 and cfg.data[0].weight == 2.0 and cfg.distill.teacher == "smollm2"
+    assert parse_overrides(["--resume", "false", "--x=null"]) == [("resume", False), ("x", None)]
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["--lrr", "1"], r"unknown config key 'lrr'\. Did you mean 'lr'\?"),
+        (["--mixture.etaa", "1"], r"unknown config key 'mixture\.etaa'\. Did you mean 'eta'\?"),
+        (["--data.code.wieght", "1"], r"Did you mean 'weight'\?"),
+        (["--data.cdoe.weight", "1"], r"no data source named 'cdoe'\. Did you mean 'code'\?"),
+        (["--data.5.weight", "1"], "out of range"),
+        (["--steps"], "needs a value"),
+        (["steps", "3"], "unexpected argument"),
+        (["--steps", "abc"], "expects an integer"),
+        (["--lr", "fast"], "expects a number"),
+        (["--data.code.weight", "-1"], "weights must be finite and >= 0"),
+        (["--data.code.weight", "0", "--data.prose.weight", "0"], "weights sum to 0"),
+        (["--mixture.type", "dynamik"], r"Did you mean 'dynamic'\?"),
+        (["--train_params", "routers"], r"Did you mean 'router'\?"),
+        (["--batch_size", "0"], "positive integer"),
+        (["--mixture.reference_losses", "{prose: 1.0}"], r"missing \['code'\]"),
+    ],
+)
+def test_bad_overrides(overrides, match):
+    with pytest.raises(MoeforgeError, match=match):
+        load_config(BASE, overrides)
+
+
+def test_bad_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    with pytest.raises(MoeforgeError, match="not found"):
+        load_config(p)
+    p.write_text("model: m\noutput_dir: o\ndata: [{name: a, builtin: prose}]\nstep: 3\n")
+    with pytest.raises(MoeforgeError, match=r"unknown config key 'step'\. Did you mean 'steps'\?"):
+        load_config(p)
+    p.write_text("- just\n- a list\n")
+    with pytest.raises(MoeforgeError, match="mapping"):
+        load_config(p)
+    p.write_text("model: m\noutput_dir: o\n")
+    with pytest.raises(MoeforgeError, match="missing required key"):
+        load_config(p)
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ([], "at least one data source"),
+        ([{"name": "a"}], "exactly one of `path`"),
+        ([{"name": "a", "path": "x", "builtin": "prose"}], "exactly one of `path`"),
+        ([{"name": "a", "builtin": "poetry"}], "unknown built-in domain 'poetry'"),
+        ([{"name": "a", "builtin": "prose"}, {"name": "a", "builtin": "code"}], "unique; repeated: a"),
+        ([{"name": "a", "path": "x", "prompt_field": "q"}], "set both prompt_field and response_field"),
+        ([{"name": "a", "builtin": "prose", "weight": float("nan")}], "finite"),
+    ],
+)
+def test_bad_data_sources(data, match):
+    with pytest.raises(MoeforgeError, match=match):
+        TrainConfig.from_dict({"model": "m", "output_dir": "o", "data": data})
+
+
+def test_cross_field_checks():
+    with pytest.raises(MoeforgeError, match="at least two data domains"):
+        load_config({**BASE, "data": BASE["data"][:1], "mixture": {"type": "dynamic"}})
+    with pytest.raises(MoeforgeError, match="conflicts with the `peft` section"):
+        load_config({**BASE, "peft": {"method": "mov"}, "train_params": "router"})
+    with pytest.raises(MoeforgeError, match="not both"):
+        load_config({**BASE, "peft": {}, "compose": {}})

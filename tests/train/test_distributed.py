@@ -1,0 +1,71 @@
+"""torchrun with 2 gloo processes gives the losses and weights of 1 process with the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from moeforge.train import read_metrics, train
+from moeforge.train.checkpoint import list_checkpoints, load_checkpoint
+
+from .tiny import save_tiny
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_process_gloo_equals_one_process(tmp_path, make_cfg, tokenizer, parallel):
+    # sigmoid_bias routers: their bias updates need the expert loads summed over processes;
+    # a chat domain: examples carry different numbers of target tokens, so per-process means would differ
+    model_dir = save_tiny(
+        tmp_path / "m", tokenizer, moe={"num_experts": 4, "top_k": 2, "expert_size": 16, "router": "sigmoid_bias", "bias_update_rate": 0.01}
+    )
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"q": f"{a} times 3?", "a": f"{3 * a}" * (1 + a % 4)}) + "\n" for a in range(30)))
+    cfg = make_cfg(
+        model=str(model_dir),
+        steps=4,
+        batch_size=4,
+        micro_batch_size=2,  # 1 process: 2 micro-batches accumulated; 2 processes: one each
+        data=[
+            {"name": "arith", "builtin": "arithmetic", "weight": 0.5, "max_tokens": 3000},
+            {"name": "chat", "path": str(chat), "prompt_field": "q", "response_field": "a", "weight": 0.5, "valid_fraction": 0.2},
+        ],
+        mixture={"type": "dynamic", "update_every": 2, "eval_tokens": 256},
+        parallel=parallel,
+    )
+    single = train({**cfg, "output_dir": str(tmp_path / "one")})
+
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump({**cfg, "output_dir": str(tmp_path / "two")}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "moeforge", "train", str(cfg_file)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    def recs(out, kind):
+        return [r for r in read_metrics(out) if r["kind"] == kind]
+
+    one, two = recs(tmp_path / "one", "train"), recs(tmp_path / "two", "train")
+    assert [r["step"] for r in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b["tokens"] == a["tokens"]
+        assert list(b["weights"].values()) == pytest.approx(list(a["weights"].values()), abs=1e-6)
+        for layer in a["expert_load"]:
+            assert b["expert_load"][layer] == pytest.approx(a["expert_load"][layer], abs=1e-9)
+    for a, b in zip(recs(tmp_path / "one", "eval"), recs(tmp_path / "two", "eval")):
+        assert b["eval"] == pytest.approx(a["eval"], abs=1e-5)
+    # the trained weights, router biases included, agree
+    wa = load_checkpoint(list_checkpoints(tmp_path / "one")[-1][1], 0)["model"]
+    wb = load_checkpoint(list_checkpoints(tmp_path / "two")[-1][1], 0)["model"]
+    assert set(wa) == set(wb)
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=2e-5, rtol=1e-4)
+    assert any(k.endswith("router.bias") and wa[k].abs().sum() > 0 for k in wa)
+    assert (tmp_path / "two" / "checkpoints" / "step-000004" / "rng-1.json").is_file()

@@ -1,0 +1,151 @@
+"""Resuming: SIGKILL after a checkpoint, NaN loss, a full disk while saving, a checkpoint from another model."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import moeforge.train.checkpoint as ckpt_mod
+from moeforge.errors import MoeforgeError
+from moeforge.train import read_metrics, train
+from moeforge.train.checkpoint import list_checkpoints, load_checkpoint
+
+from .tiny import save_tiny, tiny_model
+
+REPO = Path(__file__).resolve().parents[2]
+# noisy top-k routing and expert dropout make every step draw random numbers: resuming must restore the RNG
+NOISY = {"num_experts": 4, "top_k": 2, "expert_size": 16, "router": "noisy_topk", "expert_dropout": 0.1}
+
+KILL_SCRIPT = """
+import os, signal, sys
+import torch
+torch.set_num_threads(1)
+from moeforge.train import train
+
+class KillAfterSave:
+    def on_save(self, trainer, step, path):
+        if step == int(sys.argv[2]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+train(sys.argv[1], callbacks=[KillAfterSave()])
+"""
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+
+
+def _losses(out):
+    return [(r["step"], r["loss"]) for r in read_metrics(out) if r["kind"] == "train"]
+
+
+def test_sigkill_after_checkpoint_then_rerun_equals_uninterrupted(tmp_path, make_cfg, tokenizer):
+    model_dir = save_tiny(tmp_path / "noisy", tokenizer, moe=NOISY)
+    cfg = make_cfg(model=str(model_dir), steps=6, mixture={"type": "dynamic", "update_every": 2, "eval_tokens": 128})
+    full = train({**cfg, "output_dir": str(tmp_path / "full")})
+
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump({**cfg, "output_dir": str(tmp_path / "killed")}))
+    killed = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(cfg_file), "4"], env=_env(), capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert [s for s, _ in list_checkpoints(tmp_path / "killed")] == [2, 4]
+    assert not (tmp_path / "killed" / "final").exists()
+
+    # rerun the same command: it resumes at step 4 and finishes
+    rerun = subprocess.run([sys.executable, "-m", "moeforge", "train", str(cfg_file)], env=_env(), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    resumed = _losses(tmp_path / "killed")
+    expected = _losses(full.output_dir)
+    assert [s for s, _ in resumed] == [1, 2, 3, 4, 5, 6]
+    for (_, a), (_, b) in zip(resumed, expected):
+        assert a == pytest.approx(b, abs=1e-6)
+    def weights(out):
+        return [w for r in read_metrics(out) if r["kind"] == "train" for w in r["weights"].values()]
+
+    assert weights(tmp_path / "killed") == pytest.approx(weights(full.output_dir), abs=1e-9)
+    assert len(set(weights(full.output_dir))) > 2  # the dynamic mixture did move the weights
+    # and so are the trained weights
+    a = load_checkpoint(list_checkpoints(tmp_path / "killed")[-1][1], 0)["model"]
+    b = load_checkpoint(list_checkpoints(full.output_dir)[-1][1], 0)["model"]
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, make_cfg, tokenizer):
+    model = tiny_model(len(tokenizer))
+
+    class Poison:
+        def on_step_end(self, trainer, step, stats):
+            if step == 3:
+                with torch.no_grad():
+                    trainer.model.model.embed_tokens.weight[:] = float("nan")
+
+    with pytest.raises(MoeforgeError, match=r"NaN or infinite at step 4.*step-000002 is kept.*resumes") as err:
+        train(make_cfg(steps=6), model=model, tokenizer=tokenizer, callbacks=[Poison()])
+    assert "Lower lr" in str(err.value)
+    out = Path(make_cfg()["output_dir"])
+    assert [s for s, _ in list_checkpoints(out)] == [2]
+    saved = load_checkpoint(list_checkpoints(out)[0][1], 0)["model"]
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    # the same command resumes from the good checkpoint and finishes
+    res = train(make_cfg(steps=6), model=tiny_model(len(tokenizer)), tokenizer=tokenizer)
+    assert res.resumed_from == 2 and res.steps == 6 and all(torch.isfinite(torch.tensor(l)) for _, l in _losses(out))
+
+
+def test_full_disk_while_saving_keeps_previous_checkpoint(tmp_path, make_cfg, monkeypatch):
+    real = ckpt_mod._write_tensors
+    calls = {"n": 0}
+
+    def failing(tensors, path):
+        if path.name == "trainable.safetensors":
+            calls["n"] += 1
+            if calls["n"] == 2:  # the second checkpoint (step 4)
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(tensors, path)
+
+    monkeypatch.setattr(ckpt_mod, "_write_tensors", failing)
+    cfg = make_cfg(steps=6)
+    with pytest.raises(MoeforgeError, match=r"No space left on device.*step-000002 is intact"):
+        train(cfg)
+    out = Path(cfg["output_dir"])
+    assert [s for s, _ in list_checkpoints(out)] == [2]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]  # no partial directory
+    assert load_checkpoint(out / "checkpoints" / "step-000002", 0)["state"]["step"] == 2
+    monkeypatch.setattr(ckpt_mod, "_write_tensors", real)
+    res = train(cfg)
+    assert res.resumed_from == 2 and res.steps == 6
+
+
+def test_checkpoint_from_a_different_model_is_refused(tmp_path, make_cfg, tokenizer):
+    train(make_cfg(steps=2))
+    wider = save_tiny(tmp_path / "wider", tokenizer, hidden=48)
+    with pytest.raises(MoeforgeError, match="written for a different model.*parameter names/shapes"):
+        train(make_cfg(steps=4, model=str(wider)))
+    # same architecture, other frozen weights: caught by the frozen-value digest
+    train(make_cfg(steps=2, train_params="router", output_dir=str(tmp_path / "r")))
+    other = save_tiny(tmp_path / "other", tokenizer, seed=9)
+    with pytest.raises(MoeforgeError, match="frozen weights have different values"):
+        train(make_cfg(steps=4, train_params="router", model=str(other), output_dir=str(tmp_path / "r")))
+    with pytest.raises(MoeforgeError, match="resume is off"):
+        train(make_cfg(steps=4, resume=False))
+
+
+def test_stale_temporary_checkpoint_is_ignored(tmp_path, make_cfg):
+    cfg = make_cfg(steps=2)
+    train(cfg)
+    out = Path(cfg["output_dir"])
+    stale = out / "checkpoints" / ".step-000004.tmp"
+    stale.mkdir()
+    (stale / "trainable.safetensors").write_bytes(b"partial")
+    res = train({**cfg, "steps": 4})
+    assert res.resumed_from == 2 and res.steps == 4
+    assert not stale.exists()
+    state = json.loads((out / "checkpoints" / "step-000004" / "state.json").read_text())
+    assert state["step"] == 4

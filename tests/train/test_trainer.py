@@ -1,0 +1,175 @@
+"""End-to-end training on tiny models: outputs, mixture wiring, what trains, distillation, wrappers."""
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import moeforge
+from moeforge.errors import MoeforgeError
+from moeforge.train import dynamic_update, read_metrics, train
+from moeforge.train.checkpoint import list_checkpoints
+
+from .tiny import save_tiny, tiny_model
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _ckpt_keys(path):
+    with safe_open(str(path / "trainable.safetensors"), framework="pt") as f:
+        return set(f.keys())
+
+
+def test_cpt_and_sft_mixture_end_to_end(tmp_path, make_cfg, tokenizer):
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text(
+        "".join(json.dumps({"question": f"What is {a} + {a}?", "answer": f"{a} + {a} = {2 * a}\n#### {2 * a}"}) + "\n" for a in range(40))
+    )
+    cfg = make_cfg(
+        data=[
+            {"name": "prose", "builtin": "prose", "weight": 0.6, "max_tokens": 3000},
+            {"name": "gsm", "path": str(gsm), "prompt_field": "question", "response_field": "answer", "weight": 0.4, "valid_fraction": 0.1},
+        ],
+        mixture={"type": "dynamic", "update_every": 3, "eval_tokens": 256},
+        keep_last=2,
+        plots=True,
+    )
+    result = train(cfg)
+    out = result.output_dir
+    assert result.steps == 6 and result.resumed_from is None
+    records = read_metrics(out)
+    assert all("step" in r and "loss" in r for r in records)
+    train_recs = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_recs] == [1, 2, 3, 4, 5, 6]
+    assert train_recs[-1]["loss"] < train_recs[0]["loss"]
+    for r in train_recs:
+        assert sum(r["weights"].values()) == pytest.approx(1.0)
+        assert set(r["domain_loss"]) <= {"prose", "gsm"}
+        assert len(r["expert_load"]) == 2  # both layers are MoE
+        for fractions in r["expert_load"].values():
+            assert len(fractions) == 4 and sum(fractions) == pytest.approx(1.0)
+        assert r["aux_losses"]["balance_loss"] > 0 and r["tokens_per_s"] > 0
+    # the dynamic updates: the recorded weights follow the formula from the recorded losses
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 6]
+    before = [0.6, 0.4]
+    for ev in evals:
+        names = list(ev["weights"])
+        expect = dynamic_update(before, [ev["eval"][n] for n in names], [ev["reference"][n] for n in names], eta=1.0, c=1e-4)
+        assert list(ev["weights"].values()) == pytest.approx(expect, abs=1e-9)
+        before = expect
+    # reference = the model's own initial validation loss (no reference model named)
+    assert evals[0]["reference"]["gsm"] > evals[0]["eval"]["gsm"]
+    for name in ("loss.png", "domain_loss.png", "domain_weights.png", "expert_load.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+    assert [s for s, _ in list_checkpoints(out)] == [4, 6]
+    assert not list((out / "checkpoints").glob(".*"))
+    # the final model reloads and computes the same logits as the trained model in memory
+    reloaded = moeforge.load(out / "final")
+    ids = torch.randint(0, len(tokenizer), (1, 10))
+    result.model.eval()
+    torch.testing.assert_close(reloaded(ids).logits, result.model(ids).logits)
+    # rerunning a finished job does not train again
+    again = train(cfg)
+    assert again.resumed_from == 6 and again.steps == 6
+    assert [r for r in read_metrics(out) if r["kind"] == "train"] == train_recs
+
+
+def test_reference_model_losses(tmp_path, make_cfg, tokenizer):
+    ref_dir = save_tiny(tmp_path / "ref", tokenizer, seed=5)
+    cfg = make_cfg(steps=2, mixture={"type": "dynamic", "update_every": 2, "reference_model": str(ref_dir), "eval_tokens": 128}, save_every=100)
+    result = train(cfg)
+    ev = [r for r in result.history if r["kind"] == "eval"][0]
+    # independently: the reference model's own lm_loss on the first 128 validation tokens (4 blocks of 32)
+    from moeforge.data.dataset import build_domain
+    from moeforge.train.config import load_config
+
+    ref = moeforge.load(ref_dir)
+    c = load_config(cfg)
+    for src in c.data:
+        dom = build_domain(src, tokenizer, seq_len=32, cache_dir=cfg["cache_dir"], valid_max_tokens=256)
+        ids, labels = dom.valid.batch(list(range(4)))  # the 4 full blocks of 32 that make 128 tokens
+        out = ref(input_ids=ids, labels=labels)
+        assert ev["reference"][src.name] == pytest.approx(out.lm_loss.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("what", ["router", "moe"])
+def test_train_params_selects_what_changes_and_what_is_saved(tmp_path, make_cfg, tokenizer, what):
+    model = tiny_model(len(tokenizer))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train(make_cfg(steps=2, train_params=what), model=model, tokenizer=tokenizer)
+    after = result.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    routers = {f"model.layers.{i}.mlp.router.weight" for i in range(2)}
+    experts = {f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in ("gate_up_proj", "down_proj")}
+    expected = routers if what == "router" else routers | experts
+    assert changed == expected
+    assert _ckpt_keys(list_checkpoints(result.output_dir)[-1][1]) == expected
+
+
+def test_sigmoid_bias_router_biases_move_and_are_checkpointed(tmp_path, make_cfg, tokenizer):
+    model = tiny_model(len(tokenizer), moe={"num_experts": 4, "top_k": 2, "expert_size": 16, "router": "sigmoid_bias", "bias_update_rate": 0.01})
+    result = train(make_cfg(steps=3, train_params="router"), model=model, tokenizer=tokenizer)
+    biases = [m.mlp.router.bias for m in result.model.model.layers]
+    assert all(b.abs().sum() > 0 for b in biases)  # update_router_biases ran after the steps
+    keys = _ckpt_keys(list_checkpoints(result.output_dir)[-1][1])
+    assert {f"model.layers.{i}.mlp.router.bias" for i in range(2)} <= keys
+
+
+def test_distillation_from_identical_and_different_teacher(tmp_path, make_cfg, tokenizer, tiny_dir):
+    same = train(make_cfg(steps=1, distill={"teacher": str(tiny_dir), "weight": 0.5}, output_dir=str(tmp_path / "a")))
+    assert same.history[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # step 1 starts from the teacher's weights
+    other = save_tiny(tmp_path / "teacher", tokenizer, seed=3)
+    res = train(make_cfg(steps=6, lr=1e-2, distill={"teacher": str(other), "weight": 1.0, "temperature": 2.0}, output_dir=str(tmp_path / "b")))
+    kls = [r["kl"] for r in res.history if r["kind"] == "train"]
+    assert kls[0] > 0.01 and kls[-1] < kls[0]
+
+
+def test_peft_and_compose_sections_call_the_wrappers(tmp_path, make_cfg, tokenizer, monkeypatch):
+    calls = {}
+
+    def wrap_from_config(model, section):
+        calls["peft"] = section
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.model.layers[0].mlp.router.weight.requires_grad_(True)
+
+        def save_trained(directory):
+            directory.mkdir(parents=True)
+            (directory / "adapter.json").write_text(json.dumps(section))
+
+        model.save_trained = save_trained
+        return model
+
+    monkeypatch.setitem(sys.modules, "moeforge.peft", types.SimpleNamespace(wrap_from_config=wrap_from_config))
+    res = train(make_cfg(steps=2, peft={"method": "fake", "r": 2}))
+    assert calls["peft"] == {"method": "fake", "r": 2}
+    assert _ckpt_keys(list_checkpoints(res.output_dir)[-1][1]) == {"model.layers.0.mlp.router.weight"}
+    assert json.loads((res.final_dir / "adapter.json").read_text()) == {"method": "fake", "r": 2}
+    assert not (res.final_dir / "model.safetensors").exists()
+
+    monkeypatch.setitem(sys.modules, "moeforge.compose", None)  # import fails
+    with pytest.raises(MoeforgeError, match="compose_from_config is unavailable"):
+        train(make_cfg(steps=1, compose={"augmenting": "x"}, output_dir=str(tmp_path / "c")))
+
+
+def test_batch_layout_errors(make_cfg):
+    with pytest.raises(MoeforgeError, match="does not divide"):
+        train(make_cfg(batch_size=4, micro_batch_size=3))
+
+
+def test_tokenizer_model_mismatch(tmp_path, make_cfg, tokenizer):
+    small = tiny_model(100)  # vocabulary smaller than the tokenizer's ids
+    with pytest.raises(MoeforgeError, match="does not belong to this model"):
+        train(make_cfg(steps=1), model=small, tokenizer=tokenizer)
+
+
+def test_missing_and_empty_data_files(tmp_path, make_cfg):
+    with pytest.raises(MoeforgeError, match="does not exist"):
+        train(make_cfg(data=[{"name": "x", "path": str(tmp_path / "nope.txt")}]))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(MoeforgeError, match="is empty"):
+        train(make_cfg(data=[{"name": "x", "path": str(tmp_path / "empty.txt")}]))
