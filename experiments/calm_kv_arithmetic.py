@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--composition-fraction", type=float, default=0.2)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--steps-a", type=int, default=1500, help="m_A (memoriser) training steps.")
-    ap.add_argument("--steps-b", type=int, default=3000, help="m_B (arithmetic) training steps.")
+    ap.add_argument("--steps-b", type=int, default=8000, help="m_B (arithmetic) training steps.")
     ap.add_argument("--config", default="configs/calm_kv.yaml", help="Trainer config of the composition stage.")
     ap.add_argument("--steps-c", type=int, default=None, help="Composition training steps (default: the config's).")
     ap.add_argument("--lr", type=float, default=2e-3, help="Learning rate of m_A and m_B.")
@@ -218,7 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse", action="store_true", help="Reuse m_A / m_B already trained under --out.")
     ap.add_argument("--no-report", action="store_true", help="Do not write docs/results.md.")
     ap.add_argument("--report", default=None, help="Report file (default docs/results.md).")
+    ap.add_argument("--report-only", action="store_true",
+                    help="Rewrite the report from --out/results.json of an earlier run, without training.")
     args = ap.parse_args(argv)
+    if args.report_only:
+        summary = json.loads((Path(args.out) / "results.json").read_text())
+        write_report(summary, summary.get("argv") or _argv_from(summary["args"], ap), args.report)
+        return 0
     torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.time()
     out = Path(args.out)
@@ -262,12 +268,28 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"results": results, "stats": {"m_A": stats_a, "m_B": stats_b, "CALM": stats_c},
                "args": vars(args), "wall_s": round(wall, 1), "keys": {"total": len(all_keys),
                "composition": len(table.train_keys), "heldout": len(table.heldout_keys)},
-               "layer_pairs": composed.layer_pairs}
+               "layer_pairs": composed.layer_pairs, "argv": argv if argv is not None else sys.argv[1:],
+               "date": time.strftime("%Y-%m-%d")}
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     if not args.no_report:
         write_report(summary, argv if argv is not None else sys.argv[1:], args.report)
     return 0
+
+
+def _argv_from(recorded: dict, parser: argparse.ArgumentParser) -> list[str]:
+    """The command-line flags that differ from the defaults, rebuilt from a run's recorded args."""
+    argv = []
+    for action in parser._actions:
+        name = action.dest
+        if name in ("help", "no_report", "report", "report_only") or name not in recorded:
+            continue
+        value = recorded[name]
+        if value == action.default:
+            continue
+        flag = action.option_strings[0]
+        argv += [flag] if isinstance(action, argparse._StoreTrueAction) else [flag, str(value)]
+    return argv
 
 
 def write_report(summary: dict, argv: list[str], path: str | None = None) -> None:
@@ -284,6 +306,8 @@ def write_report(summary: dict, argv: list[str], path: str | None = None) -> Non
     rows.append(f"| KV-Arithmetic, composition-training keys | {t['m_A']:.1f} | {t['m_B']:.1f} | {t['CALM']:.1f} | – | – | – |")
     cmd = "OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python experiments/calm_kv_arithmetic.py" + (
         " " + " ".join(argv) if argv else "")
+    reuse_note = (" (`--reuse` took m_A/m_B from an earlier run of the same command under `--out`; their training "
+                  "budget below is that run's)") if "--reuse" in argv else ""
     k = summary["keys"]
     md = "\n".join([
         "Accuracy (%, greedy exact match, " + f"{a['eval_size']} expressions per task). KV-Arithmetic is evaluated on "
@@ -304,12 +328,12 @@ def write_report(summary: dict, argv: list[str], path: str | None = None) -> Non
         f"- Budget: m_A {s['m_A']['steps']} steps / {s['m_A']['tokens']:,} tokens / {s['m_A']['wall_s']:.0f} s; "
         f"m_B {s['m_B']['steps']} steps / {s['m_B']['tokens']:,} tokens / {s['m_B']['wall_s']:.0f} s; "
         f"composition {s['CALM']['steps']} steps / {s['CALM']['tokens']:,} tokens / {s['CALM']['wall_s']:.0f} s "
-        f"on {s['CALM']['train_examples']:,} expressions (batch {a['batch_size']}); whole script {summary['wall_s'] / 60:.0f} min.",
+        f"on {s['CALM']['train_examples']:,} expressions (batch {a['batch_size']}); this invocation of the script (evaluation included) {summary['wall_s'] / 60:.0f} min.",
         "- Scaled-down task: the paper uses 25K pairs, keys of 2–6 characters, values up to 25K and expressions of "
         "3–6 keys with +, −, ×; here keys have 2–4 letters and expressions 2–"
         f"{a['max_terms']} keys with + and −. Prompts: `abc+de:` (substitution), `12+34=` (arithmetic), `abc+de=` (KV-arithmetic).",
         f"- Device: {device_description()}, one thread (`OMP_NUM_THREADS=1`), shared with other jobs.",
-        f"- Command: `{cmd}`",
+        f"- Command: `{cmd}`{reuse_note}; `--report-only` rewrites this section from `results.json`.",
     ])
     update_section("claim-4-calm", md, path=path or DEFAULT_REPORT,
                    title="CALM: key-value arithmetic (Bansal et al. 2024, Table 1)")
