@@ -3,16 +3,19 @@
 The generic path (``StackedExperts`` with autograd through ``grouped_linear``) materialises
 three (P, H) blocks per layer (gathered inputs, expert outputs, and their gradients), where
 P = tokens x k. On CPUs these fresh multi-megabyte allocations are returned to the OS and
-page-faulted back on every call, which costs more than the matmuls at fine-grained shapes. This
-path keeps one reusable (P, H) workspace per thread and dtype instead:
+page-faulted back on every call, and streaming them through memory costs more than the
+matmuls at fine-grained shapes. This path walks the experts one at a time instead, so each
+expert's rows stay in cache from gather to scatter, in a small reusable scratch block
+(max rows per expert, H) per thread and dtype:
 
-forward   xs = x[token]              (workspace)
-          h  = xs_e @ W_in[e]^T      per expert slice
-          a  = act(gate) * up,  aw = a * w_pair
-          ys = aw_e @ W_out[e]^T     (into the same workspace; xs is dead by then)
-          y  = scatter_add(ys -> token)
-backward  re-gathers x instead of saving xs, and recomputes a from the saved h, so only
-          (P, 2I) activations are kept per layer instead of (P, H).
+forward   for each expert e (its P_e pairs):
+              rows = x[token_e]                    (scratch)
+              h_e  = rows @ W_in[e]^T              (kept for backward, (P_e, 2I))
+              a_e  = act(gate) * up * w_pair
+              rows = a_e @ W_out[e]^T              (overwrites the dead inputs)
+              y[token_e] += rows
+backward  re-gathers x and dL/dy per expert instead of saving (P, H) blocks, and recomputes
+          the activation from the saved h, so only (P, 2I) activations are kept per layer.
 
 Forward and backward are exact reformulations (tested against autograd and by gradcheck).
 """
@@ -63,21 +66,24 @@ class FusedExpertMLP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_pair, w_in, w_out, token_sorted, counts, act, glu):
         tokens, hidden = x.shape
-        pairs = token_sorted.numel()
-        buf = workspace(pairs, hidden, x)
-        torch.index_select(x, 0, token_sorted, out=buf)
-        h = x.new_empty(pairs, w_in.shape[1])
+        scratch = workspace(max(counts), hidden, x)
+        h = x.new_empty(token_sorted.numel(), w_in.shape[1])
+        out = x.new_zeros(tokens, hidden)
+        wp = w_pair.to(x.dtype).unsqueeze(-1)
         for e, s, t in _slices(counts):
-            torch.mm(buf[s:t], w_in[e].t(), out=h[s:t])
-        if glu:
-            gate, up = h.chunk(2, dim=-1)
-            aw = act(gate).mul_(up)
-        else:
-            aw = act(h)
-        aw.mul_(w_pair.to(h.dtype).unsqueeze(-1))
-        for e, s, t in _slices(counts):
-            torch.mm(aw[s:t], w_out[e].t(), out=buf[s:t])
-        out = x.new_zeros(tokens, hidden).index_add_(0, token_sorted, buf)
+            rows = scratch[: t - s]
+            tok = token_sorted[s:t]
+            torch.index_select(x, 0, tok, out=rows)
+            h_e = h[s:t]
+            torch.mm(rows, w_in[e].t(), out=h_e)
+            if glu:
+                gate, up = h_e.chunk(2, dim=-1)
+                a_e = act(gate).mul_(up)
+            else:
+                a_e = act(h_e)
+            a_e.mul_(wp[s:t])
+            torch.mm(a_e, w_out[e].t(), out=rows)  # the gathered inputs are dead: reuse their rows
+            out.index_add_(0, tok, rows)
         ctx.save_for_backward(x, w_pair, w_in, w_out, token_sorted, h)
         ctx.counts, ctx.act, ctx.glu = counts, act, glu
         return out
@@ -88,33 +94,37 @@ class FusedExpertMLP(torch.autograd.Function):
         x, w_pair, w_in, w_out, token_sorted, h = ctx.saved_tensors
         counts, act, glu = ctx.counts, ctx.act, ctx.glu
         need_x, need_w, need_in, need_out = ctx.needs_input_grad[:4]
-        pairs, hidden = token_sorted.numel(), x.shape[1]
-        buf = workspace(pairs, hidden, x)
-        torch.index_select(grad_out.contiguous(), 0, token_sorted, out=buf)  # dL/dys
+        hidden = x.shape[1]
+        grad_out = grad_out.contiguous()
+        scratch = workspace(max(counts), hidden, x)
         with torch.enable_grad():
             h_ = h.detach().requires_grad_(True)
             a = _activate(h_, act, glu)
+        a_val = a.detach()
         wp = w_pair.to(h.dtype).unsqueeze(-1)
-        grad_aw = h.new_empty(pairs, w_out.shape[2])
+        grad_a = h.new_empty(a_val.shape)  # dL/d(w * a)
         grad_w_out = torch.zeros_like(w_out) if need_out else None
-        aw = (a.detach() * wp) if need_out else None
         for e, s, t in _slices(counts):
-            torch.mm(buf[s:t], w_out[e], out=grad_aw[s:t])
+            rows = scratch[: t - s]
+            torch.index_select(grad_out, 0, token_sorted[s:t], out=rows)  # dL/dy of these pairs
+            torch.mm(rows, w_out[e], out=grad_a[s:t])
             if need_out:
-                torch.mm(buf[s:t].t(), aw[s:t], out=grad_w_out[e])
-        grad_w = (grad_aw * a.detach()).sum(-1).to(w_pair.dtype) if need_w else None
+                torch.mm(rows.t(), a_val[s:t] * wp[s:t], out=grad_w_out[e])
+        grad_w = (grad_a * a_val).sum(-1).to(w_pair.dtype) if need_w else None
         grad_x = grad_w_in = None
         if need_x or need_in:
-            (grad_h,) = torch.autograd.grad(a, h_, grad_aw * wp)
-            torch.index_select(x, 0, token_sorted, out=buf)  # xs, re-gathered
+            (grad_h,) = torch.autograd.grad(a, h_, grad_a.mul_(wp))
             grad_w_in = torch.zeros_like(w_in) if need_in else None
+            grad_x = torch.zeros_like(x) if need_x else None
             for e, s, t in _slices(counts):
+                rows = scratch[: t - s]
+                tok = token_sorted[s:t]
                 if need_in:
-                    torch.mm(grad_h[s:t].t(), buf[s:t], out=grad_w_in[e])
+                    torch.index_select(x, 0, tok, out=rows)
+                    torch.mm(grad_h[s:t].t(), rows, out=grad_w_in[e])
                 if need_x:
-                    torch.mm(grad_h[s:t], w_in[e], out=buf[s:t])  # overwrite xs_e with dL/dxs_e
-            if need_x:
-                grad_x = torch.zeros_like(x).index_add_(0, token_sorted, buf)
+                    torch.mm(grad_h[s:t], w_in[e], out=rows)
+                    grad_x.index_add_(0, tok, rows)
         return grad_x, grad_w, grad_w_in, grad_w_out, None, None, None, None
 
 
