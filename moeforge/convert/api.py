@@ -567,10 +567,10 @@ def _write_generation_config(source: DenseSource, tmp: Path, config: MoeforgeCon
 
 
 def held_out_ids(tokenizer, max_tokens: int) -> torch.Tensor:
-    """Token ids of the held-out embedded prose (the valid split of the built-in prose domain)."""
-    from ..data.builtin import builtin_text
+    """Token ids of the held-out embedded prose (the valid split of the built-in ``prose`` corpus)."""
+    from ..eval.corpora import resolve_corpus, tokenize_corpus
 
-    return tokenizer(builtin_text("prose", "valid"), return_tensors="pt").input_ids[0][:max_tokens]
+    return tokenize_corpus(tokenizer, resolve_corpus("prose"), max_tokens)
 
 
 def _evaluate(source: DenseSource, moe_model, tokenizer, max_tokens: int) -> dict[str, Any]:

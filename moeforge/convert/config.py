@@ -19,7 +19,7 @@ GATE_INIT_NAMES = ("random", "uniform", "centroid", "activation")
 #: layer-wise refinement modes (see :mod:`moeforge.convert.refine`)
 REFINE_NAMES = ("none", "router", "all")
 #: rescale modes besides a number (see :mod:`moeforge.convert.rescale`)
-RESCALE_NAMES = ("auto", "none", "layerwise")
+RESCALE_NAMES = ("auto", "none", "layerwise", "fit")
 #: export formats (see :mod:`moeforge.formats`)
 FORMAT_NAMES = ("auto", "mixtral", "qwen2_moe", "moeforge")
 SPLIT_METHODS = ("random", "cluster", "coactivation", "importance")
@@ -73,7 +73,7 @@ class ConvertConfig:
     router: str = "topk"
     """Router name from moeforge's registry (topk, noisy_topk, switch, expert_choice, sigmoid_bias)."""
     rescale: str | float = "auto"
-    """Output scale of the routed experts: auto (E/k for split methods, the published factor for granular upcycling, 1 for upcycling), none, layerwise (fitted per layer on calibration data) or a number."""
+    """Output scale s of the routed experts (y = s * sum_k w_k E_k(x) + shared): auto (E/k for split methods as LLaMA-MoE, Megatron-LM's factor for upcycling), none (1), layerwise (per layer, output norm matched to the dense FFN on calibration data), fit (per layer, least-squares fit to the dense output) or a number."""
     gate_init: str = "random"
     """Router initialisation: random (small normal), uniform (zeros: equal weights; ties go to the lowest index), centroid (from each expert's neurons) or activation (fitted on calibration tokens)."""
     refine: str = "none"
@@ -168,7 +168,7 @@ class ConvertConfig:
     @staticmethod
     def _parse_rescale(value: str | float) -> str | float:
         if isinstance(value, bool):
-            raise MoeforgeError(f"rescale must be auto, none, layerwise or a number, got {value!r}.")
+            raise MoeforgeError(f"rescale must be auto, none, layerwise, fit or a number, got {value!r}.")
         if isinstance(value, (int, float)):
             require(value > 0, f"--rescale must be a positive number, got {value}.")
             return float(value)
@@ -179,7 +179,7 @@ class ConvertConfig:
             number = float(text)
         except ValueError:
             raise MoeforgeError(
-                f"unknown rescale {value!r}.{closest(text, RESCALE_NAMES)} Use auto, none, layerwise or a number (e.g. 4.0)."
+                f"unknown rescale {value!r}.{closest(text, RESCALE_NAMES)} Use auto, none, layerwise, fit or a number (e.g. 4.0)."
             ) from None
         require(number > 0, f"--rescale must be a positive number, got {number}.")
         return number
@@ -205,7 +205,7 @@ class ConvertConfig:
         return (
             self.method in ("coactivation", "importance")
             or self.gate_init == "activation"
-            or self.rescale == "layerwise"
+            or self.rescale in ("layerwise", "fit")
             or self.refine != "none"
             or (self.method == "cluster" and self.shared_experts > 0)
         )

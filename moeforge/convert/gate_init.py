@@ -11,10 +11,12 @@
   whose neurons it would activate. Rows are scaled so that each logit has unit standard
   deviation under the layer's RMSNorm weights. Needs a split method.
 * ``activation``: fitted on calibration tokens to predict which experts carry the largest share
-  of the dense FFN output, as MoEfication (Zhang et al. 2022) trains its routers: the target of
-  token t is the distribution of expert output norms ||E_e(x_t)|| / sum_f ||E_f(x_t)||, the
-  router is trained with soft cross-entropy (Adam, full batch), then its temperature is chosen
-  on the same tokens to minimise the layer's output error. Needs a split method.
+  of the dense FFN output, in the spirit of MoEfication's router training (Zhang et al. 2022):
+  the target of token t is the centred log share of each expert's output norm,
+  z_e(t) = log(||E_e(x_t)|| / sum_f ||E_f(x_t)||) - mean_f(...), and the router is the ridge
+  regression W = argmin sum_t ||W x_t - z(t)||^2 + lambda ||W||^2 (closed form, lambda = 1e-3 x
+  the mean diagonal of X^T X), so its top-k logits name the experts with the largest outputs.
+  The caller then picks the temperature (:mod:`moeforge.convert.layer`). Needs a split method.
 
 Both data-free and data-driven rows are combined with the layer's scale policy by the caller.
 """
@@ -54,25 +56,18 @@ def expert_share_targets(expert_out: Tensor) -> Tensor:
     return norms / norms.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
-def fit_router(x: Tensor, targets: Tensor, init: Tensor, *, steps: int = 300, lr: float = 1e-2) -> Tensor:
-    """Soft cross-entropy fit of a linear router: min_W mean_t CE(targets_t, softmax(W x_t)).
+def fit_router(x: Tensor, targets: Tensor, *, ridge: float = 1e-3) -> Tensor:
+    """Least-squares router: (E, H) W minimising sum_t ||W x_t - z_t||^2 + lambda ||W||^2.
 
-    x: (T, H) float32; targets: (T, E) rows summing to 1; init: (E, H). Inputs are standardised
-    per feature during the fit (so one learning rate suits every layer) and folded back.
-    Returns W (E, H) float32.
+    x: (T, H) router inputs; targets: (T, E) shares (rows sum to 1), turned into centred log
+    shares z. lambda = ``ridge`` x mean diagonal of X^T X. Returns float32 W.
     """
     x = x.float()
-    scale = x.pow(2).mean(0).sqrt().clamp_min(1e-6)  # (H,)
-    xs = x / scale
-    w = (init.float() * scale).clone().requires_grad_(True)
-    opt = torch.optim.Adam([w], lr=lr)
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        logp = F.log_softmax(xs @ w.T, dim=-1)
-        loss = -(targets * logp).sum(-1).mean()
-        loss.backward()
-        opt.step()
-    return (w.detach() / scale).contiguous()
+    z = torch.log(targets.float().clamp_min(1e-6))
+    z = z - z.mean(dim=1, keepdim=True)
+    gram = x.T @ x
+    gram += ridge * gram.diagonal().mean().clamp_min(1e-12) * torch.eye(gram.shape[0])
+    return torch.linalg.solve(gram, x.T @ z).T.contiguous()
 
 
 def init_router(
@@ -101,6 +96,5 @@ def init_router(
             raise RuntimeError("internal error: activation gate init needs calibration data")
         if experts.groups is None:
             raise MoeforgeError("activation router initialisation needs experts made of neuron groups (a split method).")
-        start = centroid_rows(experts, ffn, norm_weight)
-        return fit_router(ctx.calib.x, expert_share_targets(expert_out), start)
+        return fit_router(ctx.calib.x, expert_share_targets(expert_out))
     raise MoeforgeError(f"unknown gate init {name!r}")

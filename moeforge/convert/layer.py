@@ -7,8 +7,9 @@ Order of the steps for layer l (each documented in its own module):
 2. :mod:`~moeforge.convert.gate_init` initialises the router.
 3. :mod:`~moeforge.convert.rescale` sets the output scale s.
 4. With calibration data and a data-driven router (centroid with data, activation), the router's
-   temperature is chosen from {1/8, ..., 8} x to minimise the layer's output error given s
-   (the top-k choice does not depend on it, only the combine weights do).
+   temperature is chosen from {1/64, ..., 4} x to minimise the layer's output error given s
+   (the top-k choice does not depend on it, only the combine weights do; on SmolLM2 nearly flat
+   weights win: the router's job at conversion time is to choose, not to weigh).
 5. :mod:`~moeforge.convert.refine` optionally distils the block toward the dense FFN.
 
 When calibration data exists, the layer's relative output error
@@ -17,6 +18,7 @@ When calibration data exists, the layer's relative output error
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -29,10 +31,10 @@ from .config import ConvertConfig
 from .gate_init import init_router
 from .methods.base import DenseFFN, LayerCalibration, LayerContext, LayerExperts, get_method
 from .refine import refine_all, refine_router
-from .rescale import fixed_scale, norm_matching_scale
+from .rescale import fixed_scale, least_squares_scale, norm_matching_scale
 from .routing_sim import relative_error, routed_sum
 
-TEMPERATURES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+TEMPERATURES = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0, 4.0)
 
 
 @dataclass
@@ -78,57 +80,16 @@ class LayerConverter:
         norm_weight: Tensor,
         calib: LayerCalibration | None,
     ) -> tuple[MoELayerWeights, LayerReport]:
-        import time
-
         cfg = self.cfg
         ctx = LayerContext(index=index, config=cfg, generator=layer_generator(cfg.seed, index), calib=calib)
         experts: LayerExperts = self.method.build(ffn, ctx)
-        expert_out = shared_out = None
-        if calib is not None:
-            expert_out = experts.expert_outputs(calib.x)
-            shared_out = experts.shared_output(calib.x)
-        router = init_router(cfg.gate_init, experts, ffn, ctx, norm_weight=norm_weight, expert_out=expert_out)
+        router = init_router(cfg.gate_init, experts, ffn, ctx, norm_weight=norm_weight,
+                             expert_out=experts.expert_outputs(calib.x) if calib is not None and cfg.gate_init == "activation" else None)
         scale = fixed_scale(cfg, experts.default_scale)
-        report = LayerReport(index=index, output_scale=1.0, info=dict(experts.info))
-
-        def evaluate(weight: Tensor, s: float | None) -> tuple[float, float]:
-            """(error, scale) of a router weight, fitting s by norm matching when s is None."""
-            routed = routed_sum(self.moe, weight, calib.x, expert_out)
-            if s is None:
-                s = norm_matching_scale(calib.y, routed, shared_out)
-            out = s * routed + (shared_out if shared_out is not None else 0.0)
-            return relative_error(calib.y, out), s
-
-        if calib is None:
-            report.output_scale = scale if scale is not None else 1.0
-        else:
-            data_router = cfg.gate_init in ("centroid", "activation")
-            temps = TEMPERATURES if data_router else (1.0,)
-            best = None
-            for t in temps:
-                err, s = evaluate(router * t, scale)
-                if best is None or err < best[0]:
-                    best = (err, s, t)
-            err, s, t = best
-            router = router * t
-            report.output_scale, report.error = s, err
-            if data_router:
-                report.temperature = t
-            if cfg.refine != "none":
-                t0 = time.perf_counter()
-                report.error_before_refine = err
-                if cfg.refine == "router":
-                    res = refine_router(
-                        self.moe, router, s, calib.x, calib.y, expert_out, shared_out,
-                        steps=cfg.refine_steps, lr=cfg.refine_lr or 1e-2, train_scale=cfg.rescale == "layerwise",
-                    )
-                else:
-                    res, experts = refine_all(
-                        self.moe, experts, router, s,
-                        calib.x, calib.y, steps=cfg.refine_steps, lr=cfg.refine_lr or 1e-4, generator=ctx.generator,
-                    )
-                router, report.output_scale, report.error = res.router, res.scale, res.error_after
-                report.refine_seconds = time.perf_counter() - t0
+        report = LayerReport(index=index, output_scale=scale if scale is not None else 1.0, info=dict(experts.info))
+        if calib is not None:
+            router, scale = self._calibrate(router, scale, experts, calib, report, ctx)
+            report.output_scale = scale
         weights = MoELayerWeights(
             router=router.float().contiguous(),
             gate_up=experts.gate_up,
@@ -140,3 +101,57 @@ class LayerConverter:
             router_extra=router_extra_state(self.moe, router, cfg.seed, index),
         )
         return weights, report
+
+    def _scale_for(self, routed: Tensor, calib: LayerCalibration, shared_out: Tensor | None, scale: float | None) -> float:
+        if scale is not None:
+            return scale
+        if self.cfg.rescale == "fit":
+            return least_squares_scale(calib.y, routed, shared_out)
+        return norm_matching_scale(calib.y, routed, shared_out)
+
+    @torch.no_grad()
+    def _error(self, router: Tensor, scale: float | None, expert_out: Tensor, shared_out: Tensor | None,
+               calib: LayerCalibration) -> tuple[float, float]:
+        routed = routed_sum(self.moe, router, calib.x, expert_out)
+        s = self._scale_for(routed, calib, shared_out, scale)
+        out = s * routed + (shared_out if shared_out is not None else 0.0)
+        return relative_error(calib.y, out), s
+
+    def _calibrate(self, router: Tensor, scale: float | None, experts: LayerExperts, calib: LayerCalibration,
+                   report: LayerReport, ctx: LayerContext) -> tuple[Tensor, float]:
+        """Temperature, data-fitted scale and refinement; fills the report's errors."""
+        cfg = self.cfg
+        expert_out = experts.expert_outputs(calib.x)
+        shared_out = experts.shared_output(calib.x)
+        temps = TEMPERATURES if cfg.gate_init in ("centroid", "activation") else (1.0,)
+        best = None
+        for t in temps:
+            err, s = self._error(router * t, scale, expert_out, shared_out, calib)
+            if best is None or err < best[0]:
+                best = (err, s, t)
+        err, s, t = best
+        router = router * t
+        report.error = err
+        if len(temps) > 1:
+            report.temperature = t
+        if cfg.refine == "none":
+            return router, s
+        t0 = time.perf_counter()
+        report.error_before_refine = err
+        trainable_scale = cfg.rescale in ("layerwise", "fit")
+        if cfg.refine == "router":
+            res = refine_router(self.moe, router, s, calib.x, calib.y, expert_out, shared_out,
+                                steps=cfg.refine_steps, lr=cfg.refine_lr or 3e-3, train_scale=trainable_scale)
+        else:
+            res, refined = refine_all(self.moe, experts, router, s, calib.x, calib.y, steps=cfg.refine_steps,
+                                      lr=cfg.refine_lr or 1e-4, generator=ctx.generator)
+            experts.gate_up, experts.down = refined.gate_up, refined.down
+            experts.shared_gate, experts.shared_up, experts.shared_down = (
+                refined.shared_gate, refined.shared_up, refined.shared_down)
+            expert_out = experts.expert_outputs(calib.x)
+            shared_out = experts.shared_output(calib.x)
+        router, s = res.router, res.scale
+        report.error, _ = self._error(router, s, expert_out, shared_out, calib)
+        report.refine_seconds = time.perf_counter() - t0
+        report.info["refine_held_out_error"] = [res.error_before, res.error_after]
+        return router, s

@@ -9,6 +9,9 @@ y = s * sum_{e in top-k} w_e E_e(x) + shared(x)   (:class:`~moeforge.moe.MoELaye
 * ``layerwise``: per layer, s_l = mean_t ||y_t - shared_t|| / mean_t ||routed_t||, so the
   routed part's output norm matches the dense FFN's on calibration tokens (LLaMA-MoE's
   layer-wise variant).
+* ``fit``: per layer, the least-squares s_l = <y - shared, routed> / <routed, routed>, the scale
+  with the smallest output error (norm matching over-scales whenever the routed output is not
+  parallel to the dense output, which after splitting it never is).
 
 moeforge keeps s in the layer config (``moe_overrides`` for per-layer values); stock formats
 get it folded into ``down_proj``.
@@ -27,7 +30,7 @@ def fixed_scale(cfg: ConvertConfig, default_scale: float) -> float | None:
         return 1.0
     if cfg.rescale == "auto":
         return float(default_scale)
-    if cfg.rescale == "layerwise":
+    if cfg.rescale in ("layerwise", "fit"):
         return None
     return float(cfg.rescale)
 
@@ -42,7 +45,7 @@ def norm_matching_scale(y: Tensor, routed: Tensor, shared: Tensor | None = None)
 
 
 def least_squares_scale(y: Tensor, routed: Tensor, shared: Tensor | None = None) -> float:
-    """argmin_s ||y - shared - s * routed||^2 (used to pick router temperatures)."""
+    """argmin_s ||y - shared - s * routed||^2 (``--rescale fit``)."""
     target = y if shared is None else y - shared
     denom = float((routed * routed).sum())
     if denom <= 0:

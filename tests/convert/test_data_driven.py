@@ -1,0 +1,122 @@
+"""Data-driven construction, router init, rescaling and refinement on a tiny model with a tokenizer."""
+
+import pytest
+import torch
+
+import moeforge
+from moeforge.convert.calibration import DenseRunner, calibration_windows, importance_pass
+from moeforge.convert.methods import DenseFFN
+from moeforge.convert.source import open_source
+from moeforge.loading import load_tokenizer
+
+FAST = dict(calibration_tokens=1024, calibration_seq_len=64, eval_tokens=0)
+
+
+def test_dense_runner_reproduces_the_dense_model(tiny_llama):
+    """The layer-by-layer calibration runner computes exactly what the dense model computes."""
+    from transformers import AutoModelForCausalLM
+
+    source = open_source(tiny_llama)
+    runner = DenseRunner(source)
+    ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
+    h = runner.embed(ids)
+    for i in range(source.num_layers):
+        h, calib = runner.layer(i, h, DenseFFN(*source.read_ffn(i)))
+    norm, head = runner.head_weights()
+    ours = runner._rms(h, norm) @ head.T
+    dense = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours, dense(ids).logits, atol=1e-5, rtol=1e-5)
+    assert calib.x.shape == (48, 32) and calib.y.shape == (48, 32)
+
+
+def test_importance_matches_autograd_on_the_whole_model(tiny_llama):
+    """The layer-wise reverse pass gives the same |a . dL/da| as backpropagating through the full model."""
+    from transformers import AutoModelForCausalLM
+
+    source = open_source(tiny_llama)
+    windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(1))
+    imp, clusters = importance_pass(DenseRunner(source), windows, 2, generator=torch.Generator().manual_seed(0),
+                                    read_ffn=lambda i: DenseFFN(*source.read_ffn(i)))
+    dense = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    acts = {}
+
+    def hook(i):
+        def fn(module, args):
+            args[0].retain_grad()
+            acts[i] = args[0]
+        return fn
+
+    for i, layer in enumerate(dense.model.layers):
+        layer.mlp.down_proj.register_forward_pre_hook(hook(i))
+    dense(windows, labels=windows).loss.backward()
+    for i in range(2):
+        per_window = (acts[i] * acts[i].grad).sum(1).abs()  # (N, I)
+        want = torch.stack([per_window[clusters == c].mean(0) for c in range(2)])
+        torch.testing.assert_close(imp[i], want, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(method="coactivation", gate_init="activation", rescale="fit"),
+        dict(method="cluster", gate_init="centroid", rescale="layerwise"),
+        dict(method="importance", gate_init="activation", rescale="auto"),
+        dict(method="importance", experts=3, shared_experts=1, top_k=1, gate_init="random", rescale="fit"),
+        dict(method="coactivation", gate_init="activation", rescale="fit", refine="router", refine_steps=20),
+        dict(method="random", gate_init="random", rescale="layerwise", refine="all", refine_steps=10),
+    ],
+    ids=lambda o: "-".join(str(v) for v in o.values()),
+)
+def test_data_driven_options_run_and_report(tiny_llama, options):
+    opts = {"experts": 4, "top_k": 2, **options}
+    report = moeforge.convert(tiny_llama, None, **opts, **FAST)
+    assert len(report.layers) == 2
+    for layer in report.layers:
+        assert layer.error is not None and 0 <= layer.error < 5
+        assert layer.output_scale > 0
+        if opts.get("refine", "none") != "none":
+            before, after = layer.info["refine_held_out_error"]
+            assert after <= before + 1e-9  # the best held-out iterate is kept
+    with torch.no_grad():
+        out = report.model(torch.randint(0, 256, (1, 8))).logits
+    assert torch.isfinite(out).all()
+
+
+def test_scale_fits_by_hand():
+    from moeforge.convert.rescale import least_squares_scale, norm_matching_scale
+
+    y = torch.tensor([[2.0, 0.0], [0.0, 4.0]])
+    r = torch.tensor([[1.0, 1.0], [0.0, 1.0]])
+    assert least_squares_scale(y, r) == pytest.approx((2 + 4) / 3)  # <y, r> / <r, r>
+    assert norm_matching_scale(y, r) == pytest.approx(3.0 / ((2**0.5 + 1) / 2))  # mean ||y|| / mean ||r||
+    shared = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert least_squares_scale(y, r, shared) == pytest.approx((1 + 3) / 3)
+
+
+def test_fitted_scale_has_lower_error_than_norm_matching(tiny_llama):
+    # same experts and router (same seed), only the scale rule differs: least squares is optimal
+    base = dict(method="random", experts=4, top_k=1, **FAST)
+    fit = moeforge.convert(tiny_llama, None, rescale="fit", **base)
+    norm = moeforge.convert(tiny_llama, None, rescale="layerwise", **base)
+    for a, b in zip(fit.layers, norm.layers):
+        assert a.output_scale != pytest.approx(b.output_scale)
+        assert a.error <= b.error + 1e-9
+
+
+def test_activation_router_beats_random_router_on_layer_error(tiny_llama):
+    base = dict(method="coactivation", experts=4, top_k=1, rescale="fit", **FAST)
+    act = moeforge.convert(tiny_llama, None, gate_init="activation", **base)
+    rnd = moeforge.convert(tiny_llama, None, gate_init="random", **base)
+    assert act.mean_layer_error < rnd.mean_layer_error
+
+
+def test_calibration_sources(tiny_llama, tmp_path):
+    tok = load_tokenizer(tiny_llama)
+    w = calibration_windows(tok, "prose+code", 512, 64)
+    assert w.shape == (8, 64)
+    (tmp_path / "c.jsonl").write_text('{"text": "' + "hello world " * 100 + '"}\n')
+    assert calibration_windows(tok, str(tmp_path / "c.jsonl"), 256, 64).shape == (4, 64)
+    assert calibration_windows(tok, ["abc " * 100], 128, 64).shape == (2, 64)
+    with pytest.raises(moeforge.MoeforgeError, match="neither a built-in domain"):
+        calibration_windows(tok, "no-such-domain", 128, 64)
