@@ -18,6 +18,7 @@ Run (each run is independent; runs can go in parallel processes), then write the
     OMP_NUM_THREADS=1 nice -n 10 python experiments/peft_moe.py --runs mov10,ia3
     OMP_NUM_THREADS=1 nice -n 10 python experiments/peft_moe.py --runs molora10,lora40
     OMP_NUM_THREADS=1 nice -n 10 python experiments/peft_moe.py --runs mov10-sentence,base
+    OMP_NUM_THREADS=1 nice -n 10 python experiments/peft_moe.py --runs lora4
     python experiments/peft_moe.py --report
 
 The default budget (24 steps x 4 packed 128-token blocks, about 12K training tokens per run) is
@@ -332,11 +333,12 @@ def report(args) -> str:
         "",
         "Command:",
         "```",
-        "# three processes side by side (defaults: --steps 24 --batch-size 4 --seq-len 128 --n-loss 24 --n-em 10)",
+        "# processes side by side (defaults: --steps 24 --batch-size 4 --seq-len 128 --n-loss 24 --n-em 10)",
         "OMP_NUM_THREADS=1 nice -n 10 python experiments/peft_moe.py --runs mov10,ia3",
         "OMP_NUM_THREADS=1 nice -n 10 python experiments/peft_moe.py --runs molora10,lora40",
         "OMP_NUM_THREADS=1 nice -n 10 python experiments/peft_moe.py --runs mov10-sentence,base",
-        "python experiments/peft_moe.py --report",
+        "OMP_NUM_THREADS=1 nice -n 10 python experiments/peft_moe.py --runs lora4",
+        "python experiments/peft_moe.py --report --verdict runs/peft_moe/verdict.md",
         "```",
     ]
     if args.verdict:
