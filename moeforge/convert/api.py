@@ -344,12 +344,15 @@ def _run(source: DenseSource, tmp: Path | None, cfg: ConvertConfig, tokenizer, v
     if tmp is not None:
         writer = ShardedWriter(tmp, exporter.plan(spec), max_shard_bytes=parse_size(cfg.max_shard_size),
                                metadata={"moeforge_conversion": cfg.method})
-    ref_exporter = EXPORTERS["moeforge"]
-    f32_bytes = sum(e.nbytes for e in ref_exporter.plan(ExportSpec(config, torch.float32, spec.qkv_bias, spec.o_bias,
-                                                                   spec.router_state)))
+    # the reference model that the export is checked against is assembled from the same weights
+    # by module attribute (models.build.model_from_parts), not through any format's key table
+    ref_biases = (bool(config.attention_bias), bool(config.attention_bias))
+    f32_bytes = sum(e.nbytes for e in EXPORTERS["moeforge"].plan(
+        ExportSpec(config, torch.float32, spec.qkv_bias, spec.o_bias, spec.router_state)))
     keep_all = tmp is None or _keep_whole_reference(f32_bytes)
     keep_layers = set(range(source.num_layers)) if keep_all else set(range(min(VERIFY_LAYERS, source.num_layers)))
     reference: dict[str, torch.Tensor] = {}
+    ref_ffn: dict[int, MoELayerWeights | DenseLayerWeights] = {}
     converter = LayerConverter(cfg, moe)
     layer_reports: list[LayerReport] = []
     scales: dict[int, float] = {}
@@ -380,7 +383,7 @@ def _run(source: DenseSource, tmp: Path | None, cfg: ConvertConfig, tokenizer, v
         attn_pairs = _attention_pairs(layer_src, i, *exporter.attention_biases(spec), out_dtype)
         for k, v in attn_pairs:
             emit(k, v, layer=i)
-        remember(_attention_pairs(layer_src, i, *ref_exporter.attention_biases(spec), out_dtype), i)
+        remember(_attention_pairs(layer_src, i, *ref_biases, out_dtype), i)
         # feed-forward
         ffn = DenseFFN(*source.read_ffn(i))
         calib = None
@@ -409,7 +412,7 @@ def _run(source: DenseSource, tmp: Path | None, cfg: ConvertConfig, tokenizer, v
         for k, v in exporter.ffn_tensors(spec, i, weights):
             emit(k, v, layer=i)
         if i in keep_layers:
-            remember(ref_exporter.ffn_tensors(spec, i, weights), i)
+            ref_ffn[i] = _cast(weights, out_dtype)
         del weights, ffn, calib, layer_src, attn_pairs
         say(msg + f" ({time.perf_counter() - t_layer:.1f}s)")
     final_norm = passthrough(FINAL_NORM)
@@ -444,13 +447,11 @@ def _run(source: DenseSource, tmp: Path | None, cfg: ConvertConfig, tokenizer, v
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         seconds["write"] = time.perf_counter() - t0
-    from ..models.build import model_from_state
+    from ..models.build import model_from_parts
 
-    if keep_all:
-        ref_model = model_from_state(ref_config, reference, dtype=torch.float32)
-    else:
-        ref_model = model_from_state(_truncated(ref_config, VERIFY_LAYERS), reference, dtype=torch.float32)
-    reference = {}
+    ref_model = model_from_parts(ref_config if keep_all else _truncated(ref_config, VERIFY_LAYERS), reference, ref_ffn,
+                                 dtype=torch.float32)
+    reference, ref_ffn = {}, {}
     if writer is not None and verify:
         t0 = time.perf_counter()
         say("verifying the export: re-reading every tensor, reloading and comparing logits")
@@ -475,6 +476,16 @@ def _run(source: DenseSource, tmp: Path | None, cfg: ConvertConfig, tokenizer, v
     if tmp is not None:
         report.model = None
     return report
+
+
+def _cast(weights, dtype: torch.dtype):
+    """The layer's FFN tensors rounded to the export dtype (the router keeps its float32 values)."""
+    if isinstance(weights, DenseLayerWeights):
+        return DenseLayerWeights(weights.gate.to(dtype), weights.up.to(dtype), weights.down.to(dtype))
+    opt = (lambda t: None if t is None else t.to(dtype))
+    return MoELayerWeights(weights.router, weights.gate_up.to(dtype), weights.down.to(dtype), opt(weights.shared_gate),
+                           opt(weights.shared_up), opt(weights.shared_down), weights.output_scale,
+                           dict(weights.router_extra))
 
 
 def _attention_pairs(layer_src: dict[str, torch.Tensor], i: int, qkv_bias: bool, o_bias: bool,

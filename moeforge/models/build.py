@@ -48,3 +48,52 @@ def _materialize_buffers(model: MoeforgeForCausalLM) -> None:
     for name, buf in model.named_buffers():
         if buf.is_meta:
             raise MoeforgeError(f"internal error: buffer {name} was not materialized")
+
+
+def model_from_parts(
+    config: MoeforgeConfig,
+    state: dict[str, torch.Tensor],
+    ffn: dict[int, object],
+    *,
+    dtype: torch.dtype,
+) -> MoeforgeForCausalLM:
+    """Build a model from its non-FFN tensors (by key) and each layer's FFN weights (by attribute).
+
+    ``ffn[i]`` is a :class:`~moeforge.formats.export.MoELayerWeights` for MoE layers (router,
+    gate_up, down, shared_*, router_extra) or a DenseLayerWeights (gate, up, down). The FFN
+    tensors are assigned to the modules directly rather than through checkpoint keys, so a model
+    built this way is an independent reference for checking an export's key table. The output
+    scale comes from ``config``. Missing pieces raise :class:`MoeforgeError`.
+    """
+    from torch import nn
+
+    with torch.device("meta"):
+        model = MoeforgeForCausalLM(config)
+    state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    for i, layer in enumerate(model.model.layers):
+        if i not in ffn:
+            raise MoeforgeError(f"internal error: no feed-forward weights for layer {i}")
+        w = ffn[i]
+        mlp = layer.mlp
+        if layer.is_moe:
+            mlp.router.load_state_dict({"weight": w.router.float(), **w.router_extra}, assign=True)
+            mlp.experts.gate_up_proj = nn.Parameter(w.gate_up.to(dtype))
+            mlp.experts.down_proj = nn.Parameter(w.down.to(dtype))
+            if mlp.shared_experts is not None:
+                mlp.shared_experts.gate_proj.weight = nn.Parameter(w.shared_gate.to(dtype))
+                mlp.shared_experts.up_proj.weight = nn.Parameter(w.shared_up.to(dtype))
+                mlp.shared_experts.down_proj.weight = nn.Parameter(w.shared_down.to(dtype))
+        else:
+            mlp.gate_proj.weight = nn.Parameter(w.gate.to(dtype))
+            mlp.up_proj.weight = nn.Parameter(w.up.to(dtype))
+            mlp.down_proj.weight = nn.Parameter(w.down.to(dtype))
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise MoeforgeError(f"internal error: parameters left unset: {meta[:5]}")
+    _materialize_buffers(model)
+    model.requires_grad_(True)
+    model.eval()
+    return model

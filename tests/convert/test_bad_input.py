@@ -1,0 +1,142 @@
+"""Bad input: one clear MoeforgeError each, non-zero CLI exit, and no output directory left behind."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import moeforge
+from moeforge.cli import main
+from moeforge.errors import MoeforgeError
+
+
+def leftovers(parent):
+    return sorted(p.name for p in parent.iterdir())
+
+
+def convert_fails(source, tmp_path, match, **options):
+    out = tmp_path / "out"
+    before = leftovers(tmp_path)
+    with pytest.raises(MoeforgeError, match=match):
+        moeforge.convert(source, out, eval_tokens=0, **options)
+    assert leftovers(tmp_path) == before  # no half-written directory, no temp directory
+    return out
+
+
+def test_unsupported_architecture_lists_supported(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(str(tmp_path / "gpt2"))
+    convert_fails(tmp_path / "gpt2", tmp_path, r"unsupported architecture 'gpt2'.*llama, mistral, qwen2")
+
+
+def test_moe_model_is_refused_as_already_moe(tiny_llama, tmp_path):
+    moeforge.convert(tiny_llama, tmp_path / "moe", experts=2, top_k=1, eval_tokens=0)
+    convert_fails(tmp_path / "moe", tmp_path, "already a Mixture-of-Experts")
+
+
+def test_experts_not_dividing_the_ffn(tiny_llama, tmp_path):
+    convert_fails(tiny_llama, tmp_path, r"--experts 5 \+ --shared-experts 0 = 5 does not divide the FFN width 64.*2, 4, 8",
+                  experts=5, top_k=1)
+
+
+def test_top_k_above_experts():
+    with pytest.raises(MoeforgeError, match="--top-k 9 is greater than --experts 8"):
+        moeforge.convert("unused", None, experts=8, top_k=9)
+
+
+def test_unknown_options_and_names():
+    with pytest.raises(MoeforgeError, match="unknown method 'clusters'.*Did you mean 'cluster'"):
+        moeforge.ConvertConfig(method="clusters")
+    with pytest.raises(MoeforgeError, match="unknown conversion option 'expert'.*experts"):
+        moeforge.convert("unused", None, expert=4)
+    with pytest.raises(MoeforgeError, match="unknown rescale"):
+        moeforge.ConvertConfig(rescale="sometimes")
+    with pytest.raises(MoeforgeError, match="copies of each other"):
+        moeforge.ConvertConfig(method="upcycle", gate_init="centroid")
+    with pytest.raises(MoeforgeError, match="--layers names layer 7"):
+        moeforge.ConvertConfig(layers="7").check_against(2, 64)
+
+
+def test_existing_output_directory_needs_overwrite(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(MoeforgeError, match="already exists.*--overwrite"):
+        moeforge.convert(tiny_llama, out, experts=2, top_k=1, eval_tokens=0)
+    assert (out / "keep.txt").read_text() == "mine"
+    moeforge.convert(tiny_llama, out, experts=2, top_k=1, eval_tokens=0, overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+
+
+def test_truncated_safetensors(tiny_llama, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama, broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) - 100])
+    convert_fails(broken, tmp_path, "truncated")
+
+
+def test_corrupted_safetensors_header(tiny_llama, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama, broken)
+    data = bytearray((broken / "model.safetensors").read_bytes())
+    data[8:12] = b"@@@@"
+    (broken / "model.safetensors").write_bytes(bytes(data))
+    convert_fails(broken, tmp_path, "not a readable safetensors file")
+
+
+def test_pickle_only_checkpoint_needs_opt_in(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    pk = tmp_path / "pickle"
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
+    _save_pickle(model, pk)
+    shutil.copy(tiny_llama / "tokenizer.json", pk)
+    convert_fails(pk, tmp_path, "only pickle weights.*--allow-pickle")
+    report = moeforge.convert(pk, tmp_path / "ok", allow_pickle=True, experts=2, top_k=1, eval_tokens=0)
+    assert report.format == "mixtral"
+
+
+def _save_pickle(model, path):
+    path.mkdir()
+    model.config.save_pretrained(str(path))
+    torch.save(model.state_dict(), path / "pytorch_model.bin")
+
+
+def test_unsupported_gguf(tmp_path):
+    import gguf
+
+    path = tmp_path / "phi.gguf"
+    writer = gguf.GGUFWriter(str(path), "phi2")
+    writer.add_tensor("dummy", torch.zeros(4).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    convert_fails(path, tmp_path, r"architecture 'phi2'.*supported GGUF architectures: llama, mistral, qwen2")
+
+
+def test_format_that_cannot_hold_the_model(tiny_llama, tmp_path):
+    convert_fails(tiny_llama, tmp_path, "--format mixtral cannot hold this model exactly: Mixtral has no shared experts",
+                  experts=3, shared_experts=1, top_k=1, format="mixtral")
+
+
+def test_cli_error_is_one_line_and_exit_2(tiny_llama, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", str(tiny_llama), "--out", str(tmp_path / "o"), "--experts", "3", "--quiet"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moeforge: error: --experts 3") and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_success_prints_summary(tiny_llama, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", str(tiny_llama), "--out", str(tmp_path / "o"), "--experts", "4", "--top-k", "2",
+              "--eval-tokens", "256", "--quiet"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "format mixtral" in out and "active parameters / token" in out and "perplexity" in out
+    assert json.loads((tmp_path / "o" / "moeforge_conversion.json").read_text())["format"] == "mixtral"

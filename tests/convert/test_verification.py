@@ -1,0 +1,59 @@
+"""Export verification fails loudly, and leaves nothing behind, when an exported tensor is altered."""
+
+import pytest
+import torch
+
+import moeforge
+from moeforge.convert import streaming
+from moeforge.errors import MoeforgeError
+from moeforge.formats import EXPORTERS
+
+
+def test_tensor_altered_on_disk_after_writing_is_caught(tiny_llama, tmp_path, monkeypatch):
+    original_close = streaming.ShardedWriter.close
+
+    def close_then_corrupt(self):
+        paths = original_close(self)
+        raw = bytearray(paths[0].read_bytes())
+        raw[-5] ^= 0x40  # flip one bit in the last tensor's data
+        paths[0].write_bytes(bytes(raw))
+        return paths
+
+    monkeypatch.setattr(streaming.ShardedWriter, "close", close_then_corrupt)
+    with pytest.raises(MoeforgeError, match="export verification failed: the bytes of tensor"):
+        moeforge.convert(tiny_llama, tmp_path / "out", experts=4, top_k=2, eval_tokens=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["mixtral", "qwen2_moe", "moeforge"])
+def test_tensor_altered_before_writing_is_caught_by_the_logits_check(tiny_llama, tmp_path, monkeypatch, fmt):
+    exporter = EXPORTERS[fmt]
+    original = type(exporter).ffn_tensors
+
+    def altered(self, spec, i, weights):
+        pairs = original(self, spec, i, weights)
+        if i == 0:  # perturb the first expert projection of layer 0 (every format writes one)
+            k = next(n for n, (key, _) in enumerate(pairs) if "gate_up" in key or "w1" in key or "experts.0.gate" in key)
+            key, t = pairs[k]
+            pairs[k] = (key, t + 0.5)
+        return pairs
+
+    monkeypatch.setattr(type(exporter), "ffn_tensors", altered)
+    with pytest.raises(MoeforgeError, match=f"reloaded {fmt} model's logits differ"):
+        moeforge.convert(tiny_llama, tmp_path / "out", experts=4, top_k=4, format=fmt, eval_tokens=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verification_of_the_first_layers_only(tiny_llama, tmp_path, monkeypatch):
+    # models too large to hold twice are verified on their first layers, reloaded from the same files
+    from moeforge.convert import api
+
+    monkeypatch.setattr(api, "_keep_whole_reference", lambda nbytes: False)
+    monkeypatch.setattr(api, "VERIFY_LAYERS", 1)
+    report = moeforge.convert(tiny_llama, tmp_path / "out", experts=4, top_k=2, eval_tokens=256)
+    assert report.verification["layers_compared"] == 1
+    assert report.verification["tensors_checked"] > 0
+    assert report.perplexity is None  # no whole model in memory to evaluate
+    assert (tmp_path / "out" / "config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the truncated-config scratch dir is gone
+    torch.testing.assert_close(report.verification["max_abs_logit_diff"], 0.0, atol=1e-4, rtol=0)

@@ -1,0 +1,151 @@
+"""Export formats: which one --format auto picks, and that each reloads to moeforge's logits.
+
+Every conversion below also runs the built-in verification (reload + logits against a reference
+assembled without the key tables); these tests add independent checks: the class transformers
+opens, the on-disk keys, the import back into moeforge, and the refusals.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+import moeforge
+from moeforge.errors import MoeforgeError
+from tests.convert.tiny import make_dense
+
+IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dense")
+    make_dense(root / "llama")
+    make_dense(root / "qwen2", family="qwen2", seed=2)
+    make_dense(root / "mistral", family="mistral", seed=3, sliding_window=8, tied=False)
+    return root
+
+
+def keys(directory):
+    out = set()
+    for f in directory.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            out |= set(h.keys())
+    return out
+
+
+def run(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_shared_experts_go_to_qwen2_moe_exactly(sources, tmp_path):
+    out = tmp_path / "q"
+    report = moeforge.convert(sources / "llama", out, method="random", experts=3, shared_experts=1, top_k=1,
+                              eval_tokens=0)
+    assert report.format == "qwen2_moe"
+    assert "Mixtral has no shared experts" in report.format_notes["mixtral"]
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    assert type(hf).__name__ == "Qwen2MoeForCausalLM"
+    gate = hf.model.layers[0].mlp.shared_expert_gate.weight
+    assert torch.equal(gate, torch.zeros_like(gate))  # sigmoid(0) = 1/2, compensated in down_proj
+    mf = moeforge.load(out)  # the importer maps it back onto moeforge's own layer
+    assert type(mf).__name__ == "MoeforgeForCausalLM" and mf.config.moe["num_shared_experts"] == 1
+    ref = moeforge.convert(sources / "llama", None, method="random", experts=3, shared_experts=1, top_k=1,
+                           eval_tokens=0).model
+    torch.testing.assert_close(run(hf), run(ref), atol=1e-5, rtol=0)
+    torch.testing.assert_close(run(mf), run(ref), atol=1e-5, rtol=0)
+
+
+def test_qwen2_source_keeps_qkv_biases(sources, tmp_path):
+    out = tmp_path / "q2"
+    report = moeforge.convert(sources / "qwen2", out, method="random", experts=4, top_k=4, gate_init="uniform",
+                              rescale=4.0, eval_tokens=0)
+    assert report.format == "qwen2_moe"  # Mixtral attention has no biases
+    dense = AutoModelForCausalLM.from_pretrained(str(sources / "qwen2"), dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    torch.testing.assert_close(run(hf), run(dense), atol=1e-5, rtol=0)
+    assert "model.layers.0.self_attn.q_proj.bias" in keys(out)
+    # the moeforge format represents Qwen2 as LLaMA attention with a zero o_proj bias
+    mf = moeforge.convert(sources / "qwen2", tmp_path / "m", format="moeforge", method="random", experts=4, top_k=4,
+                          gate_init="uniform", rescale=4.0, eval_tokens=0)
+    assert mf.format == "moeforge"
+    torch.testing.assert_close(run(moeforge.load(tmp_path / "m")), run(dense), atol=1e-5, rtol=0)
+
+
+def test_mistral_sliding_window_goes_to_mixtral(sources, tmp_path):
+    out = tmp_path / "mx"
+    report = moeforge.convert(sources / "mistral", out, method="upcycle", experts=2, top_k=1, eval_tokens=0)
+    assert report.format == "mixtral"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["sliding_window"] == 8 and cfg["tie_word_embeddings"] is False
+    dense = AutoModelForCausalLM.from_pretrained(str(sources / "mistral"), dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    ids = torch.randint(0, 256, (1, 20))  # longer than the window: the window must matter and match
+    torch.testing.assert_close(run(hf, ids), run(dense, ids), atol=1e-5, rtol=0)
+
+
+def test_layer_subset_and_layerwise_scales(sources, tmp_path):
+    opts = dict(method="random", experts=4, top_k=2, layers="1", rescale=4.0, eval_tokens=0)
+    auto = moeforge.convert(sources / "llama", tmp_path / "a", **opts)
+    assert auto.format == "qwen2_moe"  # Mixtral cannot hold a dense layer; Qwen2-MoE lists it in mlp_only_layers
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["mlp_only_layers"] == [0] and cfg["shared_expert_intermediate_size"] == 0
+    assert "model.layers.0.mlp.gate_proj.weight" in keys(tmp_path / "a")
+    own = moeforge.convert(sources / "llama", tmp_path / "b", format="moeforge", **opts)
+    model = moeforge.load(tmp_path / "b")
+    assert model.config.moe_layers == [1] and model.config.moe["output_scale"] == 4.0
+    torch.testing.assert_close(run(model), run(moeforge.load(tmp_path / "a")), atol=1e-5, rtol=0)
+    assert own.parameters["moe"]["active"] < own.parameters["dense"]["active"]
+
+
+def test_per_layer_scales_are_kept_in_moeforge_and_folded_in_mixtral(sources, tmp_path):
+    opts = dict(method="random", experts=4, top_k=2, rescale="fit", calibration_tokens=512, calibration_seq_len=64,
+                eval_tokens=0)
+    own = moeforge.convert(sources / "llama", tmp_path / "own", format="moeforge", **opts)
+    scales = [r.output_scale for r in own.layers]
+    assert scales[0] != scales[1]
+    cfg = json.loads((tmp_path / "own" / "config.json").read_text())
+    assert [cfg["moe_overrides"][str(i)]["output_scale"] for i in range(2)] == pytest.approx(scales)
+    moeforge.convert(sources / "llama", tmp_path / "mx", format="mixtral", **opts)
+    mixtral = AutoModelForCausalLM.from_pretrained(str(tmp_path / "mx"), dtype=torch.float32)
+    torch.testing.assert_close(run(mixtral), run(moeforge.load(tmp_path / "own")), atol=1e-4, rtol=0)
+
+
+def test_routers_other_than_topk_need_the_moeforge_format(sources, tmp_path):
+    report = moeforge.convert(sources / "llama", tmp_path / "n", router="noisy_topk", experts=4, top_k=2, eval_tokens=0)
+    assert report.format == "moeforge"
+    assert "noisy_topk" in report.format_notes["mixtral"]
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "n"), dtype=torch.float32)  # Auto classes registered
+    assert type(model).__name__ == "MoeforgeForCausalLM" and model.config.moe["router"] == "noisy_topk"
+    assert model.model.layers[0].mlp.router.weight.dtype == torch.float32
+
+
+def test_multi_shard_export_has_an_index(sources, tmp_path):
+    out = tmp_path / "s"
+    moeforge.convert(sources / "llama", out, experts=4, top_k=2, max_shard_size="20KB", eval_tokens=0)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and all((out / s).is_file() for s in shards)
+    assert type(AutoModelForCausalLM.from_pretrained(str(out))).__name__ == "MixtralForCausalLM"
+
+
+def test_qwen2_moe_import_refuses_a_learned_shared_gate(sources, tmp_path):
+    moeforge.convert(sources / "llama", tmp_path / "q", method="random", experts=3, shared_experts=1, top_k=1,
+                     eval_tokens=0)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "q"))
+    with torch.no_grad():
+        hf.model.layers[0].mlp.shared_expert_gate.weight.fill_(0.3)
+    hf.save_pretrained(str(tmp_path / "learned"))
+    with pytest.raises(MoeforgeError, match="gates its shared expert with a learned sigmoid"):
+        moeforge.load(tmp_path / "learned")
