@@ -248,15 +248,47 @@ def run_one(name: str, args) -> dict:
     }
     record["eval_wall_s"] = time.time() - t1
     if routed:
-        from moeforge.peft import plot_expert_usage, specialisation
-
-        record["specialisation_js_bits"] = specialisation(usage)
-        figure = plot_expert_usage(usage, FIGURES / f"peft-moe-usage-{name}.png",
-                                   title=f"{name}: mean router weight per expert, by task (held-out)")
-        record["usage_plot"] = str(figure.relative_to(ROOT))
+        record.update(_usage_outputs(name, usage, run_dir))
     record["wall_s"] = time.time() - t0
     record["config"] = {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "seed", "arith_train", "n_loss", "n_em")}
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "result.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _usage_outputs(name: str, usage: dict, run_dir: Path) -> dict:
+    """Save the per-task expert usage (usage.json), plot it, and condense it into one number."""
+    from moeforge.peft import plot_expert_usage, specialisation
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "usage.json").write_text(json.dumps({t: {m: v.tolist() for m, v in u.items()} for t, u in usage.items()}))
+    figure = plot_expert_usage(usage, FIGURES / f"peft-moe-usage-{name}.png",
+                               title=f"{name}: mean router weight per expert, by task (held-out)")
+    return {"specialisation_js_bits": specialisation(usage), "usage_plot": str(figure.relative_to(ROOT))}
+
+
+def replot(name: str, args) -> dict:
+    """Reload a finished routed run's saved adapter onto a fresh SmolLM2, recompute its held-out
+    loss (a check of save/load on the real model) and its expert usage, and redraw the plot."""
+    import moeforge
+    from moeforge.data.chat import ensure_chat_template
+    from moeforge.peft import load_adapter
+
+    run_dir = Path(args.out) / name
+    record = json.loads((run_dir / "result.json").read_text())
+    cfg = record["config"]
+    _, tasks = build_tasks(Path(args.out), cfg["arith_train"], cfg["n_loss"], cfg["n_em"])
+    model = load_adapter(moeforge.load("smollm2"), run_dir / "train" / "final")
+    model.eval()
+    tok = moeforge.load_tokenizer("smollm2")
+    ensure_chat_template(tok, "chatml")
+    usage, losses = {}, {}
+    for task, sets in tasks.items():
+        with model.record_routing() as rec:
+            losses[task] = heldout_loss(model, tok, sets["loss"], cfg["seq_len"])
+        usage[task] = rec.mean_probs()
+    record["reloaded_heldout_loss"] = losses
+    record.update(_usage_outputs(name, usage, run_dir))
     (run_dir / "result.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
@@ -354,6 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default="", help=f"comma-separated runs: {', '.join(RUNS)}")
     parser.add_argument("--report", action="store_true", help="write the docs/results.md section from finished runs")
+    parser.add_argument("--replot", default="", help="comma-separated finished routed runs to reload and replot")
     parser.add_argument("--verdict", default=None, help="a text file whose content is appended as the verdict")
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--results-md", default=None, help="report file (default docs/results.md)")
@@ -373,6 +406,9 @@ def main(argv: list[str] | None = None) -> None:
         r = run_one(name, args)
         print(json.dumps({k: r[k] for k in ("run", "trainable", "percent", "heldout_loss", "exact_match")}),
               f"({(time.time() - t) / 60:.1f} min)", flush=True)
+    for name in [n for n in args.replot.split(",") if n]:
+        r = replot(name, args)
+        print(json.dumps({"run": name, "heldout_loss": r["heldout_loss"], "reloaded": r["reloaded_heldout_loss"]}), flush=True)
     if args.report:
         print(report(args))
 

@@ -75,14 +75,23 @@ def specialisation(usage: Usage) -> float:
 
 
 def pick_modules(names: list[str], count: int = 6) -> list[str]:
-    """Up to ``count`` module names spread over depth (first, middle, last of each kind)."""
+    """Up to ``count`` module names spread over kinds (k_proj, down_proj, ...) and depth.
+
+    Each chosen kind contributes its shallowest and deepest module (more depths when there are
+    few kinds); with more kinds than fit, kinds are taken evenly from the model's order.
+    """
     kinds: dict[str, list[str]] = {}
     for name in names:
         kinds.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+    groups = list(kinds.values())
+    if not groups:
+        return []
+    depths = max(2, count // len(groups))
+    n_kinds = max(1, min(len(groups), count // depths))
+    picked_groups = [groups[round(i * (len(groups) - 1) / max(n_kinds - 1, 1))] for i in range(n_kinds)]
     chosen: list[str] = []
-    per_kind = max(1, count // max(len(kinds), 1))
-    for group in kinds.values():
-        idx = sorted({round(i * (len(group) - 1) / max(per_kind - 1, 1)) for i in range(per_kind)})
+    for group in picked_groups:
+        idx = sorted({round(i * (len(group) - 1) / max(depths - 1, 1)) for i in range(depths)})
         chosen.extend(group[i] for i in idx)
     return chosen[:count]
 
