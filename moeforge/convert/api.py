@@ -41,12 +41,13 @@ from ..moe.config import MoEConfig
 from .calibration import DenseRunner, calibration_windows, importance_pass
 from .config import ConvertConfig
 from .layer import LayerConverter, LayerReport, layer_generator
+from .reference import ReferenceStore
 from .methods.base import DenseFFN
 from .source import ATTN, EMBED, FINAL_NORM, IN_NORM, LM_HEAD, POST_NORM, DenseSource, open_source
 from .streaming import ShardedWriter, parse_size
 
 #: layers kept in memory for the logits check when the whole model is too large to reload
-VERIFY_LAYERS = 2
+VERIFY_LAYERS = 1
 #: verification tolerance on logits: max |a - b| <= RTOL * max(1, max |reference|)
 VERIFY_RTOL = 1e-4
 VERIFY_TEXT = "Mixture-of-experts models route each token to a few experts, so most weights stay idle."
@@ -236,7 +237,7 @@ def convert(
     overwrite: bool = False,
     allow_pickle: bool = False,
     tokenizer=None,
-    verify: bool = True,
+    verify: bool | str = True,
     eval_tokens: int = 4096,
     progress: Callable[[str], None] | None = None,
     **options: Any,
@@ -251,7 +252,10 @@ def convert(
         overwrite: replace an existing ``out`` (only after the new one is complete and verified).
         allow_pickle: accept a pickle-only (``.bin``) dense checkpoint.
         tokenizer: tokenizer for calibration/evaluation when ``model_or_path`` is a model object.
-        verify: check the written export (digests and logits) before reporting success.
+        verify: check the written export before reporting success: every tensor re-read against its
+            digest, then the export reloaded and its logits compared with moeforge's. True ("auto")
+            reloads the whole model when it fits in memory twice, else its first layers; "full"
+            or "layers" force one or the other; False skips the checks.
         eval_tokens: held-out embedded prose tokens for the dense-vs-MoE perplexity (0 skips it).
         progress: callable receiving one-line progress messages.
         **options: :class:`ConvertConfig` fields: method, experts, top_k, shared_experts, router,
@@ -340,19 +344,36 @@ def _run(source: DenseSource, tmp: Path | None, cfg: ConvertConfig, tokenizer, v
             seconds["importance"] = time.perf_counter() - t0
 
     # ---------------------------------------------------------------- layer loop
-    writer = None
-    if tmp is not None:
-        writer = ShardedWriter(tmp, exporter.plan(spec), max_shard_bytes=parse_size(cfg.max_shard_size),
-                               metadata={"moeforge_conversion": cfg.method})
     # the reference model that the export is checked against is assembled from the same weights
     # by module attribute (models.build.model_from_parts), not through any format's key table
     ref_biases = (bool(config.attention_bias), bool(config.attention_bias))
     f32_bytes = sum(e.nbytes for e in EXPORTERS["moeforge"].plan(
         ExportSpec(config, torch.float32, spec.qkv_bias, spec.o_bias, spec.router_state)))
-    keep_all = tmp is None or _keep_whole_reference(f32_bytes)
+    mode = "auto" if verify is True else (verify or "off")
+    if mode not in ("auto", "full", "layers", "off"):
+        raise MoeforgeError(f"verify must be True, False, 'full' or 'layers', got {verify!r}.")
+    keep_all = tmp is None or mode == "full" or (mode == "auto" and _keep_whole_reference(f32_bytes))
+    need_reference = tmp is None or mode != "off" or (eval_tokens and keep_all)
     keep_layers = set(range(source.num_layers)) if keep_all else set(range(min(VERIFY_LAYERS, source.num_layers)))
-    reference: dict[str, torch.Tensor] = {}
-    ref_ffn: dict[int, MoELayerWeights | DenseLayerWeights] = {}
+    if not need_reference:
+        keep_layers = set()
+    store = ReferenceStore(spill_parent=None if keep_all else tmp.parent)
+    try:
+        return _stream(source, tmp, cfg, spec, exporter, fmt, notes, config, moe, out_dtype, converted, tokenizer, runner,
+                       windows, importance, store, keep_all, keep_layers, need_reference, ref_biases, mode, eval_tokens,
+                       say, seconds, t_start)
+    finally:
+        store.close()
+
+
+def _stream(source, tmp, cfg, spec, exporter, fmt, notes, config, moe, out_dtype, converted, tokenizer, runner, windows,
+            importance, store, keep_all, keep_layers, need_reference, ref_biases, mode, eval_tokens, say, seconds,
+            t_start) -> ConvertReport:
+    """The layer loop, the export's config files, verification and evaluation."""
+    writer = None
+    if tmp is not None:
+        writer = ShardedWriter(tmp, exporter.plan(spec), max_shard_bytes=parse_size(cfg.max_shard_size),
+                               metadata={"moeforge_conversion": cfg.method})
     converter = LayerConverter(cfg, moe)
     layer_reports: list[LayerReport] = []
     scales: dict[int, float] = {}
@@ -363,9 +384,8 @@ def _run(source: DenseSource, tmp: Path | None, cfg: ConvertConfig, tokenizer, v
             writer.write(key, tensor)
 
     def remember(pairs: list[tuple[str, torch.Tensor]], layer: int | None) -> None:
-        if layer is None or layer in keep_layers:
-            for k, v in pairs:
-                reference[k] = v
+        if need_reference and (layer is None or layer in keep_layers):
+            store.add_tensors(pairs)
 
     def passthrough(key: str) -> torch.Tensor:
         return source.get(key).to(out_dtype)
@@ -412,7 +432,7 @@ def _run(source: DenseSource, tmp: Path | None, cfg: ConvertConfig, tokenizer, v
         for k, v in exporter.ffn_tensors(spec, i, weights):
             emit(k, v, layer=i)
         if i in keep_layers:
-            ref_ffn[i] = _cast(weights, out_dtype)
+            store.add_ffn(i, _cast(weights, out_dtype))
         del weights, ffn, calib, layer_src, attn_pairs
         say(msg + f" ({time.perf_counter() - t_layer:.1f}s)")
     final_norm = passthrough(FINAL_NORM)
@@ -449,15 +469,19 @@ def _run(source: DenseSource, tmp: Path | None, cfg: ConvertConfig, tokenizer, v
         seconds["write"] = time.perf_counter() - t0
     from ..models.build import model_from_parts
 
-    ref_model = model_from_parts(ref_config if keep_all else _truncated(ref_config, VERIFY_LAYERS), reference, ref_ffn,
-                                 dtype=torch.float32)
-    reference, ref_ffn = {}, {}
-    if writer is not None and verify:
+    ref_model = None
+    if need_reference:
+        state, ffn_parts = store.load()
+        ref_model = model_from_parts(ref_config if keep_all else _truncated(ref_config, len(keep_layers)), state,
+                                     ffn_parts, dtype=torch.float32)
+        del state, ffn_parts
+        store.close()
+    if writer is not None and mode != "off":
         t0 = time.perf_counter()
         say("verifying the export: re-reading every tensor, reloading and comparing logits")
         checked = writer.verify_digests()
         ids = _verification_ids(tokenizer, config.vocab_size)
-        diff, loaded_layers = _compare_export(exporter, tmp, ref_model, ids, keep_all, spec, scales)
+        diff, loaded_layers = _compare_export(exporter, tmp, ref_model, ids, keep_all)
         report.verification = {
             "tensors_checked": checked,
             "max_abs_logit_diff": diff,
@@ -516,15 +540,14 @@ def _truncated(config: MoeforgeConfig, n: int) -> MoeforgeConfig:
     return MoeforgeConfig(**cfg)
 
 
-def _compare_export(exporter: Exporter, directory: Path, ref_model, ids: torch.Tensor, whole: bool, spec: ExportSpec,
-                    scales: dict[int, float]) -> tuple[float, int]:
+def _compare_export(exporter: Exporter, directory: Path, ref_model, ids: torch.Tensor, whole: bool) -> tuple[float, int]:
     """Reload the export (whole, or its first layers) and compare logits with ``ref_model``."""
     load_dir = directory
     scratch = None
     if not whole:
         scratch = Path(tempfile.mkdtemp(prefix=".verify-", dir=directory.parent))
         cfg = json.loads((directory / "config.json").read_text())
-        n = VERIFY_LAYERS
+        n = ref_model.config.num_hidden_layers
         cfg["num_hidden_layers"] = n
         if cfg.get("mlp_only_layers"):
             cfg["mlp_only_layers"] = [i for i in cfg["mlp_only_layers"] if i < n]

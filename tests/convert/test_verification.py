@@ -48,12 +48,11 @@ def test_verification_of_the_first_layers_only(tiny_llama, tmp_path, monkeypatch
     # models too large to hold twice are verified on their first layers, reloaded from the same files
     from moeforge.convert import api
 
-    monkeypatch.setattr(api, "_keep_whole_reference", lambda nbytes: False)
     monkeypatch.setattr(api, "VERIFY_LAYERS", 1)
-    report = moeforge.convert(tiny_llama, tmp_path / "out", experts=4, top_k=2, eval_tokens=256)
+    report = moeforge.convert(tiny_llama, tmp_path / "out", experts=4, top_k=2, eval_tokens=256, verify="layers")
     assert report.verification["layers_compared"] == 1
     assert report.verification["tensors_checked"] > 0
     assert report.perplexity is None  # no whole model in memory to evaluate
     assert (tmp_path / "out" / "config.json").is_file()
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the truncated-config scratch dir is gone
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # reference spill and truncated-config dirs are gone
     torch.testing.assert_close(report.verification["max_abs_logit_diff"], 0.0, atol=1e-4, rtol=0)
