@@ -293,6 +293,32 @@ def replot(name: str, args) -> dict:
     return record
 
 
+def init_usage(name: str, args) -> dict:
+    """Specialisation of the *untrained* routers (seeded as the trainer seeds them): the baseline
+    against which a trained run's task-dependent expert usage is read."""
+    import moeforge
+    from moeforge.data.chat import ensure_chat_template
+    from moeforge.peft import specialisation, wrap_from_config
+
+    run_dir = Path(args.out) / name
+    record = json.loads((run_dir / "result.json").read_text())
+    cfg = record["config"]
+    _, tasks = build_tasks(Path(args.out), cfg["arith_train"], cfg["n_loss"], cfg["n_em"])
+    torch.manual_seed(cfg["seed"])
+    model = wrap_from_config(moeforge.load("smollm2"), record["peft"])
+    model.eval()
+    tok = moeforge.load_tokenizer("smollm2")
+    ensure_chat_template(tok, "chatml")
+    usage = {}
+    for task, sets in tasks.items():
+        with model.record_routing() as rec:
+            heldout_loss(model, tok, sets["loss"], cfg["seq_len"])
+        usage[task] = rec.mean_probs()
+    record["init_specialisation_js_bits"] = specialisation(usage)
+    (run_dir / "result.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
 # ----------------------------------------------------------------------------------- report
 def _fmt_params(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
@@ -311,7 +337,7 @@ def report(args) -> str:
         raise SystemExit(f"no results under {out}; run some --runs first")
     tasks = list(next(iter(results.values()))["heldout_loss"])
     head = "| run | method | trainable | % of base | lr | " + " | ".join(
-        f"{t} loss | {t} EM" for t in tasks) + " | JS spec. | train tokens | train wall |"
+        f"{t} loss | {t} EM" for t in tasks) + " | JS spec. (init) | train tokens | train wall |"
     lines = [head, "|" + "---|" * (6 + 2 * len(tasks) + 2)]
     for name, r in results.items():
         method = "none (zero-shot)" if r["peft"] is None else ", ".join(f"{k}={v}" for k, v in r["peft"].items())
@@ -320,8 +346,9 @@ def report(args) -> str:
         for t in tasks:
             c, n = r["exact_match"][t]
             cells += [f"{r['heldout_loss'][t]:.3f}", f"{c}/{n}"]
-        spec = r.get("specialisation_js_bits")
-        cells += ["-" if spec is None else f"{spec:.3f}", f"{r['train_tokens']:,}", f"{r['train_wall_s'] / 60:.1f} min"]
+        spec, init = r.get("specialisation_js_bits"), r.get("init_specialisation_js_bits")
+        spec_cell = "-" if spec is None else f"{spec:.4f}" + ("" if init is None else f" ({init:.4f})")
+        cells += [spec_cell, f"{r['train_tokens']:,}", f"{r['train_wall_s'] / 60:.1f} min"]
         lines.append("| " + " | ".join(cells) + " |")
 
     def delta(a: str, b: str) -> str | None:
@@ -350,7 +377,8 @@ def report(args) -> str:
         f"lr {VECTOR_LR:g} for the vector methods, {LORA_LR:g} for the LoRA methods (same lr inside each comparison). "
         f"Held-out: answer-token loss on {cfg['n_loss']} test examples per task; exact match (greedy, final number) "
         f"on {cfg['n_em']} per task. JS spec.: mean Jensen-Shannon divergence (bits) between the tasks' expert-usage "
-        "distributions over all routed modules (0 = both tasks use the experts alike).",
+        "distributions over all routed modules (0 = both tasks use the experts alike); in brackets the same for the "
+        "untrained routers (same seed), since random routers already route different inputs differently.",
         "",
         *lines,
         "",
@@ -387,6 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", default="", help=f"comma-separated runs: {', '.join(RUNS)}")
     parser.add_argument("--report", action="store_true", help="write the docs/results.md section from finished runs")
     parser.add_argument("--replot", default="", help="comma-separated finished routed runs to reload and replot")
+    parser.add_argument("--init-usage", default="", help="comma-separated finished routed runs: JS spec. of untrained routers")
     parser.add_argument("--verdict", default=None, help="a text file whose content is appended as the verdict")
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--results-md", default=None, help="report file (default docs/results.md)")
@@ -409,6 +438,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in [n for n in args.replot.split(",") if n]:
         r = replot(name, args)
         print(json.dumps({"run": name, "heldout_loss": r["heldout_loss"], "reloaded": r["reloaded_heldout_loss"]}), flush=True)
+    for name in [n for n in args.init_usage.split(",") if n]:
+        r = init_usage(name, args)
+        print(json.dumps({"run": name, "init_js": r["init_specialisation_js_bits"], "trained_js": r["specialisation_js_bits"]}),
+              flush=True)
     if args.report:
         print(report(args))
 
