@@ -385,7 +385,13 @@ def _stream(source, tmp, cfg, spec, exporter, fmt, notes, config, moe, out_dtype
 
     def remember(pairs: list[tuple[str, torch.Tensor]], layer: int | None) -> None:
         if need_reference and (layer is None or layer in keep_layers):
-            store.add_tensors(pairs)
+            for k, v in pairs:
+                if store.spilled and k in source_keys:  # unchanged dense tensor: re-read it at the end
+                    store.add_from_source(k, k, out_dtype, source.get)
+                else:
+                    store.add_tensors([(k, v)])
+
+    source_keys = source.keys()
 
     def passthrough(key: str) -> torch.Tensor:
         return source.get(key).to(out_dtype)

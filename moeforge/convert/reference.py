@@ -3,9 +3,10 @@
 The reference model is assembled from the converted weights by module attribute
 (:func:`moeforge.models.build.model_from_parts`), independently of every format's key table.
 For a model small enough to hold twice it is kept in memory (and becomes ``report.model``). For
-a large model only the embeddings, the final norm/head and the first layers are kept, and they
-are written to a scratch directory as they are produced, so the streaming conversion holds no
-more than one layer; they are read back once the export is complete.
+a large model only the embeddings, the final norm/head and the first layers are kept: tensors
+copied unchanged from the dense checkpoint are read from it again at the end, converted FFN
+weights are written to a scratch directory as they are produced, so the streaming conversion
+holds no more than one layer.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class ReferenceStore:
         self.state: dict[str, torch.Tensor] = {}
         self.ffn: dict[int, MoELayerWeights | DenseLayerWeights] = {}
         self._files = 0
+        self._lazy: list[tuple[str, str, torch.dtype]] = []
+        self._read = None
 
     @property
     def spilled(self) -> bool:
@@ -40,6 +43,15 @@ class ReferenceStore:
     def _save(self, tensors: dict[str, torch.Tensor]) -> None:
         self._files += 1
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(self.dir / f"part-{self._files:05d}.safetensors"))
+
+    def add_from_source(self, key: str, source_key: str, dtype: torch.dtype, read) -> None:
+        """A tensor copied unchanged from the dense checkpoint: when spilled, it is read again from
+        the source at :meth:`load` instead of being written twice (``read``: key -> tensor)."""
+        if self.dir is None:
+            self.state[key] = read(source_key).to(dtype)
+        else:
+            self._lazy.append((key, source_key, dtype))
+            self._read = read
 
     def add_tensors(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
         if self.dir is None:
@@ -62,7 +74,7 @@ class ReferenceStore:
         """(state by key, FFN weights by layer)."""
         if self.dir is None:
             return self.state, self.ffn
-        state: dict[str, torch.Tensor] = {}
+        state: dict[str, torch.Tensor] = {key: self._read(src).to(dtype) for key, src, dtype in self._lazy}
         parts: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
         for path in sorted(self.dir.glob("part-*.safetensors")):
             with safe_open(str(path), "pt") as f:

@@ -50,10 +50,10 @@ class MoELayerWeights:
     router_extra: dict[str, Tensor] = field(default_factory=dict)
 
     def folded(self) -> MoELayerWeights:
-        """The same function with ``output_scale`` multiplied into ``down`` (computed in float32)."""
+        """The same function with ``output_scale`` multiplied into ``down`` (one rounding per element)."""
         if self.output_scale == 1.0:
             return self
-        down = (self.down.float() * self.output_scale).to(self.down.dtype)
+        down = self.down * self.output_scale
         return MoELayerWeights(self.router, self.gate_up, down, self.shared_gate, self.shared_up, self.shared_down, 1.0,
                                dict(self.router_extra))
 
