@@ -287,225 +287,220 @@ def convert(
     return report
 
 
-def _convert(model_or_path, tmp: Path | None, cfg: ConvertConfig, allow_pickle: bool, tokenizer, verify: bool,
+def _convert(model_or_path, tmp: Path | None, cfg: ConvertConfig, allow_pickle: bool, tokenizer, verify: bool | str,
              eval_tokens: int, say: Callable[[str], None]) -> ConvertReport:
-    seconds: dict[str, float] = {}
     t_start = time.perf_counter()
     source = open_source(model_or_path, allow_pickle=allow_pickle)
     try:
-        return _run(source, tmp, cfg, tokenizer, verify, eval_tokens, say, seconds, t_start)
+        job = _Conversion(source, tmp, cfg, tokenizer, verify, eval_tokens, say)
+        try:
+            report = job.run()
+        finally:
+            job.store.close()
+        report.seconds["total"] = time.perf_counter() - t_start
+        return report
     finally:
         source.close()
 
 
-def _run(source: DenseSource, tmp: Path | None, cfg: ConvertConfig, tokenizer, verify: bool, eval_tokens: int,
-         say, seconds: dict[str, float], t_start: float) -> ConvertReport:
-    cfg.check_against(source.num_layers, source.intermediate_size)
-    moe = _moe_config(cfg, source)
-    config = _converted_config(source, moe, cfg)
-    out_dtype = DTYPES[cfg.dtype] if cfg.dtype else source.dtype
-    if out_dtype not in DTYPES.values():
-        out_dtype = torch.float32
-    spec = ExportSpec(config=config, dtype=out_dtype, qkv_bias=source.qkv_bias, o_bias=source.o_bias,
-                      router_state=_router_state_shapes(moe))
-    if tmp is None:
-        exporter, notes = EXPORTERS["moeforge"], {}
-        fmt = "memory"
-    else:
-        exporter, notes = choose_exporter(cfg.format, spec)
-        fmt = exporter.name
-    converted = set(range(source.num_layers)) if cfg.layers is None else set(cfg.layers)
-    say(f"converting {source.name} ({source.family}, {source.num_layers} layers, FFN {source.intermediate_size}) "
-        f"into {cfg.experts} experts, top-{cfg.top_k}, method {cfg.method}, format {fmt}")
-    tokenizer = _tokenizer_for(source, tokenizer)
+class _Conversion:
+    """One conversion: plan, calibration, the streaming layer loop, config files, verification, evaluation."""
 
-    # ---------------------------------------------------------------- calibration
-    runner = windows = importance = None
-    needs_calib = cfg.needs_calibration() or (cfg.method in ("importance",))
-    if needs_calib:
-        if tokenizer is None:
+    def __init__(self, source: DenseSource, tmp: Path | None, cfg: ConvertConfig, tokenizer, verify: bool | str,
+                 eval_tokens: int, say: Callable[[str], None]) -> None:
+        cfg.check_against(source.num_layers, source.intermediate_size)
+        self.source, self.tmp, self.cfg, self.say, self.eval_tokens = source, tmp, cfg, say, eval_tokens
+        self.seconds: dict[str, float] = {}
+        self.moe = _moe_config(cfg, source)
+        self.config = _converted_config(source, self.moe, cfg)
+        dtype = DTYPES[cfg.dtype] if cfg.dtype else source.dtype
+        self.dtype = dtype if dtype in DTYPES.values() else torch.float32
+        self.spec = ExportSpec(config=self.config, dtype=self.dtype, qkv_bias=source.qkv_bias, o_bias=source.o_bias,
+                               router_state=_router_state_shapes(self.moe))
+        if tmp is None:
+            self.exporter, self.notes, self.fmt = EXPORTERS["moeforge"], {}, "memory"
+        else:
+            self.exporter, self.notes = choose_exporter(cfg.format, self.spec)
+            self.fmt = self.exporter.name
+        self.converted = set(range(source.num_layers)) if cfg.layers is None else set(cfg.layers)
+        self.tokenizer = _tokenizer_for(source, tokenizer)
+        # what the export is verified against: a reference model assembled from the same weights by
+        # module attribute (models.build.model_from_parts), never through a format's key table
+        self.mode = "auto" if verify is True else (verify or "off")
+        if self.mode not in ("auto", "full", "layers", "off"):
+            raise MoeforgeError(f"verify must be True, False, 'full' or 'layers', got {verify!r}.")
+        f32_bytes = sum(e.nbytes for e in EXPORTERS["moeforge"].plan(
+            ExportSpec(self.config, torch.float32, self.spec.qkv_bias, self.spec.o_bias, self.spec.router_state)))
+        self.keep_all = tmp is None or self.mode == "full" or (self.mode == "auto" and _keep_whole_reference(f32_bytes))
+        self.need_reference = tmp is None or self.mode != "off" or bool(eval_tokens and self.keep_all)
+        n = source.num_layers if self.keep_all else min(VERIFY_LAYERS, source.num_layers)
+        self.keep_layers = set(range(n)) if self.need_reference else set()
+        self.store = ReferenceStore(spill_parent=None if self.keep_all else tmp.parent)
+        self.writer: ShardedWriter | None = None
+
+    # ------------------------------------------------------------------ steps
+    def run(self) -> ConvertReport:
+        src, cfg = self.source, self.cfg
+        self.say(f"converting {src.name} ({src.family}, {src.num_layers} layers, FFN {src.intermediate_size}) into "
+                 f"{cfg.experts} experts, top-{cfg.top_k}, method {cfg.method}, format {self.fmt}")
+        runner, windows, importance = self.calibrate()
+        if self.tmp is not None:
+            self.writer = ShardedWriter(self.tmp, self.exporter.plan(self.spec),
+                                        max_shard_bytes=parse_size(cfg.max_shard_size),
+                                        metadata={"moeforge_conversion": cfg.method})
+        t0 = time.perf_counter()
+        layer_reports, scales = self.stream(runner, windows, importance)
+        self.seconds["layers"] = time.perf_counter() - t0
+        report = self.make_report(layer_reports, scales)
+        if self.writer is not None:
+            t0 = time.perf_counter()
+            self.writer.close()
+            text = json.dumps(self.exporter.config_dict(self.spec, scales), indent=2, sort_keys=True) + "\n"
+            (self.tmp / "config.json").write_text(text)
+            _write_generation_config(src, self.tmp, self.config)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(str(self.tmp))
+            self.seconds["write"] = time.perf_counter() - t0
+        ref_model = self.reference_model(scales) if self.need_reference else None
+        if self.writer is not None and self.mode != "off":
+            t0 = time.perf_counter()
+            self.say("verifying the export: re-reading every tensor, reloading and comparing logits")
+            checked = self.writer.verify_digests()
+            ids = _verification_ids(self.tokenizer, self.config.vocab_size)
+            diff, layers = _compare_export(self.exporter, self.tmp, ref_model, ids, self.keep_all)
+            report.verification = {"tensors_checked": checked, "max_abs_logit_diff": diff, "tokens": int(ids.numel()),
+                                   "layers_compared": layers,
+                                   "loaded_with": "transformers" if self.exporter.plain_transformers else "moeforge"}
+            self.seconds["verify"] = time.perf_counter() - t0
+        if self.eval_tokens and self.keep_all and self.tokenizer is not None:
+            t0 = time.perf_counter()
+            report.perplexity = _evaluate(src, ref_model, self.tokenizer, self.eval_tokens)
+            self.seconds["evaluate"] = time.perf_counter() - t0
+        report.model = ref_model if self.tmp is None else None
+        return report
+
+    def calibrate(self):
+        """(runner, windows, importance) for data-driven steps, or Nones."""
+        cfg = self.cfg
+        if not cfg.needs_calibration():
+            return None, None, None
+        if self.tokenizer is None:
             raise MoeforgeError(
                 f"--method {cfg.method} / --gate-init {cfg.gate_init} / --rescale {cfg.rescale} / --refine {cfg.refine} "
                 "need calibration text, but no tokenizer was found for the model; pass tokenizer=... or use "
-                "data-free options (method random/cluster/upcycle, gate init random/centroid, rescale auto/none/number)."
+                "data-free options (method random/cluster/upcycle, gate init random/uniform/centroid, rescale "
+                "auto/none/number)."
             )
         seq_len = cfg.calibration_seq_len
-        if config.sliding_window:
-            seq_len = min(seq_len, config.sliding_window)
-        windows = calibration_windows(tokenizer, cfg.calibration, cfg.calibration_tokens, seq_len)
-        runner = DenseRunner(source)
-        say(f"calibration: {windows.numel()} tokens in {windows.shape[0]} windows of {windows.shape[1]}")
+        if self.config.sliding_window:
+            seq_len = min(seq_len, self.config.sliding_window)
+        windows = calibration_windows(self.tokenizer, cfg.calibration, cfg.calibration_tokens, seq_len)
+        runner = DenseRunner(self.source)
+        self.say(f"calibration: {windows.numel()} tokens in {windows.shape[0]} windows of {windows.shape[1]}")
+        importance = None
         if cfg.method == "importance":
             t0 = time.perf_counter()
-            importance, _ = importance_pass(
-                runner, windows, cfg.experts, generator=layer_generator(cfg.seed, -1),
-                read_ffn=lambda i: DenseFFN(*source.read_ffn(i)), progress=say,
-            )
-            seconds["importance"] = time.perf_counter() - t0
+            importance, _ = importance_pass(runner, windows, cfg.experts, generator=layer_generator(cfg.seed, -1),
+                                            read_ffn=lambda i: DenseFFN(*self.source.read_ffn(i)), progress=self.say)
+            self.seconds["importance"] = time.perf_counter() - t0
+        return runner, windows, importance
 
-    # ---------------------------------------------------------------- layer loop
-    # the reference model that the export is checked against is assembled from the same weights
-    # by module attribute (models.build.model_from_parts), not through any format's key table
-    ref_biases = (bool(config.attention_bias), bool(config.attention_bias))
-    f32_bytes = sum(e.nbytes for e in EXPORTERS["moeforge"].plan(
-        ExportSpec(config, torch.float32, spec.qkv_bias, spec.o_bias, spec.router_state)))
-    mode = "auto" if verify is True else (verify or "off")
-    if mode not in ("auto", "full", "layers", "off"):
-        raise MoeforgeError(f"verify must be True, False, 'full' or 'layers', got {verify!r}.")
-    keep_all = tmp is None or mode == "full" or (mode == "auto" and _keep_whole_reference(f32_bytes))
-    need_reference = tmp is None or mode != "off" or (eval_tokens and keep_all)
-    keep_layers = set(range(source.num_layers)) if keep_all else set(range(min(VERIFY_LAYERS, source.num_layers)))
-    if not need_reference:
-        keep_layers = set()
-    store = ReferenceStore(spill_parent=None if keep_all else tmp.parent)
-    try:
-        return _stream(source, tmp, cfg, spec, exporter, fmt, notes, config, moe, out_dtype, converted, tokenizer, runner,
-                       windows, importance, store, keep_all, keep_layers, need_reference, ref_biases, mode, eval_tokens,
-                       say, seconds, t_start)
-    finally:
-        store.close()
+    def emit(self, pairs: list[tuple[str, torch.Tensor]]) -> None:
+        if self.writer is not None:
+            for key, tensor in pairs:
+                self.writer.write(key, tensor)
 
+    def remember(self, pairs: list[tuple[str, torch.Tensor]], layer: int | None) -> None:
+        if not self.need_reference or (layer is not None and layer not in self.keep_layers):
+            return
+        keys = self.source.keys()
+        for key, tensor in pairs:
+            if self.store.spilled and key in keys:  # unchanged dense tensor: re-read from the source at the end
+                self.store.add_from_source(key, key, self.dtype, self.source.get)
+            else:
+                self.store.add_tensors([(key, tensor)])
 
-def _stream(source, tmp, cfg, spec, exporter, fmt, notes, config, moe, out_dtype, converted, tokenizer, runner, windows,
-            importance, store, keep_all, keep_layers, need_reference, ref_biases, mode, eval_tokens, say, seconds,
-            t_start) -> ConvertReport:
-    """The layer loop, the export's config files, verification and evaluation."""
-    writer = None
-    if tmp is not None:
-        writer = ShardedWriter(tmp, exporter.plan(spec), max_shard_bytes=parse_size(cfg.max_shard_size),
-                               metadata={"moeforge_conversion": cfg.method})
-    converter = LayerConverter(cfg, moe)
-    layer_reports: list[LayerReport] = []
-    scales: dict[int, float] = {}
-    t_layers = time.perf_counter()
+    def passthrough(self, key: str) -> torch.Tensor:
+        return self.source.get(key).to(self.dtype)
 
-    def emit(key: str, tensor: torch.Tensor, *, layer: int | None) -> None:
-        if writer is not None:
-            writer.write(key, tensor)
+    def stream(self, runner, windows, importance) -> tuple[list[LayerReport], dict[int, float]]:
+        """Read, convert and write every layer in order; return the layer reports and output scales."""
+        src, spec, exporter = self.source, self.spec, self.exporter
+        converter = LayerConverter(self.cfg, self.moe)
+        reports: list[LayerReport] = []
+        scales: dict[int, float] = {}
+        embed = [(EMBED, self.passthrough(EMBED))]
+        self.emit(embed)
+        self.remember(embed, None)
+        del embed
+        h = runner.embed(windows) if runner is not None else None
+        ref_biases = (bool(self.config.attention_bias),) * 2
+        for i in range(src.num_layers):
+            t_layer = time.perf_counter()
+            # norms and attention: copied (dtype cast) under LLaMA keys, biases as each format wants them
+            layer_src = {k: self.passthrough(k) for k in src.attention_keys(i)}
+            self.emit(_attention_pairs(layer_src, i, *exporter.attention_biases(spec), self.dtype))
+            self.remember(_attention_pairs(layer_src, i, *ref_biases, self.dtype), i)
+            ffn = DenseFFN(*src.read_ffn(i))
+            calib = None
+            if runner is not None:
+                h, calib = runner.layer(i, h, ffn)
+                if importance is not None:
+                    calib.importance = importance[i]
+            if i in self.converted:
+                weights, rep = converter.convert(i, ffn, norm_weight=layer_src[POST_NORM.format(i=i)].float(),
+                                                 calib=calib)
+                # stock formats store the router at the model's precision: use that rounding everywhere
+                if exporter.fold_scale or self.dtype != torch.float32:
+                    weights.router = weights.router.to(self.dtype).float()
+                scales[i] = weights.output_scale
+                if exporter.fold_scale:
+                    weights = weights.folded()
+                reports.append(rep)
+                msg = f"layer {i + 1}/{src.num_layers}: scale {rep.output_scale:.3g}"
+                if rep.error is not None:
+                    msg += f", output error {rep.error:.3f}"
+                    if rep.error_before_refine is not None:
+                        msg += f" (before refine {rep.error_before_refine:.3f})"
+            else:
+                weights = DenseLayerWeights(ffn.gate, ffn.up, ffn.down)
+                msg = f"layer {i + 1}/{src.num_layers}: kept dense"
+            self.emit(exporter.ffn_tensors(spec, i, weights))
+            if i in self.keep_layers:
+                self.store.add_ffn(i, _cast(weights, self.dtype))
+            del weights, ffn, calib, layer_src
+            self.say(msg + f" ({time.perf_counter() - t_layer:.1f}s)")
+        tail = [(FINAL_NORM, self.passthrough(FINAL_NORM))]
+        if not src.tied:
+            tail.append((LM_HEAD, self.passthrough(LM_HEAD)))
+        self.emit(tail)
+        self.remember(tail, None)
+        return reports, scales
 
-    def remember(pairs: list[tuple[str, torch.Tensor]], layer: int | None) -> None:
-        if need_reference and (layer is None or layer in keep_layers):
-            for k, v in pairs:
-                if store.spilled and k in source_keys:  # unchanged dense tensor: re-read it at the end
-                    store.add_from_source(k, k, out_dtype, source.get)
-                else:
-                    store.add_tensors([(k, v)])
+    def reference_config(self, scales: dict[int, float]) -> MoeforgeConfig:
+        folded = {i: 1.0 for i in scales} if self.exporter.fold_scale else dict(scales)
+        return final_moeforge_config(self.spec, folded)
 
-    source_keys = source.keys()
+    def make_report(self, layer_reports: list[LayerReport], scales: dict[int, float]) -> ConvertReport:
+        params_dense, flops_dense = _count_parameters(MoeforgeConfig(**self.source.base, moe_layers=[]))
+        params_moe, flops_moe = _count_parameters(self.reference_config(scales))
+        return ConvertReport(
+            out=None, format=self.fmt, config=self.cfg, source=self.source.name,
+            parameters={"dense": params_dense, "moe": params_moe},
+            flops_per_token={"dense": flops_dense, "moe": flops_moe},
+            layers=layer_reports, seconds=self.seconds, format_notes=self.notes,
+        )
 
-    def passthrough(key: str) -> torch.Tensor:
-        return source.get(key).to(out_dtype)
+    def reference_model(self, scales: dict[int, float]):
+        from ..models.build import model_from_parts
 
-    # embeddings
-    embed = passthrough(EMBED)
-    emit(EMBED, embed, layer=None)
-    remember([(EMBED, embed)], None)
-    del embed
-    h = runner.embed(windows) if runner is not None else None
-    for i in range(source.num_layers):
-        t_layer = time.perf_counter()
-        # attention and norms: copied (dtype cast) under LLaMA keys, biases as each format wants them
-        layer_src = {k: passthrough(k) for k in source.attention_keys(i)}
-        attn_pairs = _attention_pairs(layer_src, i, *exporter.attention_biases(spec), out_dtype)
-        for k, v in attn_pairs:
-            emit(k, v, layer=i)
-        remember(_attention_pairs(layer_src, i, *ref_biases, out_dtype), i)
-        # feed-forward
-        ffn = DenseFFN(*source.read_ffn(i))
-        calib = None
-        if runner is not None:
-            h, calib = runner.layer(i, h, ffn)
-            if importance is not None:
-                calib.importance = importance[i]
-        if i in converted:
-            norm_w = layer_src[POST_NORM.format(i=i)].float()
-            weights, rep = converter.convert(i, ffn, norm_weight=norm_w, calib=calib)
-            # stock formats store the router at the model's precision: use that rounding everywhere
-            if exporter.fold_scale or out_dtype != torch.float32:
-                weights.router = weights.router.to(out_dtype).float()
-            scales[i] = weights.output_scale
-            if exporter.fold_scale:
-                weights = weights.folded()
-            layer_reports.append(rep)
-            msg = f"layer {i + 1}/{source.num_layers}: scale {rep.output_scale:.3g}"
-            if rep.error is not None:
-                msg += f", output error {rep.error:.3f}"
-                if rep.error_before_refine is not None:
-                    msg += f" (before refine {rep.error_before_refine:.3f})"
-        else:
-            weights = DenseLayerWeights(ffn.gate, ffn.up, ffn.down)
-            msg = f"layer {i + 1}/{source.num_layers}: kept dense"
-        for k, v in exporter.ffn_tensors(spec, i, weights):
-            emit(k, v, layer=i)
-        if i in keep_layers:
-            store.add_ffn(i, _cast(weights, out_dtype))
-        del weights, ffn, calib, layer_src, attn_pairs
-        say(msg + f" ({time.perf_counter() - t_layer:.1f}s)")
-    final_norm = passthrough(FINAL_NORM)
-    emit(FINAL_NORM, final_norm, layer=None)
-    remember([(FINAL_NORM, final_norm)], None)
-    if not source.tied:
-        head = passthrough(LM_HEAD)
-        emit(LM_HEAD, head, layer=None)
-        remember([(LM_HEAD, head)], None)
-        del head
-    seconds["layers"] = time.perf_counter() - t_layers
-    h = None
-
-    # ---------------------------------------------------------------- config, tokenizer, verification
-    ref_scales = {i: 1.0 for i in scales} if exporter.fold_scale else dict(scales)
-    ref_config = final_moeforge_config(ExportSpec(config, out_dtype, spec.qkv_bias, spec.o_bias, spec.router_state),
-                                       ref_scales)
-    dense_config = MoeforgeConfig(**source.base, moe_layers=[])
-    params_dense, flops_dense = _count_parameters(dense_config)
-    params_moe, flops_moe = _count_parameters(ref_config)
-    report = ConvertReport(
-        out=None, format=fmt, config=cfg, source=source.name,
-        parameters={"dense": params_dense, "moe": params_moe},
-        flops_per_token={"dense": flops_dense, "moe": flops_moe},
-        layers=layer_reports, seconds=seconds, format_notes=notes,
-    )
-    if writer is not None:
-        t0 = time.perf_counter()
-        writer.close()
-        (tmp / "config.json").write_text(json.dumps(exporter.config_dict(spec, scales), indent=2, sort_keys=True) + "\n")
-        _write_generation_config(source, tmp, config)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        seconds["write"] = time.perf_counter() - t0
-    from ..models.build import model_from_parts
-
-    ref_model = None
-    if need_reference:
-        state, ffn_parts = store.load()
-        ref_model = model_from_parts(ref_config if keep_all else _truncated(ref_config, len(keep_layers)), state,
-                                     ffn_parts, dtype=torch.float32)
-        del state, ffn_parts
-        store.close()
-    if writer is not None and mode != "off":
-        t0 = time.perf_counter()
-        say("verifying the export: re-reading every tensor, reloading and comparing logits")
-        checked = writer.verify_digests()
-        ids = _verification_ids(tokenizer, config.vocab_size)
-        diff, loaded_layers = _compare_export(exporter, tmp, ref_model, ids, keep_all)
-        report.verification = {
-            "tensors_checked": checked,
-            "max_abs_logit_diff": diff,
-            "tokens": int(ids.numel()),
-            "layers_compared": loaded_layers,
-            "loaded_with": "transformers" if exporter.plain_transformers else "moeforge",
-        }
-        seconds["verify"] = time.perf_counter() - t0
-    if tmp is None:
-        report.model = ref_model
-    if eval_tokens and keep_all and tokenizer is not None:
-        t0 = time.perf_counter()
-        report.perplexity = _evaluate(source, ref_model, tokenizer, eval_tokens)
-        seconds["evaluate"] = time.perf_counter() - t0
-    seconds["total"] = time.perf_counter() - t_start
-    if tmp is not None:
-        report.model = None
-    return report
+        config = self.reference_config(scales)
+        if not self.keep_all:
+            config = _truncated(config, len(self.keep_layers))
+        state, ffn = self.store.load()
+        model = model_from_parts(config, state, ffn, dtype=torch.float32)
+        self.store.close()
+        return model
 
 
 def _cast(weights, dtype: torch.dtype):
