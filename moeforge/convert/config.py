@@ -17,7 +17,7 @@ METHOD_NAMES = ("random", "cluster", "coactivation", "importance", "upcycle", "g
 #: router initialisations (see :mod:`moeforge.convert.gate_init`)
 GATE_INIT_NAMES = ("random", "uniform", "centroid", "activation")
 #: layer-wise refinement modes (see :mod:`moeforge.convert.refine`)
-REFINE_NAMES = ("none", "router", "all")
+REFINE_NAMES = ("none", "router", "down", "router+down", "all")
 #: rescale modes besides a number (see :mod:`moeforge.convert.rescale`)
 RESCALE_NAMES = ("auto", "none", "layerwise", "fit")
 #: export formats (see :mod:`moeforge.formats`)
@@ -77,7 +77,7 @@ class ConvertConfig:
     gate_init: str = "random"
     """Router initialisation: random (small normal), uniform (zeros: equal weights; ties go to the lowest index), centroid (from each expert's neurons) or activation (fitted on calibration tokens)."""
     refine: str = "none"
-    """Layer-wise local distillation after construction: none, router, or all (router and experts)."""
+    """Layer-wise local distillation toward the dense FFN after construction: none, router (gradient steps on the router), down (closed-form least-squares refit of the down projections), router+down, or all (router and experts by gradient steps)."""
     refine_steps: int = 200
     """Optimiser steps per layer for --refine."""
     refine_lr: float | None = None

@@ -30,7 +30,7 @@ from ..moe.routers import build_router
 from .config import ConvertConfig
 from .gate_init import init_router
 from .methods.base import DenseFFN, LayerCalibration, LayerContext, LayerExperts, get_method
-from .refine import refine_all, refine_router
+from .refine import refine_all, refine_down, refine_router
 from .rescale import fixed_scale, least_squares_scale, norm_matching_scale
 from .routing_sim import relative_error, routed_sum
 
@@ -83,12 +83,12 @@ class LayerConverter:
         cfg = self.cfg
         ctx = LayerContext(index=index, config=cfg, generator=layer_generator(cfg.seed, index), calib=calib)
         experts: LayerExperts = self.method.build(ffn, ctx)
-        router = init_router(cfg.gate_init, experts, ffn, ctx, norm_weight=norm_weight,
-                             expert_out=experts.expert_outputs(calib.x) if calib is not None and cfg.gate_init == "activation" else None)
+        expert_out = experts.expert_outputs(calib.x) if calib is not None else None
+        router = init_router(cfg.gate_init, experts, ffn, ctx, norm_weight=norm_weight, expert_out=expert_out)
         scale = fixed_scale(cfg, experts.default_scale)
         report = LayerReport(index=index, output_scale=scale if scale is not None else 1.0, info=dict(experts.info))
         if calib is not None:
-            router, scale = self._calibrate(router, scale, experts, calib, report, ctx)
+            router, scale = self._calibrate(router, scale, experts, expert_out, calib, report, ctx)
             report.output_scale = scale
         weights = MoELayerWeights(
             router=router.float().contiguous(),
@@ -117,11 +117,13 @@ class LayerConverter:
         out = s * routed + (shared_out if shared_out is not None else 0.0)
         return relative_error(calib.y, out), s
 
-    def _calibrate(self, router: Tensor, scale: float | None, experts: LayerExperts, calib: LayerCalibration,
-                   report: LayerReport, ctx: LayerContext) -> tuple[Tensor, float]:
-        """Temperature, data-fitted scale and refinement; fills the report's errors."""
+    def _calibrate(self, router: Tensor, scale: float | None, experts: LayerExperts, expert_out: Tensor,
+                   calib: LayerCalibration, report: LayerReport, ctx: LayerContext) -> tuple[Tensor, float]:
+        """Temperature, data-fitted scale and refinement; fills the report's errors.
+
+        expert_out: (T, E, H) every routed expert's output on the calibration inputs.
+        """
         cfg = self.cfg
-        expert_out = experts.expert_outputs(calib.x)
         shared_out = experts.shared_output(calib.x)
         temps = TEMPERATURES if cfg.gate_init in ("centroid", "activation") else (1.0,)
         best = None
@@ -139,19 +141,28 @@ class LayerConverter:
         t0 = time.perf_counter()
         report.error_before_refine = err
         trainable_scale = cfg.rescale in ("layerwise", "fit")
-        if cfg.refine == "router":
+        held_before = None
+        if cfg.refine in ("router", "router+down"):
             res = refine_router(self.moe, router, s, calib.x, calib.y, expert_out, shared_out,
                                 steps=cfg.refine_steps, lr=cfg.refine_lr or 3e-3, train_scale=trainable_scale)
-        else:
+            router, s, held_before = res.router, res.scale, res.error_before
+        if cfg.refine in ("down", "router+down"):
+            res, refined = refine_down(self.moe, experts, router, s, calib.x, calib.y)
+            held_before = res.error_before if held_before is None else held_before
+            report.info["down_ridge"] = refined.info.get("down_ridge")
+            experts.down, experts.shared_down = refined.down, refined.shared_down
+        if cfg.refine == "all":
             res, refined = refine_all(self.moe, experts, router, s, calib.x, calib.y, steps=cfg.refine_steps,
                                       lr=cfg.refine_lr or 1e-4, generator=ctx.generator)
+            held_before = res.error_before
             experts.gate_up, experts.down = refined.gate_up, refined.down
             experts.shared_gate, experts.shared_up, experts.shared_down = (
                 refined.shared_gate, refined.shared_up, refined.shared_down)
+        if cfg.refine in ("down", "router+down", "all"):
             expert_out = experts.expert_outputs(calib.x)
             shared_out = experts.shared_output(calib.x)
         router, s = res.router, res.scale
         report.error, _ = self._error(router, s, expert_out, shared_out, calib)
         report.refine_seconds = time.perf_counter() - t0
-        report.info["refine_held_out_error"] = [res.error_before, res.error_after]
+        report.info["refine_held_out_error"] = [held_before, res.error_after]
         return router, s

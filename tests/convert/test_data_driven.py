@@ -65,6 +65,9 @@ def test_importance_matches_autograd_on_the_whole_model(tiny_llama):
         dict(method="importance", experts=3, shared_experts=1, top_k=1, gate_init="random", rescale="fit"),
         dict(method="coactivation", gate_init="activation", rescale="fit", refine="router", refine_steps=20),
         dict(method="random", gate_init="random", rescale="layerwise", refine="all", refine_steps=10),
+        dict(method="coactivation", gate_init="activation", rescale="fit", refine="down"),
+        dict(method="cluster", experts=3, shared_experts=1, top_k=1, gate_init="centroid", rescale="fit",
+             refine="router+down", refine_steps=10),
     ],
     ids=lambda o: "-".join(str(v) for v in o.values()),
 )
@@ -109,6 +112,31 @@ def test_activation_router_beats_random_router_on_layer_error(tiny_llama):
     act = moeforge.convert(tiny_llama, None, gate_init="activation", **base)
     rnd = moeforge.convert(tiny_llama, None, gate_init="random", **base)
     assert act.mean_layer_error < rnd.mean_layer_error
+
+
+def test_down_refit_is_least_squares_on_the_layer():
+    """refine_down lowers the layer error, and with no ridge on all tokens it is the exact least-squares fit."""
+    from moeforge.convert.config import ConvertConfig
+    from moeforge.convert.methods import LayerCalibration, LayerContext, get_method
+    from moeforge.convert.refine import _down_features, refine_down
+    from moeforge.moe.config import MoEConfig
+
+    g = torch.Generator().manual_seed(0)
+    ffn = DenseFFN(torch.randn(32, 8, generator=g), torch.randn(32, 8, generator=g), torch.randn(8, 32, generator=g))
+    x = torch.randn(400, 8, generator=g)
+    y = ffn(x)
+    ctx = LayerContext(0, ConvertConfig(method="random", experts=4, top_k=1), g, LayerCalibration(x=x, y=y))
+    ex = get_method("random").build(ffn, ctx)
+    moe = MoEConfig(hidden_size=8, expert_size=8, num_experts=4, top_k=1)
+    router = torch.randn(4, 8, generator=g)
+    z = _down_features(moe, ex, router, 2.0, x)
+    d0 = torch.cat(list(ex.down), dim=1)
+    res, new = refine_down(moe, ex, router, 2.0, x, y, ridges=(1e-9,))
+    assert res.error_after < res.error_before
+    d1 = torch.cat(list(new.down), dim=1)
+    lstsq = torch.linalg.lstsq(z.double(), y.double()).solution.T.float()
+    torch.testing.assert_close(z @ d1.T, z @ lstsq.T, atol=1e-3, rtol=1e-3)
+    assert not torch.equal(d0, d1)
 
 
 def test_calibration_sources(tiny_llama, tmp_path):
