@@ -57,13 +57,18 @@ def key(e, k, method, rescale, gate) -> str:
     return f"{e}x{k}/{method}/rescale-{rescale}/gate-{gate}"
 
 
+def calibration_tokens(tb, e: int) -> int:
+    """The testbed's calibration budget, raised to 256 tokens per expert (importance clusters windows into E groups)."""
+    return max(tb.calibration_tokens, 256 * e)
+
+
 def convert(tb, tokenizer, e, k, method, rescale, gate, seed):
     import moeforge
 
     t0 = time.perf_counter()
     report = moeforge.convert(tb.model, None, tokenizer=tokenizer, method=method, experts=e, top_k=k,
                               rescale=rescale_value(rescale, e, k), gate_init=gate, seed=seed,
-                              calibration_tokens=tb.calibration_tokens, eval_tokens=0)
+                              calibration_tokens=calibration_tokens(tb, e), eval_tokens=0)
     return report, time.perf_counter() - t0
 
 
@@ -210,7 +215,7 @@ def write_report(tb, store, shapes, cpt_runs, cpt_steps, tokens_per_run, wall, a
     secs_train = sum(store[n].get("train_s", 0) for n in first)
     md = f"""Testbed: **{tb.name}** ({tb.description}). Metric: {tb.primary_label}; the dense model scores **{fmt(dense)}**.
 Conversions run in memory through `moeforge.convert` (seed {args.seed}, calibration: the embedded default text,
-{tb.calibration_tokens:,} tokens); CPT through `moeforge.train` on the mixture
+max({tb.calibration_tokens:,}, 256 x E) tokens); CPT through `moeforge.train` on the mixture
 {", ".join(f"{d['name']} {d['weight']}" for d in tb.cpt_data)} (static), lr {tb.cpt_lr:g}, batch {tb.cpt_batch} x {tb.cpt_seq_len} tokens,
 warmup {max(1, cpt_steps // 10)}, cosine to 0.1x, fp32.
 
