@@ -14,9 +14,12 @@ from torch import Tensor
 from ..data.chat import IGNORE_INDEX
 
 
-def shifted(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Align position t's logits with token t+1: (B, S-1, V) logits and (B, S-1) targets."""
-    return logits[:, :-1, :], labels[:, 1:]
+def shifted_targets(labels: Tensor) -> Tensor:
+    """Targets aligned with the logits: position t predicts labels[t+1]; the last position predicts nothing.
+
+    Shifting the labels (not the logits) keeps the (B, S, V) logits a view, with no copy.
+    """
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
 def token_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -28,9 +31,9 @@ def token_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]
     Returns:
         (B,) float32 sum of -log p(target) over each sequence's targets, and (B,) target counts.
     """
-    lg, tg = shifted(logits, labels)
-    b, s, v = lg.shape
-    nll = F.cross_entropy(lg.reshape(-1, v).float(), tg.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
+    b, s, v = logits.shape
+    tg = shifted_targets(labels)
+    nll = F.cross_entropy(logits.reshape(-1, v).float(), tg.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
     mask = tg != IGNORE_INDEX
     return nll.view(b, s).sum(dim=1), mask.sum(dim=1)
 
@@ -47,11 +50,9 @@ def distillation_kl(student_logits: Tensor, teacher_logits: Tensor, labels: Tens
     Returns:
         (B,) float32.
     """
-    s_lg, tg = shifted(student_logits, labels)
-    t_lg, _ = shifted(teacher_logits, labels)
-    mask = tg != IGNORE_INDEX
-    s_logp = F.log_softmax(s_lg[mask].float() / temperature, dim=-1)
-    t_logp = F.log_softmax(t_lg[mask].float() / temperature, dim=-1)
+    mask = shifted_targets(labels) != IGNORE_INDEX
+    s_logp = F.log_softmax(student_logits[mask].float() / temperature, dim=-1)
+    t_logp = F.log_softmax(teacher_logits[mask].float() / temperature, dim=-1)
     per_token = F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(-1) * temperature**2
     out = torch.zeros(mask.shape, dtype=per_token.dtype, device=per_token.device)
     out[mask] = per_token

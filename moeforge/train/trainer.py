@@ -200,9 +200,13 @@ class Trainer:
         self.fingerprint = ckpt.model_fingerprint(model)
         self.ckpt_names = ckpt.trainable_names(model)
         if cfg.gradient_checkpointing:
-            if not hasattr(model, "gradient_checkpointing_enable"):
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            elif hasattr(model, "gradient_checkpointing_enable"):
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            else:
                 raise MoeforgeError(f"{type(model).__name__} does not support gradient checkpointing; set it to false.")
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.to(ctx.device)
         model.train()
         self.model = model  # unwrapped

@@ -173,3 +173,16 @@ def test_missing_and_empty_data_files(tmp_path, make_cfg):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(MoeforgeError, match="is empty"):
         train(make_cfg(data=[{"name": "x", "path": str(tmp_path / "empty.txt")}]))
+
+
+def test_gradient_checkpointing_same_losses_and_bf16_autocast_runs(tmp_path, make_cfg):
+    plain = train(make_cfg(steps=2, output_dir=str(tmp_path / "p")))
+    ckpt = train(make_cfg(steps=2, gradient_checkpointing=True, output_dir=str(tmp_path / "g")))
+    a = [r["loss"] for r in plain.history if r["kind"] == "train"]
+    b = [r["loss"] for r in ckpt.history if r["kind"] == "train"]
+    assert b == pytest.approx(a, abs=1e-6)
+    assert ckpt.model.is_activation_checkpointing and not plain.model.is_activation_checkpointing
+    bf16 = train(make_cfg(steps=2, precision="bf16", output_dir=str(tmp_path / "b")))
+    c = [r["loss"] for r in bf16.history if r["kind"] == "train"]
+    assert c == pytest.approx(a, abs=0.05) and c != a  # autocast really ran in bfloat16
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())  # master weights stay fp32
