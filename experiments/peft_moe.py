@@ -374,7 +374,9 @@ def report(args) -> str:
         f"Setup: SmolLM2-135M-Instruct frozen; SFT through `moeforge.train` (ChatML, loss on answers only, packed "
         f"{cfg['seq_len']}-token blocks) on a 50/50 mixture of {' and '.join(tasks)}; {cfg['steps']} steps x "
         f"{cfg['batch_size']} blocks, seed {cfg['seed']}, AdamW (weight decay 0), warmup 10% then cosine to 0.1x; "
-        f"lr {VECTOR_LR:g} for the vector methods, {LORA_LR:g} for the LoRA methods (same lr inside each comparison). "
+        f"lr {VECTOR_LR:g} for the vector methods, {LORA_LR:g} for the LoRA methods (the same lr within each family; "
+        "mov10 vs lora4 crosses families). Sentence routing's prefix mean spans a packed training block, "
+        "not one example (held-out examples run one per row). "
         f"Held-out: answer-token loss on {cfg['n_loss']} test examples per task; exact match (greedy, final number) "
         f"on {cfg['n_em']} per task. JS spec.: mean Jensen-Shannon divergence (bits) between the tasks' expert-usage "
         "distributions over all routed modules (0 = both tasks use the experts alike); in brackets the same for the "
@@ -398,14 +400,14 @@ def report(args) -> str:
         "OMP_NUM_THREADS=1 nice -n 10 python experiments/peft_moe.py --runs molora10,lora40",
         "OMP_NUM_THREADS=1 nice -n 10 python experiments/peft_moe.py --runs mov10-sentence,base",
         "OMP_NUM_THREADS=1 nice -n 10 python experiments/peft_moe.py --runs lora4",
-        "python experiments/peft_moe.py --report --verdict runs/peft_moe/verdict.md",
+        "python experiments/peft_moe.py --report --verdict experiments/peft_moe_verdict.md",
         "```",
     ]
     if args.verdict:
         body += ["", "Verdict: " + Path(args.verdict).read_text().strip()]
     markdown = "\n".join(body)
     kwargs = {"path": args.results_md} if args.results_md else {}
-    update_section("claim-3-peft-moe", markdown, title="Claim 3: parameter-efficient MoE (MoV, MoLoRA) vs single adapters",
+    update_section("claim-3-peft-moe", markdown, title="Claim 3: PEFT-MoE",
                    **kwargs)
     return markdown
 
@@ -416,7 +418,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", action="store_true", help="write the docs/results.md section from finished runs")
     parser.add_argument("--replot", default="", help="comma-separated finished routed runs to reload and replot")
     parser.add_argument("--init-usage", default="", help="comma-separated finished routed runs: JS spec. of untrained routers")
-    parser.add_argument("--verdict", default=None, help="a text file whose content is appended as the verdict")
+    parser.add_argument("--verdict", default=None,
+                        help="a text file appended as the verdict (the judgement written for the committed numbers: experiments/peft_moe_verdict.md)")
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--results-md", default=None, help="report file (default docs/results.md)")
     parser.add_argument("--steps", type=int, default=24)
