@@ -443,7 +443,7 @@ class _Conversion:
             self.remember(_attention_pairs(layer_src, i, *ref_biases, self.dtype), i)
             ffn = DenseFFN(*src.read_ffn(i))
             calib = None
-            if runner is not None:
+            if runner is not None and i <= max(self.converted):  # no calibration needed past the last converted layer
                 h, calib = runner.layer(i, h, ffn)
                 if importance is not None:
                     calib.importance = importance[i]
