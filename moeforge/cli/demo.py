@@ -15,6 +15,7 @@ def register(app: typer.Typer) -> None:
         method: str = typer.Option("coactivation", help="Expert construction (see moeforge convert --help)."),
         gate_init: str = typer.Option("activation", "--gate-init", help="Router initialisation."),
         rescale: str = typer.Option("fit", help="Output scale of the routed experts."),
+        refine: str = typer.Option("down", help="Layer-wise refinement: none, router, down, router+down, all."),
         calibration_tokens: int = typer.Option(8192, "--calibration-tokens", help="Calibration tokens."),
         max_tokens: int = typer.Option(4096, help="Held-out tokens used for perplexity."),
         prompt: str = typer.Option("What is a mixture of experts in machine learning?", help="Chat prompt."),
@@ -24,5 +25,5 @@ def register(app: typer.Typer) -> None:
         from ..recipes.demo import run_demo
 
         run_demo(model=model, out=out, experts=experts, top_k=top_k, method=method, gate_init=gate_init,
-                 rescale=rescale, calibration_tokens=calibration_tokens, max_tokens=max_tokens, prompt=prompt,
+                 rescale=rescale, refine=refine, calibration_tokens=calibration_tokens, max_tokens=max_tokens, prompt=prompt,
                  new_tokens=new_tokens)

@@ -38,6 +38,7 @@ def run_demo(
     method: str,
     gate_init: str,
     rescale: str,
+    refine: str,
     calibration_tokens: int,
     max_tokens: int,
     prompt: str,
@@ -49,7 +50,8 @@ def run_demo(
     t0 = time.perf_counter()
     dense, tok = load_with_tokenizer(model)
     print(f"dense model: {model} ({type(dense).__name__}), loaded in {time.perf_counter() - t0:.1f}s")
-    print(f"converting: {experts} experts, top-{top_k}, --method {method} --gate-init {gate_init} --rescale {rescale}")
+    print(f"converting: {experts} experts, top-{top_k}, --method {method} --gate-init {gate_init} --rescale {rescale} "
+          f"--refine {refine}")
     t0 = time.perf_counter()
     last = [t0]
 
@@ -60,7 +62,8 @@ def run_demo(
             last[0] = now
 
     report = convert(model, out, overwrite=True, experts=experts, top_k=top_k, method=method, gate_init=gate_init,
-                     rescale=rescale, calibration_tokens=calibration_tokens, eval_tokens=0, progress=progress)
+                     rescale=rescale, refine=refine, calibration_tokens=calibration_tokens, eval_tokens=0,
+                     progress=progress)
     v = report.verification
     print(f"exported to {report.out} as {report.format} in {time.perf_counter() - t0:.0f}s; verified: "
           f"reloaded with plain {v['loaded_with']}, max |logit difference| {v['max_abs_logit_diff']:.1e}")
