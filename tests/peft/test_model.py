@@ -257,3 +257,21 @@ def test_routing_records_skip_padding_and_are_per_module():
     assert adapted.context.recorder is None  # nothing records outside the block
     adapted(ids)
     assert usage.decisions == 6
+
+
+@pytest.mark.parametrize("name", ["mov-block", "mov-sentence", "molora"])
+def test_gradient_checkpointing_gives_the_same_gradients(name):
+    """Recomputed forwards (activation checkpointing) see the same block inputs and sentence embeddings."""
+    inputs = batch("llama")
+    grads = []
+    for checkpointing in (False, True):
+        adapted = wrap(make_model("llama"), CONFIGS[name]())
+        randomize_adapters(adapted)
+        adapted.train()
+        if checkpointing:
+            adapted.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        adapted(**inputs).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in adapted.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for key in grads[0]:
+        torch.testing.assert_close(grads[1][key], grads[0][key], msg=key)
