@@ -134,13 +134,20 @@ def accuracy(model, tok, examples: list[tuple[str, str]], batch_size: int = 256)
 
 
 # ------------------------------------------------------------------------------------- stages
-def train_source_model(role: str, directory: Path, tok, make_examples, args, hidden, layers, heads, steps, lr):
+def train_source_model(role: str, directory: Path, tok, make_examples, args, hidden, layers, heads, steps, lr, data):
+    """Train (or, with --reuse, reopen) one source model; ``data`` describes its task for the reuse check."""
     from transformers import AutoModelForCausalLM
 
-    if args.reuse and (directory / "train_stats.json").is_file():
-        print(f"[{role}] reusing {directory}", flush=True)
-        tok.save_pretrained(directory)  # the current tokenizer (with its chat template) beside the model
-        return AutoModelForCausalLM.from_pretrained(directory).eval(), json.loads((directory / "train_stats.json").read_text())
+    spec = {"hidden": hidden, "layers": layers, "heads": heads, "steps": steps, "lr": lr, "batch_size": args.batch_size,
+            "seed": args.seed, "data": data}
+    stats_file = directory / "train_stats.json"
+    if args.reuse and stats_file.is_file():
+        stats = json.loads(stats_file.read_text())
+        if stats.get("spec") == spec:
+            print(f"[{role}] reusing {directory}", flush=True)
+            tok.save_pretrained(directory)  # the current tokenizer (with its chat template) beside the model
+            return AutoModelForCausalLM.from_pretrained(directory).eval(), stats
+        print(f"[{role}] not reusing {directory}: trained with {stats.get('spec')}, this run asks {spec}", flush=True)
     torch.manual_seed(args.seed)
     model = new_llama(tok, hidden, layers, heads)
     stats = train_loop(model, list(model.parameters()), stream(make_examples, tok, args.batch_size, args.seed + 1),
@@ -148,6 +155,7 @@ def train_source_model(role: str, directory: Path, tok, make_examples, args, hid
                        weight_decay=0.01)
     stats["parameters"] = sum(p.numel() for p in model.parameters())
     stats["shape"] = {"hidden": hidden, "layers": layers, "heads": heads}
+    stats["spec"] = spec
     from moeforge.utils.io import atomic_output_dir
 
     with atomic_output_dir(directory, overwrite=True) as tmp:
@@ -220,10 +228,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", default=None, help="Report file (default docs/results.md).")
     ap.add_argument("--report-only", action="store_true",
                     help="Rewrite the report from --out/results.json of an earlier run, without training.")
+    ap.add_argument("--also", action="append", default=[], metavar="RUN_DIR",
+                    help="Add another run's results.json (e.g. a setting that failed) to the report; repeatable.")
     args = ap.parse_args(argv)
+
+    def extras():
+        out = []
+        for run in args.also:
+            other = json.loads((Path(run) / "results.json").read_text())
+            out.append((other, other.get("argv") or _argv_from(other["args"], ap)))
+        return out
+
     if args.report_only:
         summary = json.loads((Path(args.out) / "results.json").read_text())
-        write_report(summary, summary.get("argv") or _argv_from(summary["args"], ap), args.report)
+        write_report(summary, summary.get("argv") or _argv_from(summary["args"], ap), args.report, extras())
         return 0
     torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.time()
@@ -244,11 +262,15 @@ def main(argv: list[str] | None = None) -> int:
         return numeric_sample(n, max_value=args.max_value, max_terms=args.max_terms, seed=rng.randrange(1 << 30))
 
     m_a, stats_a = train_source_model("m_A", out / "m_A", tok, memorise, args, args.hidden_a, args.layers_a,
-                                      max(1, args.hidden_a // 32), args.steps_a, args.lr)
+                                      max(1, args.hidden_a // 32), args.steps_a, args.lr,
+                                      {"task": "kv_substitution+lookups", "num_keys": args.num_keys,
+                                       "max_value": args.max_value, "max_terms": args.max_terms})
     print(f"[m_A] KV-Substitution accuracy (200 expressions): "
           f"{accuracy(m_a, tok, table.sample('kv_substitution', 200, seed=99)):.1f}%", flush=True)
     m_b, stats_b = train_source_model("m_B", out / "m_B", tok, arithmetic, args, args.hidden_b, args.layers_b,
-                                      max(1, args.hidden_b // 32), args.steps_b, args.lr)
+                                      max(1, args.hidden_b // 32), args.steps_b, args.lr,
+                                      {"task": "numeric_arithmetic", "max_value": args.max_value,
+                                       "max_terms": args.max_terms})
     print(f"[m_B] Numeric-Arithmetic accuracy (200 expressions): "
           f"{accuracy(m_b, tok, numeric_sample(200, max_value=args.max_value, seed=99)):.1f}%", flush=True)
 
@@ -273,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     if not args.no_report:
-        write_report(summary, argv if argv is not None else sys.argv[1:], args.report)
+        write_report(summary, argv if argv is not None else sys.argv[1:], args.report, extras())
     return 0
 
 
@@ -292,7 +314,35 @@ def _argv_from(recorded: dict, parser: argparse.ArgumentParser) -> list[str]:
     return argv
 
 
-def write_report(summary: dict, argv: list[str], path: str | None = None) -> None:
+def _command(argv: list[str]) -> str:
+    return "OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python experiments/calm_kv_arithmetic.py" + (
+        " " + " ".join(argv) if argv else "")
+
+
+def _other_runs(extras: list[tuple[dict, list[str]]]) -> list[str]:
+    """A table of other settings' key numbers (each from its own results.json)."""
+    if not extras:
+        return []
+    rows = ["", "Other settings run with the same script (accuracy %, same evaluation):", "",
+            "| values | keys (composition) | m_B Numeric-Arithmetic | KV-Arithmetic m_A / m_B / CALM | "
+            "CALM on composition keys | CALM Numeric-Arithmetic | budget (m_A / m_B / composition steps) | command |",
+            "|---|---|---|---|---|---|---|---|"]
+    for other, argv in extras:
+        r, a, k, st = other["results"], other["args"], other["keys"], other["stats"]
+        kv = r["kv_arithmetic"]
+        rows.append(
+            f"| 1..{a['max_value']} | {k['total']} ({k['composition']}) | {r['numeric_arithmetic']['m_B']:.1f} | "
+            f"{kv['m_A']:.1f} / {kv['m_B']:.1f} / {kv['CALM']:.1f} | {r['kv_arithmetic_train_keys']['CALM']:.1f} | "
+            f"{r['numeric_arithmetic']['CALM']:.1f} | {st['m_A']['steps']} / {st['m_B']['steps']} / {st['CALM']['steps']} | "
+            f"`{_command(argv)}` |")
+    if any("--reuse" in argv for _, argv in extras):
+        rows += ["", "`--reuse` in a command means m_A/m_B came from an earlier run under the same `--out`; the budget "
+                 "column gives the steps they were actually trained for."]
+    return rows
+
+
+def write_report(summary: dict, argv: list[str], path: str | None = None,
+                 extras: list[tuple[dict, list[str]]] = ()) -> None:
     from moeforge.eval.report import DEFAULT_REPORT, device_description, update_section
 
     r, s, a = summary["results"], summary["stats"], summary["args"]
@@ -304,8 +354,7 @@ def write_report(summary: dict, argv: list[str], path: str | None = None) -> Non
                     f"{p['m_A']} | {p['m_B']} | {p['CALM']} |")
     t = r["kv_arithmetic_train_keys"]
     rows.append(f"| KV-Arithmetic, composition-training keys | {t['m_A']:.1f} | {t['m_B']:.1f} | {t['CALM']:.1f} | – | – | – |")
-    cmd = "OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python experiments/calm_kv_arithmetic.py" + (
-        " " + " ".join(argv) if argv else "")
+    cmd = _command(argv)
     reuse_note = (" (`--reuse` took m_A/m_B from an earlier run of the same command under `--out`; their training "
                   "budget below is that run's)") if "--reuse" in argv else ""
     k = summary["keys"]
@@ -334,6 +383,7 @@ def write_report(summary: dict, argv: list[str], path: str | None = None) -> Non
         f"{a['max_terms']} keys with + and −. Prompts: `abc+de:` (substitution), `12+34=` (arithmetic), `abc+de=` (KV-arithmetic).",
         f"- Device: {device_description()}, one thread (`OMP_NUM_THREADS=1`), shared with other jobs.",
         f"- Command: `{cmd}`{reuse_note}; `--report-only` rewrites this section from `results.json`.",
+        *_other_runs(list(extras)),
     ])
     update_section("claim-4-calm", md, path=path or DEFAULT_REPORT,
                    title="CALM: key-value arithmetic (Bansal et al. 2024, Table 1)")
