@@ -77,6 +77,7 @@ class ConvertReport:
     verification: dict[str, Any] = field(default_factory=dict)
     perplexity: dict[str, Any] | None = None
     format_notes: dict[str, str] = field(default_factory=dict)
+    evaluation_note: str | None = None
     model: Any = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,12 +112,15 @@ class ConvertReport:
         if self.perplexity:
             p = self.perplexity
             rows.append((f"perplexity ({p['tokens']} held-out tokens)", f"{p['dense']:.2f}", f"{p['moe']:.2f}"))
+            rows.append(("tokens / s (forward)", f"{p['dense_tokens_per_second']:.0f}", f"{p['moe_tokens_per_second']:.0f}"))
         width = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = ["  ".join(c.ljust(width[i]) if i == 0 else c.rjust(width[i]) for i, c in enumerate(r)) for r in rows]
         ratio = self.flops_per_token["moe"] / self.flops_per_token["dense"]
         lines.append(f"MoE FLOPs per token = {ratio:.2f} x dense")
         if self.mean_layer_error is not None:
             lines.append(f"mean layer output error on calibration tokens: {self.mean_layer_error:.3f}")
+        if self.perplexity is None and self.evaluation_note:
+            lines.append(self.evaluation_note)
         return "\n".join(lines)
 
 
@@ -376,6 +380,12 @@ class _Conversion:
             t0 = time.perf_counter()
             report.perplexity = _evaluate(src, ref_model, self.tokenizer, self.eval_tokens)
             self.seconds["evaluate"] = time.perf_counter() - t0
+        elif self.eval_tokens:
+            report.evaluation_note = (
+                "perplexity skipped: " + ("no tokenizer found for the model" if self.tokenizer is None else
+                                          "the model is too large to hold dense and MoE copies in memory; run "
+                                          "`moeforge eval` on the output directory")
+            )
         report.model = ref_model if self.tmp is None else None
         return report
 

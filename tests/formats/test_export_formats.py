@@ -149,3 +149,17 @@ def test_qwen2_moe_import_refuses_a_learned_shared_gate(sources, tmp_path):
     hf.save_pretrained(str(tmp_path / "learned"))
     with pytest.raises(MoeforgeError, match="gates its shared expert with a learned sigmoid"):
         moeforge.load(tmp_path / "learned")
+
+
+@pytest.mark.parametrize(
+    "router,top_k",
+    [("switch", 1), ("expert_choice", 2), ("sigmoid_bias", 2)],
+)
+def test_every_router_exports_to_the_moeforge_format_and_verifies(sources, tmp_path, router, top_k):
+    report = moeforge.convert(sources / "llama", tmp_path / router, router=router, experts=4, top_k=top_k,
+                              eval_tokens=0)
+    assert report.format == "moeforge" and report.verification["layers_compared"] == 2
+    model = moeforge.load(tmp_path / router)
+    assert model.config.moe["router"] == router
+    if router == "expert_choice":  # the causal-safe variant is chosen for a decoder
+        assert model.config.moe["expert_choice_causal"] is True
