@@ -14,6 +14,7 @@ from .loading import load, load_tokenizer, load_with_tokenizer
 from .moe import MoEConfig, MoELayer
 from . import convert  # noqa: E402  callable: moeforge.convert(model, out=..., method=..., ...)
 from .convert import ConvertConfig  # noqa: E402
+from .eval.evaluate import evaluate  # noqa: E402  perplexity per corpus, cost and routing statistics
 
 __all__ = [
     "MoeforgeError",
@@ -24,5 +25,6 @@ __all__ = [
     "load_with_tokenizer",
     "convert",
     "ConvertConfig",
+    "evaluate",
     "__version__",
 ]
