@@ -245,7 +245,9 @@ class Trainer:
             self.teacher = self._load_frozen(cfg.distill.teacher, "distillation teacher")
 
         # wrap first: FSDP2 replaces parameters by sharded ones, which the optimizer must hold
-        self.wrapped = wrap_model(model, ctx, strategy=cfg.parallel, find_unused_parameters=cfg.find_unused_parameters)
+        # adapters with top-k routing can leave experts without gradient in a step
+        unused = cfg.find_unused_parameters or cfg.peft is not None or cfg.compose is not None
+        self.wrapped = wrap_model(model, ctx, strategy=cfg.parallel, find_unused_parameters=unused)
         # optimizer over trainable parameters; weight decay on matrices only
         decay, no_decay = [], []
         for _, p in self.model.named_parameters():
@@ -645,6 +647,18 @@ class Trainer:
             f"{keep} Lower lr (now {self.config.lr:g}), keep grad_clip on, check the data, or use precision: fp32."
         )
 
+    def _summary(self, resumed_from: int | None) -> str:
+        cfg = self.config
+        doms = ", ".join(f"{d.name} {len(d.train):,} blocks" for d in self.domains)
+        tokens = cfg.batch_size * cfg.seq_len
+        where = f"resuming at step {resumed_from}" if resumed_from is not None else "starting"
+        return (
+            f"{where}: {self.trainable:,} of {self.total_params:,} parameters train; {cfg.steps} steps x "
+            f"{cfg.batch_size} x {cfg.seq_len} tokens ({tokens:,}/step) on {self.ctx.world_size} process(es), "
+            f"{self.accum} micro-batch(es) of {self.micro} each; {cfg.mixture.type} mixture over {doms}; "
+            f"output {self.output_dir}"
+        )
+
     # ======================================================================== dynamic mixture
     def _mixture_losses(self) -> dict[str, float]:
         m = self.config.mixture
@@ -738,6 +752,7 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True, mininterval=0.5)
+            bar.write(self._summary(resumed_from))
         last_plot = time.perf_counter()
         eval_losses: dict[str, float] = {}
         try:
