@@ -103,10 +103,11 @@ def _load(directory: Path, name: str) -> DomainData | None:
                 splits[split] = None
                 continue
             labels_file = directory / f"{split}_labels.npy"
+            # memory-mapped: a large corpus is paged in as batches touch it, not read whole
             splits[split] = Blocks(
-                np.load(ids_file, allow_pickle=False),
+                np.load(ids_file, allow_pickle=False, mmap_mode="r"),
                 np.load(directory / f"{split}_lengths.npy", allow_pickle=False),
-                np.load(labels_file, allow_pickle=False) if labels_file.is_file() else None,
+                np.load(labels_file, allow_pickle=False, mmap_mode="r") if labels_file.is_file() else None,
             )
     except (OSError, ValueError, json.JSONDecodeError):
         return None  # a damaged entry is rebuilt
@@ -151,6 +152,8 @@ def build_domain(
         hit = _load(entry, source.name)
         if hit is not None:
             return hit
+        if entry.exists():  # damaged or incomplete: rebuild it
+            shutil.rmtree(entry, ignore_errors=True)
     kind, train_records, valid_records = read_source(source)
     train, skipped = _tokenize_records(
         tokenizer, kind, train_records, source=source, seq_len=seq_len, sep=sep, pad=pad, max_tokens=source.max_tokens

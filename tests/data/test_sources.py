@@ -149,3 +149,16 @@ def test_sampler_tracks_weights_and_resumes():
     assert all(d == 0 for d, _ in zero)
     with pytest.raises(MoeforgeError, match="blocks per domain"):
         MixtureSampler([4, 4]).load_state_dict(MixtureSampler([4, 5]).state_dict())
+
+
+def test_damaged_cache_entry_is_rebuilt(tmp_path, tokenizer):
+    f = tmp_path / "doc.txt"
+    f.write_text("5 + 5 = 10\n" * 100)
+    src = DataSource(name="t", path=str(f))
+    cache = tmp_path / "cache"
+    first = build_domain(src, tokenizer, seq_len=16, cache_dir=str(cache))
+    (entry,) = list(cache.iterdir())
+    (entry / "train_ids.npy").write_bytes(b"garbage")
+    again = build_domain(src, tokenizer, seq_len=16, cache_dir=str(cache))
+    assert not again.cached and np.array_equal(again.train.input_ids, first.train.input_ids)
+    assert build_domain(src, tokenizer, seq_len=16, cache_dir=str(cache)).cached
