@@ -40,7 +40,7 @@ from torch import nn
 from ..errors import MoeforgeError
 from . import checkpoint as ckpt
 from .config import TrainConfig, load_config
-from .distributed import DistContext, no_sync, setup, sync_router_loads, teardown, unwrap, wrap_model
+from .distributed import DistContext, no_sync, setup, sync_router_loads, teardown, wrap_model
 from .losses import distillation_kl, token_cross_entropy, weighted_aux_loss
 from .metrics import MetricsWriter, read_metrics, write_plots
 from .mixture import Mixture
