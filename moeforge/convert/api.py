@@ -222,15 +222,23 @@ def _estimate_bytes(spec: ExportSpec, exporter: Exporter) -> int:
     return sum(e.nbytes for e in exporter.plan(spec))
 
 
+#: models up to this many float32 bytes are verified whole and evaluated (if memory allows)
+WHOLE_MODEL_LIMIT = 4 << 30
+
+
 def _keep_whole_reference(total_bytes_f32: int) -> bool:
-    """Whether the reference model and the reloaded export fit comfortably in memory together."""
+    """Whether to keep the whole converted model in memory for verification and evaluation.
+
+    Small models (up to 4 GiB in float32, about 1B parameters) are, when four copies fit in the
+    available memory; larger ones stream and are verified on their first layers.
+    """
     try:
         import psutil
 
         available = psutil.virtual_memory().available
     except Exception:  # pragma: no cover - psutil is a dependency of the environment
         available = 8 << 30
-    return 3 * total_bytes_f32 < available
+    return total_bytes_f32 <= WHOLE_MODEL_LIMIT and 4 * total_bytes_f32 < available
 
 
 # ---------------------------------------------------------------------------------------- convert
