@@ -163,3 +163,18 @@ def test_every_router_exports_to_the_moeforge_format_and_verifies(sources, tmp_p
     assert model.config.moe["router"] == router
     if router == "expert_choice":  # the causal-safe variant is chosen for a decoder
         assert model.config.moe["expert_choice_causal"] is True
+
+
+def test_moeforge_format_is_what_save_pretrained_writes(sources, tmp_path):
+    moeforge.convert(sources / "llama", tmp_path / "a", format="moeforge", experts=3, shared_experts=1, top_k=1,
+                     rescale=2.5, eval_tokens=0)
+    model = moeforge.load(tmp_path / "a")
+    model.save_pretrained(str(tmp_path / "b"))
+    assert keys(tmp_path / "a") == keys(tmp_path / "b")
+    with safe_open(str(tmp_path / "a" / "model.safetensors"), "pt") as fa, \
+            safe_open(str(tmp_path / "b" / "model.safetensors"), "pt") as fb:
+        for k in fa.keys():
+            assert torch.equal(fa.get_tensor(k), fb.get_tensor(k)), k
+    a = json.loads((tmp_path / "a" / "config.json").read_text())
+    b = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert a["moe"] == b["moe"] and a["model_type"] == b["model_type"] == "moeforge"
