@@ -60,6 +60,17 @@ def _activate(h: Tensor, act, glu: bool) -> Tensor:
     return act(h)
 
 
+def _empty_grad(weight: Tensor, counts: list[int]) -> Tensor:
+    """A gradient buffer for (E, ...) expert weights: experts with rows are overwritten by the
+    loop, so only the idle experts' slices are zeroed (a full zero-fill costs a page-faulting
+    pass over the whole tensor on CPU)."""
+    grad = torch.empty_like(weight)
+    for e, n in enumerate(counts):
+        if n == 0:
+            grad[e].zero_()
+    return grad
+
+
 class FusedExpertMLP(torch.autograd.Function):
     """y = sum over pairs p of w_p * expert_{e_p}(x_{t_p}), pairs sorted by expert."""
 
@@ -103,7 +114,7 @@ class FusedExpertMLP(torch.autograd.Function):
         a_val = a.detach()
         wp = w_pair.to(h.dtype).unsqueeze(-1)
         grad_a = h.new_empty(a_val.shape)  # dL/d(w * a)
-        grad_w_out = torch.zeros_like(w_out) if need_out else None
+        grad_w_out = _empty_grad(w_out, counts) if need_out else None
         for e, s, t in _slices(counts):
             rows = scratch[: t - s]
             torch.index_select(grad_out, 0, token_sorted[s:t], out=rows)  # dL/dy of these pairs
@@ -114,7 +125,7 @@ class FusedExpertMLP(torch.autograd.Function):
         grad_x = grad_w_in = None
         if need_x or need_in:
             (grad_h,) = torch.autograd.grad(a, h_, grad_a.mul_(wp))
-            grad_w_in = torch.zeros_like(w_in) if need_in else None
+            grad_w_in = _empty_grad(w_in, counts) if need_in else None
             grad_x = torch.zeros_like(x) if need_x else None
             for e, s, t in _slices(counts):
                 rows = scratch[: t - s]
