@@ -262,6 +262,9 @@ class TrainConfig:
     """DDP: allow trainable parameters that get no gradient in a step."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, ~30% slower)."""
+    fused_cross_entropy: bool = True
+    """Compute the LM head and next-token loss together in chunks, never materialising the (tokens, vocab)
+    logits (single process, fp32, no distillation/peft/compose; otherwise the plain path is used)."""
     peft: dict[str, Any] | None = None
     """Parameter-efficient MoE section, passed to moeforge.peft.wrap_from_config."""
     compose: dict[str, Any] | None = None

@@ -42,7 +42,8 @@ from ..utils.memory import tune_cpu_allocator
 from . import checkpoint as ckpt
 from .config import TrainConfig, load_config
 from .distributed import DistContext, no_sync, setup, sync_router_loads, teardown, wrap_model
-from .losses import distillation_kl, token_cross_entropy, weighted_aux_loss
+from .fused_ce import linear_cross_entropy
+from .losses import distillation_kl, shifted_targets, token_cross_entropy, weighted_aux_loss
 from .metrics import MetricsWriter, read_metrics, write_plots
 from .mixture import Mixture
 from .params import count_parameters, prepare_model
@@ -524,6 +525,38 @@ class Trainer:
                     self.routing_kw = False  # a wrapper that does not pass it through
             return model(input_ids=ids)
 
+    def _use_fused_ce(self) -> bool:
+        """Whether the LM head + loss run fused (:mod:`moeforge.train.fused_ce`) for this run."""
+        if not hasattr(self, "_fused_ce"):
+            cfg, model = self.config, self.model
+            head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            self._fused_ce = bool(
+                cfg.fused_cross_entropy
+                and not self.ctx.distributed
+                and self.teacher is None
+                and cfg.peft is None
+                and cfg.compose is None
+                and self.autocast_dtype is None
+                and isinstance(head, nn.Linear)
+                and head.bias is None
+                and isinstance(getattr(model, "model", None), nn.Module)
+            )
+        return self._fused_ce
+
+    def _fused_forward(self, ids: torch.Tensor, labels: torch.Tensor, scale: float):
+        """Base model forward, then the fused LM head + cross-entropy; returns (out, ce, count, loss)."""
+        base = self.model.model
+        out = base(input_ids=ids, output_routing=True) if self.routing_kw else base(input_ids=ids)
+        hidden = out.last_hidden_state
+        b, s, h = hidden.shape
+        targets = shifted_targets(labels)
+        loss, per_token = linear_cross_entropy(
+            hidden.reshape(-1, h), self.model.get_output_embeddings().weight, targets.reshape(-1), scale=scale
+        )
+        ce = per_token.view(b, s).sum(dim=1)
+        count = (targets != -100).sum(dim=1)
+        return out, ce, count, loss
+
     def train_step(self) -> dict[str, float]:
         """One optimizer step over the global batch; returns this step's scalar stats."""
         cfg, ctx = self.config, self.ctx
@@ -558,9 +591,12 @@ class Trainer:
         for j, (ids, labels, dom) in enumerate(micro_batches):
             ids, labels = ids.to(dev), labels.to(dev)
             with no_sync(self.wrapped, skip=j < self.accum - 1):
-                out = self._forward(self.wrapped, ids)
-                ce, count = token_cross_entropy(out.logits, labels)
-                loss = (1.0 - alpha) * ce.sum() * lm_scale
+                if self._use_fused_ce():
+                    out, ce, count, loss = self._fused_forward(ids, labels, (1.0 - alpha) * lm_scale)
+                else:
+                    out = self._forward(self.wrapped, ids)
+                    ce, count = token_cross_entropy(out.logits, labels)
+                    loss = (1.0 - alpha) * ce.sum() * lm_scale
                 if self.teacher is not None:
                     with torch.no_grad(), self._autocast():
                         t_logits = self.teacher(input_ids=ids).logits
