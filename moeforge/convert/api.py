@@ -373,11 +373,13 @@ class _Conversion:
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(str(self.tmp))
             self.seconds["write"] = time.perf_counter() - t0
-        ref_model = self.reference_model(scales) if self.need_reference else None
-        if self.writer is not None and self.mode != "off":
-            t0 = time.perf_counter()
+        verifying = self.writer is not None and self.mode != "off"
+        t0 = time.perf_counter()
+        if verifying:
             self.say("verifying the export: re-reading every tensor, reloading and comparing logits")
             checked = self.writer.verify_digests()
+        ref_model = self.reference_model(scales) if self.need_reference else None
+        if verifying:
             ids = _verification_ids(self.tokenizer, self.config.vocab_size)
             diff, layers = _compare_export(self.exporter, self.tmp, ref_model, ids, self.keep_all)
             report.verification = {"tensors_checked": checked, "max_abs_logit_diff": diff, "tokens": int(ids.numel()),
