@@ -46,6 +46,10 @@ class CALMConfig:
     """RMS-normalise both inputs of each cross-attention (m_A states before the projection, m_B
     states before the queries). The paper does not specify normalisation; LLaMA residual streams
     grow with depth, so it is on by default. False gives the paper's bare projections."""
+    rope: bool = True
+    """Rotate cross-attention queries and keys by their token positions (rotary embedding with the
+    anchor's base), so heads can attend by relative position (e.g. to the augmenting state at the
+    same position). The paper does not specify this; False gives content-only cross-attention."""
     dropout: float = 0.0
     """Attention-probability dropout inside the cross-attention, training only."""
     init_std: float = 0.02

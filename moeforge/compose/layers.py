@@ -10,6 +10,12 @@ chosen layer and H_B (batch, T, D_B) the anchor's hidden states after its chosen
 The mask is causal and position-aligned: both models read the same token ids, so anchor
 position t may attend to augmenting positions <= t only (public implementations omit this mask
 and leak future tokens). ``W_o`` starts at zero, so a fresh composition equals the anchor.
+
+Optionally (``CALMConfig.rope``, on by default) queries and keys are rotated by their token
+positions (rotary embedding, LLaMA convention), so a head can attend by relative position, e.g.
+to the augmenting state at its own position. The paper does not specify positional information
+in the cross-attention; LLaMA residual streams carry little absolute position, so without it a
+head can only select augmenting positions by content.
 """
 
 from __future__ import annotations
@@ -41,6 +47,21 @@ def cross_attention_mask(query_len: int, key_len: int, key_padding: Tensor | Non
     return allowed[:, None]
 
 
+def rotary_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """positions (batch|1, L) -> cos, sin (batch|1, 1, L, head_dim) of the rotary embedding (Su et al. 2021)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    angles = positions.float()[..., None] * inv_freq  # (b, L, hd/2)
+    emb = torch.cat([angles, angles], dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (batch, heads, L, head_dim) rotated pairwise (first half, second half), as LLaMA does."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention from anchor states to (projected) augmenting states.
 
@@ -48,10 +69,15 @@ class CrossAttention(nn.Module):
         dim: anchor width D_B (queries, keys and values all enter at this width).
         num_heads: heads h; the inner width is h * head_dim.
         head_dim: per-head width; default D_B / h.
+        rope_theta: base of the rotary embedding applied to queries and keys; None: no positions.
     """
 
-    def __init__(self, dim: int, num_heads: int, head_dim: int | None = None, dropout: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, head_dim: int | None = None, dropout: float = 0.0,
+        rope_theta: float | None = None,
+    ) -> None:
         super().__init__()
+        self.rope_theta = rope_theta
         head_dim = head_dim or dim // num_heads
         if head_dim * num_heads == 0:
             raise ValueError(f"cannot split width {dim} into {num_heads} heads")
@@ -68,16 +94,30 @@ class CrossAttention(nn.Module):
         b, s, _ = x.shape
         return x.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
 
-    def key_values(self, memory: Tensor) -> tuple[Tensor, Tensor]:
-        """memory (batch, S, D_B) -> keys, values (batch, heads, S, head_dim)."""
-        return self._heads(self.k_proj(memory)), self._heads(self.v_proj(memory))
+    def _rotate(self, x: Tensor, positions: Tensor | None) -> Tensor:
+        if self.rope_theta is None:
+            return x
+        if positions is None:
+            positions = torch.arange(x.shape[2], device=x.device)[None]
+        cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta, x.dtype)
+        return apply_rotary(x, cos, sin)
 
-    def forward(self, queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
-        """queries (batch, T, D_B); keys/values (batch, heads, S, head_dim); mask (batch|1, 1, T, S) bool.
+    def key_values(self, memory: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """memory (batch, S, D_B), positions (batch|1, S) -> keys (rotated), values: (batch, heads, S, head_dim)."""
+        return self._rotate(self._heads(self.k_proj(memory)), positions), self._heads(self.v_proj(memory))
+
+    def forward(
+        self, queries: Tensor, keys: Tensor, values: Tensor, mask: Tensor, positions: Tensor | None = None
+    ) -> Tensor:
+        """queries (batch, T, D_B) at ``positions`` (batch|1, T); keys/values (batch, heads, S, head_dim);
+        mask (batch|1, 1, T, S) bool. Without positions, the queries are the last T of 0..S-1.
 
         Returns the attention output after ``o_proj``: (batch, T, D_B).
         """
         q = self._heads(self.q_proj(queries))
+        if self.rope_theta is not None and positions is None:
+            positions = torch.arange(keys.shape[2] - q.shape[2], keys.shape[2], device=q.device)[None]
+        q = self._rotate(q, positions)
         out = F.scaled_dot_product_attention(
             q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
@@ -104,12 +144,13 @@ class Connection(nn.Module):
         eps: float = 1e-6,
         dropout: float = 0.0,
         init_std: float = 0.02,
+        rope_theta: float | None = None,
     ) -> None:
         super().__init__()
         self.augmenting_norm = nn.RMSNorm(augmenting_dim, eps=eps) if norm else nn.Identity()
         self.anchor_norm = nn.RMSNorm(anchor_dim, eps=eps) if norm else nn.Identity()
         self.proj = nn.Linear(augmenting_dim, anchor_dim, bias=False)
-        self.attn = CrossAttention(anchor_dim, num_heads, head_dim, dropout)
+        self.attn = CrossAttention(anchor_dim, num_heads, head_dim, dropout, rope_theta)
         self.reset_parameters(init_std)
 
     @torch.no_grad()
@@ -122,15 +163,17 @@ class Connection(nn.Module):
             if isinstance(n, nn.RMSNorm):
                 nn.init.ones_(n.weight)
 
-    def key_values(self, augmenting_states: Tensor) -> tuple[Tensor, Tensor]:
-        """(batch, S, D_A) -> keys, values (batch, heads, S, head_dim)."""
+    def key_values(self, augmenting_states: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(batch, S, D_A) at positions (batch|1, S) -> keys, values (batch, heads, S, head_dim)."""
         dtype = self.proj.weight.dtype
-        return self.attn.key_values(self.proj(self.augmenting_norm(augmenting_states.to(dtype))))
+        return self.attn.key_values(self.proj(self.augmenting_norm(augmenting_states.to(dtype))), positions)
 
-    def forward(self, anchor_states: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    def forward(
+        self, anchor_states: Tensor, keys: Tensor, values: Tensor, mask: Tensor, positions: Tensor | None = None
+    ) -> Tensor:
         """anchor_states (batch, T, D_B) -> anchor_states + cross-attention output, same shape and dtype."""
         x = self.anchor_norm(anchor_states.to(self.proj.weight.dtype))
-        return anchor_states + self.attn(x, keys, values, mask).to(anchor_states.dtype)
+        return anchor_states + self.attn(x, keys, values, mask, positions).to(anchor_states.dtype)
 
 
-__all__ = ["Connection", "CrossAttention", "cross_attention_mask"]
+__all__ = ["Connection", "CrossAttention", "apply_rotary", "cross_attention_mask", "rotary_cos_sin"]

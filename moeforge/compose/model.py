@@ -164,6 +164,7 @@ class ComposedForCausalLM(nn.Module):
                 eps=getattr(anc_cfg, "rms_norm_eps", 1e-6),
                 dropout=config.dropout,
                 init_std=config.init_std,
+                rope_theta=_rope_theta(anc_cfg) if config.rope else None,
             ).to(device)
             for _ in self.layer_pairs
         )
@@ -250,6 +251,9 @@ class ComposedForCausalLM(nn.Module):
             )
         mask = cross_attention_mask(input_ids.shape[1], length, attention_mask)
         mask = mask.to(input_ids.device)
+        positions = position_ids
+        if positions is None:
+            positions = torch.arange(past, length, device=input_ids.device)[None]
         common = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=cache is not None)
 
         # 1. augmenting model: capture the chosen layers' outputs (frozen, no gradient needed)
@@ -273,14 +277,14 @@ class ComposedForCausalLM(nn.Module):
         for k, conn in enumerate(self.connections):
             if captured[k] is None:
                 raise MoeforgeError(f"augmenting layer {self.layer_pairs[k][0]} did not run; cannot compose.")
-            kv = conn.key_values(captured[k])
+            kv = conn.key_values(captured[k], positions)
             keys_values.append(cache.append(k, *kv) if cache is not None else kv)
         captured.clear()
 
         # 2. anchor: add each connection's cross-attention output after its layer
         anc_layers = decoder_layers(self.anchor)
         hooks = [
-            anc_layers[b].register_forward_hook(partial(_inject_hook, conn, *keys_values[k], mask))
+            anc_layers[b].register_forward_hook(partial(_inject_hook, conn, *keys_values[k], mask, positions))
             for k, ((_, b), conn) in enumerate(zip(self.layer_pairs, self.connections))
         ]
         if output_routing and _accepts(self.anchor, "output_routing"):
@@ -384,8 +388,15 @@ def _capture_hook(store: list, k: int, module: nn.Module, args, output) -> None:
     store[k] = hidden_of(output)
 
 
-def _inject_hook(conn: Connection, keys: Tensor, values: Tensor, mask: Tensor, module: nn.Module, args, output):
-    return with_hidden(output, conn(hidden_of(output), keys, values, mask))
+def _inject_hook(conn: Connection, keys: Tensor, values: Tensor, mask: Tensor, positions: Tensor,
+                 module: nn.Module, args, output):
+    return with_hidden(output, conn(hidden_of(output), keys, values, mask, positions))
+
+
+def _rope_theta(cfg) -> float:
+    """The anchor's rotary base (``rope_parameters`` in transformers v5, ``rope_theta`` before)."""
+    params = getattr(cfg, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
 
 
 __all__ = [

@@ -62,3 +62,33 @@ def test_cross_attention_is_causal():
     earlier = h_a.clone()
     earlier[:, t] += 1.0
     assert not torch.allclose(conn(h_b, *conn.key_values(earlier), mask)[:, t], out[:, t])
+
+
+def test_rotary_cross_attention_matches_reference():
+    """Rotary positions by hand: pairs (x_i, x_{i+d/2}) rotated by angle p * theta^(-2i/d)."""
+    attn = CrossAttention(16, num_heads=2, rope_theta=100.0)
+    torch.nn.init.normal_(attn.o_proj.weight)
+    queries, memory = torch.randn(1, 4, 16), torch.randn(1, 4, 16)
+    mask = cross_attention_mask(4, 4)
+    out = attn(queries, *attn.key_values(memory), mask)
+
+    def rotate(x):  # x (b, L, h, d), position = index along L
+        d = x.shape[-1]
+        freq = 100.0 ** (-torch.arange(0, d, 2).float() / d)
+        ang = torch.arange(x.shape[1]).float()[:, None] * freq  # (L, d/2)
+        c, s = ang.cos()[None, :, None], ang.sin()[None, :, None]
+        a, b = x[..., : d // 2], x[..., d // 2 :]
+        return torch.cat([a * c - b * s, a * s + b * c], dim=-1)
+
+    b, t, h, d = 1, 4, 2, 8
+    q = rotate((queries @ attn.q_proj.weight.T).view(b, t, h, d))
+    k = rotate((memory @ attn.k_proj.weight.T).view(b, t, h, d))
+    v = (memory @ attn.v_proj.weight.T).view(b, t, h, d)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(d)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    ref = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v).reshape(b, t, h * d) @ attn.o_proj.weight.T
+    torch.testing.assert_close(out, ref)
+    # only relative positions matter: shifting every position by 5 changes nothing
+    pos = torch.arange(4)[None] + 5
+    shifted = attn(queries, *attn.key_values(memory, pos), mask, pos)
+    torch.testing.assert_close(shifted, out, atol=1e-5, rtol=1e-5)
