@@ -43,6 +43,8 @@ PRESETS: dict[str, tuple[str, dict]] = {
     "coact-act-fit-refine": ("co-activation, activation router, fitted scale, --refine router", dict(method="coactivation", gate_init="activation", rescale="fit", refine="router")),
     "coact-act-fit-down": ("co-activation, activation router, fitted scale, --refine down", dict(method="coactivation", gate_init="activation", rescale="fit", refine="down")),
     "coact-act-fit-router-down": ("co-activation, activation router, fitted scale, --refine router+down", dict(method="coactivation", gate_init="activation", rescale="fit", refine="router+down")),
+    "coact-act-fit-down-32k": ("as coact-act-fit-down with 32,768 calibration tokens", dict(method="coactivation", gate_init="activation", rescale="fit", refine="down", calibration_tokens=32768)),
+    "coact-7e1s-k1-act-fit-down": ("co-activation 7 routed top-1 + 1 shared, --refine down (same active width)", dict(method="coactivation", experts=7, top_k=1, shared_experts=1, gate_init="activation", rescale="fit", refine="down")),
     "random-random-fit-down": ("random split, random router, fitted scale, --refine down", dict(method="random", gate_init="random", rescale="fit", refine="down")),
     "importance-act-fit": ("LLaMA-MoE SharingInner, activation router, fitted scale", dict(method="importance", gate_init="activation", rescale="fit")),
     "importance-7e1s-k1-act-fit": ("SharingInter: 7 routed top-1 + 1 shared (same active width)", dict(method="importance", experts=7, top_k=1, shared_experts=1, gate_init="activation", rescale="fit")),
@@ -80,9 +82,9 @@ def main() -> None:
         if name in cache:
             continue
         desc, opts = PRESETS[name]
-        opts = {"experts": 8, "top_k": 2, **opts}
+        opts = {"experts": 8, "top_k": 2, "calibration_tokens": args.calibration_tokens, **opts}
         t0 = time.perf_counter()
-        report = moeforge.convert(args.model, None, eval_tokens=0, calibration_tokens=args.calibration_tokens, **opts)
+        report = moeforge.convert(args.model, None, eval_tokens=0, **opts)
         seconds = time.perf_counter() - t0
         row = {
             "description": desc,
@@ -116,11 +118,12 @@ def main() -> None:
 
 def table(cache: dict, names: list[str], corpora: dict) -> str:
     cols = list(corpora)
-    head = "| preset | what | active params | " + " | ".join(f"{c} ppl" for c in cols) + " | mean layer error | convert s |"
-    lines = [head, "|" + "---|" * (len(cols) + 5)]
+    head = ("| preset | what | active params | " + " | ".join(f"{c} ppl" for c in cols)
+            + " | mean layer error | convert s | of which refine s |")
+    lines = [head, "|" + "---|" * (len(cols) + 6)]
     d = cache["dense"]
     lines.append(f"| dense | SmolLM2-135M-Instruct | {d['params']['active']:,} | "
-                 + " | ".join(f"{d['ppl'][c]:.2f}" for c in cols) + " | - | - |")
+                 + " | ".join(f"{d['ppl'][c]:.2f}" for c in cols) + " | - | - | - |")
     for name in names:
         if name not in cache:
             continue
@@ -128,7 +131,7 @@ def table(cache: dict, names: list[str], corpora: dict) -> str:
         err = f"{r['mean_layer_error']:.3f}" if r["mean_layer_error"] is not None else "-"
         lines.append(f"| {name} | {r['description']} | {r['params']['active']:,} | "
                      + " | ".join(f"{r['ppl'].get(c, float('nan')):.1f}" for c in cols)
-                     + f" | {err} | {r['convert_seconds']:.0f} |")
+                     + f" | {err} | {r['convert_seconds']:.0f} | {r['refine_seconds']:.0f} |")
     return "\n".join(lines)
 
 
