@@ -206,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-value", type=int, default=99)
     ap.add_argument("--max-terms", type=int, default=3)
     ap.add_argument("--composition-fraction", type=float, default=0.2)
+    ap.add_argument("--spaced", action="store_true", help="Single spaces between tokens: `abc + de =`.")
+    ap.add_argument("--space-jitter", type=int, default=0,
+                    help="m_B trains on 0..N spaces before every token (evaluation uses single spaces).")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--steps-a", type=int, default=1500, help="m_A (memoriser) training steps.")
     ap.add_argument("--steps-b", type=int, default=8000, help="m_B (arithmetic) training steps.")
@@ -248,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     tok = char_tokenizer()
     table = KVTable.generate(args.num_keys, max_value=args.max_value, composition_fraction=args.composition_fraction,
-                             max_terms=args.max_terms, seed=args.seed)
+                             max_terms=args.max_terms, seed=args.seed, spaced=args.spaced)
     all_keys = list(table.values)
     lookups = table.lookups()
 
@@ -259,26 +262,30 @@ def main(argv: list[str] | None = None) -> int:
         return ex
 
     def arithmetic(rng, n):  # m_B: numbers only
-        return numeric_sample(n, max_value=args.max_value, max_terms=args.max_terms, seed=rng.randrange(1 << 30))
+        return numeric_sample(n, max_value=args.max_value, max_terms=args.max_terms, seed=rng.randrange(1 << 30),
+                              spaced=args.spaced, space_jitter=args.space_jitter)
 
     m_a, stats_a = train_source_model("m_A", out / "m_A", tok, memorise, args, args.hidden_a, args.layers_a,
                                       max(1, args.hidden_a // 32), args.steps_a, args.lr,
                                       {"task": "kv_substitution+lookups", "num_keys": args.num_keys,
+                                       "spaced": args.spaced,
                                        "max_value": args.max_value, "max_terms": args.max_terms})
     print(f"[m_A] KV-Substitution accuracy (200 expressions): "
           f"{accuracy(m_a, tok, table.sample('kv_substitution', 200, seed=99)):.1f}%", flush=True)
     m_b, stats_b = train_source_model("m_B", out / "m_B", tok, arithmetic, args, args.hidden_b, args.layers_b,
                                       max(1, args.hidden_b // 32), args.steps_b, args.lr,
                                       {"task": "numeric_arithmetic", "max_value": args.max_value,
+                                       "spaced": args.spaced, "space_jitter": args.space_jitter,
                                        "max_terms": args.max_terms})
     print(f"[m_B] Numeric-Arithmetic accuracy (200 expressions): "
-          f"{accuracy(m_b, tok, numeric_sample(200, max_value=args.max_value, seed=99)):.1f}%", flush=True)
+          f"{accuracy(m_b, tok, numeric_sample(200, max_value=args.max_value, seed=99, spaced=args.spaced)):.1f}%", flush=True)
 
     composed, stats_c = train_composition(args, out, table)
 
     evals = {
         "kv_substitution": table.sample("kv_substitution", args.eval_size, seed=10_001),
         "numeric_arithmetic": numeric_sample(args.eval_size, max_value=args.max_value, max_terms=args.max_terms,
+                                             spaced=args.spaced,
                                              seed=10_002),
         "kv_arithmetic": table.sample("kv_arithmetic", args.eval_size, keys=table.heldout_keys, seed=10_003),
         "kv_arithmetic_train_keys": table.sample("kv_arithmetic", args.eval_size, keys=table.train_keys, seed=10_004),

@@ -75,6 +75,8 @@ class KVTable:
     heldout_keys: list[str]
     max_terms: int = 3
     seed: int = 0
+    spaced: bool = False
+    """Write expressions with single spaces between tokens (``abc + de :``) instead of compactly."""
 
     @classmethod
     def generate(
@@ -86,6 +88,7 @@ class KVTable:
         composition_fraction: float = 0.2,
         max_terms: int = 3,
         seed: int = 0,
+        spaced: bool = False,
     ) -> KVTable:
         """``num_keys`` distinct keys of ``key_lengths[0]..key_lengths[1]`` letters, values 1..``max_value``.
 
@@ -106,7 +109,7 @@ class KVTable:
         rng.shuffle(order)
         cut = max(1, round(composition_fraction * num_keys))
         return cls(values=keys, train_keys=sorted(order[:cut]), heldout_keys=sorted(order[cut:]),
-                   max_terms=max_terms, seed=seed)
+                   max_terms=max_terms, seed=seed, spaced=spaced)
 
     def expression(self, rng: random.Random, keys: list[str], terms: int) -> tuple[list[str], list[str]]:
         """Random keys and operators: (keys, ops) with ops[0] == "+" (the leading term is added)."""
@@ -117,15 +120,16 @@ class KVTable:
     def example(self, task: str, keys: list[str], ops: list[str]) -> tuple[str, str]:
         """(prompt, target) of ``task`` for one expression."""
         values = [self.values[k] for k in keys]
-        key_expr = _join(keys, ops)
-        num_expr = _join([str(v) for v in values], ops)
+        sep = " " if self.spaced else ""
+        key_expr = _join(keys, ops, sep)
+        num_expr = _join([str(v) for v in values], ops, sep)
         result = sum(v if op == "+" else -v for v, op in zip(values, ops))
         if task == "kv_substitution":
-            return key_expr + ":", num_expr
+            return key_expr + sep + ":", num_expr
         if task == "numeric_arithmetic":
-            return num_expr + "=", str(result)
+            return num_expr + sep + "=", str(result)
         if task == "kv_arithmetic":
-            return key_expr + "=", str(result)
+            return key_expr + sep + "=", str(result)
         raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
 
     def sample(self, task: str, count: int, *, keys: list[str] | None = None, seed: int = 0,
@@ -143,12 +147,18 @@ class KVTable:
     def lookups(self, keys: list[str] | None = None) -> list[tuple[str, str]]:
         """Single-key substitutions ``abc:`` -> ``12`` for every key (m_A's memorisation data)."""
         keys = keys if keys is not None else list(self.values)
-        return [(k + ":", str(self.values[k])) for k in keys]
+        sep = " " if self.spaced else ""
+        return [(k + sep + ":", str(self.values[k])) for k in keys]
 
 
 def numeric_sample(count: int, *, max_value: int = 99, min_terms: int = 2, max_terms: int = 3,
-                   seed: int = 0) -> list[tuple[str, str]]:
-    """``numeric_arithmetic`` examples over uniformly drawn numbers 1..max_value (m_B's training data)."""
+                   seed: int = 0, spaced: bool = False, space_jitter: int = 0) -> list[tuple[str, str]]:
+    """``numeric_arithmetic`` examples over uniformly drawn numbers 1..max_value (m_B's training data).
+
+    ``spaced`` writes single spaces between tokens (``12 + 3 =``); ``space_jitter = j`` instead
+    puts 0..j spaces before every token (the numbers, operators and ``=``), so that the model
+    learns to read arithmetic whatever the spacing, as a pretrained LM does.
+    """
     rng = random.Random(seed)
     out = []
     for _ in range(count):
@@ -156,12 +166,18 @@ def numeric_sample(count: int, *, max_value: int = 99, min_terms: int = 2, max_t
         values = [rng.randint(1, max_value) for _ in range(terms)]
         ops = ["+"] + [rng.choice("+-") for _ in range(terms - 1)]
         result = sum(v if op == "+" else -v for v, op in zip(values, ops))
-        out.append((_join([str(v) for v in values], ops) + "=", str(result)))
+        if space_jitter:
+            tokens = [str(values[0])] + [t for op, v in zip(ops[1:], values[1:]) for t in (op, str(v))] + ["="]
+            prompt = "".join(" " * rng.randint(0, space_jitter) + t for t in tokens)
+        else:
+            sep = " " if spaced else ""
+            prompt = _join([str(v) for v in values], ops, sep) + sep + "="
+        out.append((prompt, str(result)))
     return out
 
 
-def _join(items: list[str], ops: list[str]) -> str:
-    return items[0] + "".join(op + item for op, item in zip(ops[1:], items[1:]))
+def _join(items: list[str], ops: list[str], sep: str = "") -> str:
+    return items[0] + "".join(sep + op + sep + item for op, item in zip(ops[1:], items[1:]))
 
 
 __all__ = ["KVTable", "TASKS", "char_tokenizer", "numeric_sample"]

@@ -54,3 +54,15 @@ def test_chat_template_gives_the_evaluated_layout():
     ids, labels = tokenize_chat(tok, [{"role": "user", "content": "ab+c="}, {"role": "assistant", "content": "-10"}])
     assert ids == tok("ab+c=-10")["input_ids"] + [tok.eos_token_id]
     assert labels == [-100] * 6 + ids[6:]
+
+
+def test_spaced_format_and_space_jitter():
+    table = KVTable.generate(20, max_value=9, spaced=True, seed=2)
+    table.values.update({"ab": 3, "cde": 5})
+    assert table.example("kv_substitution", ["ab", "cde"], ["+", "-"]) == ("ab - cde :", "3 - 5")
+    assert table.example("kv_arithmetic", ["ab", "cde"], ["+", "+"]) == ("ab + cde =", "8")
+    assert table.lookups(["ab"]) == [("ab :", "3")]
+    assert numeric_sample(1, max_value=9, spaced=True, seed=1)[0][0].count(" ") in (4, 6)
+    for prompt, target in numeric_sample(100, max_value=9, space_jitter=3, seed=3):
+        assert eval(prompt.replace(" ", "")[:-1]) == int(target)  # noqa: S307
+        assert "    " not in prompt  # at most 3 spaces in a row
