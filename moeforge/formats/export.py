@@ -190,27 +190,31 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+#: The LLaMA-family config fields every export (and the Mixtral importer) carries over as they are.
+LLAMA_FIELDS: tuple[str, ...] = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "use_cache",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "tie_word_embeddings",
+    "rope_parameters",
+    "attention_dropout",
+)
+
+
 def llama_fields(config: MoeforgeConfig) -> dict[str, Any]:
     """The LLaMA-family fields every export config repeats."""
-    keys = (
-        "vocab_size",
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "head_dim",
-        "hidden_act",
-        "max_position_embeddings",
-        "initializer_range",
-        "rms_norm_eps",
-        "use_cache",
-        "pad_token_id",
-        "bos_token_id",
-        "eos_token_id",
-        "tie_word_embeddings",
-        "rope_parameters",
-        "attention_dropout",
-    )
+    keys = LLAMA_FIELDS
     return {k: getattr(config, k) for k in keys if getattr(config, k, None) is not None}
 
 

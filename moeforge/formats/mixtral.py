@@ -29,7 +29,7 @@ from ..models.configuration_moeforge import MoeforgeConfig
 from ..models.build import model_from_state
 from ..models.modeling_moeforge import MoeforgeForCausalLM
 from ..convert.streaming import PlanEntry
-from .export import Exporter, ExportSpec, MoELayerWeights, config_to_dict, llama_fields
+from .export import LLAMA_FIELDS, Exporter, ExportSpec, MoELayerWeights, config_to_dict, llama_fields
 from .registry import EXPORTERS, register_importer
 
 ROUTER = "model.layers.{i}.block_sparse_moe.gate.weight"
@@ -42,26 +42,7 @@ MF_ROUTER = "model.layers.{i}.mlp.router.weight"
 MF_GATE_UP = "model.layers.{i}.mlp.experts.gate_up_proj"
 MF_DOWN = "model.layers.{i}.mlp.experts.down_proj"
 
-_LLAMA_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "hidden_act",
-    "max_position_embeddings",
-    "initializer_range",
-    "rms_norm_eps",
-    "use_cache",
-    "pad_token_id",
-    "bos_token_id",
-    "eos_token_id",
-    "tie_word_embeddings",
-    "rope_parameters",
-    "attention_dropout",
-    "sliding_window",
-)
+_LLAMA_FIELDS = LLAMA_FIELDS + ("sliding_window",)
 
 
 def moeforge_config_from_mixtral(cfg: dict[str, Any]) -> MoeforgeConfig:
