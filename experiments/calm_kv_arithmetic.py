@@ -348,6 +348,38 @@ def _other_runs(extras: list[tuple[dict, list[str]]]) -> list[str]:
     return rows
 
 
+def verdicts(r: dict) -> list[str]:
+    """The claim's parts checked against this run's accuracies (a list of markdown bullets)."""
+    kv, num, seen = r["kv_arithmetic"], r["numeric_arithmetic"], r["kv_arithmetic_train_keys"]
+    best_part = max(kv["m_A"], kv["m_B"])
+    out = []
+    if kv["CALM"] > best_part:
+        out.append(f"* **Composition beats both parts on KV-Arithmetic (held-out keys)**: CALM {kv['CALM']:.1f}% vs "
+                   f"m_A {kv['m_A']:.1f}% and m_B {kv['m_B']:.1f}% (paper: 84.3 vs 0.7 / 0.0).")
+    else:
+        out.append(f"* **Composition does not beat its parts on KV-Arithmetic (held-out keys)**: CALM {kv['CALM']:.1f}% vs "
+                   f"m_A {kv['m_A']:.1f}% and m_B {kv['m_B']:.1f}% (paper: 84.3 vs 0.7 / 0.0).")
+    if kv["CALM"] < 0.5 * PAPER["kv_arithmetic"]["CALM"]:
+        out.append(f"* The level is far below the paper's ({kv['CALM']:.1f}% vs 84.3%): the claim holds in direction only "
+                   "at this scale.")
+    gap = seen["CALM"] - kv["CALM"]
+    if gap > 10:
+        out.append(f"* On the keys seen in composition training CALM reaches {seen['CALM']:.1f}% against {kv['CALM']:.1f}% "
+                   "on held-out keys: much of what the connections learned is those keys' values themselves, not a "
+                   "general way of reading values out of m_A.")
+    kept = num["CALM"] / num["m_B"] if num["m_B"] else 0.0
+    paper_kept = PAPER["numeric_arithmetic"]["CALM"] / PAPER["numeric_arithmetic"]["m_B"]
+    word = "keeps" if kept >= 0.9 else "loses most of" if kept < 0.5 else "loses part of"
+    out.append(f"* The composed model {word} the anchor's own skill: Numeric-Arithmetic {num['CALM']:.1f}% vs m_B's "
+               f"{num['m_B']:.1f}% (paper: {PAPER['numeric_arithmetic']['CALM']} of {PAPER['numeric_arithmetic']['m_B']}, "
+               f"{paper_kept:.0%} kept; here {kept:.0%}). The composition is trained on KV-Arithmetic prompts only, so its "
+               "connections are never shown plain numbers.")
+    out.append(f"* KV-Substitution (m_A's task): CALM {r['kv_substitution']['CALM']:.1f}% vs the paper's 92.9%; our "
+               "composition is trained on KV-Arithmetic prompts only.")
+    out.append("* One seed and one scaled-down configuration: these are indications, not significance-tested results.")
+    return out
+
+
 def write_report(summary: dict, argv: list[str], path: str | None = None,
                  extras: list[tuple[dict, list[str]]] = ()) -> None:
     from moeforge.eval.report import DEFAULT_REPORT, device_description, update_section
@@ -387,10 +419,16 @@ def write_report(summary: dict, argv: list[str], path: str | None = None,
         f"on {s['CALM']['train_examples']:,} expressions (batch {a['batch_size']}); this invocation of the script (evaluation included) {summary['wall_s'] / 60:.0f} min.",
         "- Scaled-down task: the paper uses 25K pairs, keys of 2–6 characters, values up to 25K and expressions of "
         "3–6 keys with +, −, ×; here keys have 2–4 letters and expressions 2–"
-        f"{a['max_terms']} keys with + and −. Prompts: `abc+de:` (substitution), `12+34=` (arithmetic), `abc+de=` (KV-arithmetic).",
+        f"{a['max_terms']} keys with + and −. Prompts: `abc+de:` (substitution), `12+34=` (arithmetic), `abc+de=` (KV-arithmetic)"
+        + (f"; m_B's training prompts carry 0..{a['space_jitter']} random spaces before each token, so the anchor does not tie "
+           "its arithmetic to fixed positions (evaluation prompts have none)." if a.get("space_jitter") else "."),
         f"- Device: {device_description()}, one thread (`OMP_NUM_THREADS=1`), shared with other jobs.",
         f"- Command: `{cmd}`{reuse_note}; `--report-only` rewrites this section from `results.json`.",
         *_other_runs(list(extras)),
+        "",
+        "What holds here:",
+        "",
+        *verdicts(r),
     ])
     update_section("claim-4-calm", md, path=path or DEFAULT_REPORT,
                    title="CALM: key-value arithmetic (Bansal et al. 2024, Table 1)")
