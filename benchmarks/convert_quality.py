@@ -107,11 +107,16 @@ def main() -> None:
         from moeforge.eval.report import device_description, update_section
 
         cmd = "OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/convert_quality.py"
+        if args.only:
+            cmd += f" --only {args.only}"
+        missing = [n for n in PRESETS if n not in names]
+        note = (f" Presets not run yet (the command without `--only` runs them): {', '.join(missing)}."
+                if missing else "")
         update_section(
             "convert-quality",
             f"Perplexity of SmolLM2-135M-Instruct right after conversion (no training), `{cmd}`.\n"
             f"Device: {device_description()} (shared with other jobs; times are indicative). Calibration: "
-            f"{args.calibration_tokens} tokens of the embedded prose+code train split.\n\n" + text,
+            f"{args.calibration_tokens} tokens of the embedded prose+code train split.{note}\n\n" + text,
             title="Conversion quality before training (SmolLM2)",
         )
 
