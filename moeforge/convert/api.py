@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -381,7 +382,13 @@ class _Conversion:
         ref_model = self.reference_model(scales) if self.need_reference else None
         if verifying:
             ids = _verification_ids(self.tokenizer, self.config.vocab_size)
-            diff, layers = _compare_export(self.exporter, self.tmp, ref_model, ids, self.keep_all)
+            with torch.no_grad():
+                want = ref_model(ids, use_cache=False).logits.float()
+            layers = ref_model.config.num_hidden_layers
+            if not self.keep_all:  # large model: free the reference before the export is reloaded
+                ref_model = None
+                gc.collect()
+            diff = _compare_export(self.exporter, self.tmp, want, layers, ids, self.keep_all)
             report.verification = {"tensors_checked": checked, "max_abs_logit_diff": diff, "tokens": int(ids.numel()),
                                    "layers_compared": layers,
                                    "loaded_with": "transformers" if self.exporter.plain_transformers else "moeforge"}
@@ -561,14 +568,18 @@ def _truncated(config: MoeforgeConfig, n: int) -> MoeforgeConfig:
     return MoeforgeConfig(**cfg)
 
 
-def _compare_export(exporter: Exporter, directory: Path, ref_model, ids: torch.Tensor, whole: bool) -> tuple[float, int]:
-    """Reload the export (whole, or its first layers) and compare logits with ``ref_model``."""
+def _compare_export(exporter: Exporter, directory: Path, want: torch.Tensor, n: int, ids: torch.Tensor,
+                    whole: bool) -> float:
+    """Reload the export (whole, or its first ``n`` layers) and compare its logits on ``ids`` with ``want``.
+
+    ``want`` (1, S, V) float32 are the reference model's logits, computed before the export is loaded so
+    that the two models never need to be in memory together. Returns the largest absolute difference.
+    """
     load_dir = directory
     scratch = None
     if not whole:
         scratch = Path(tempfile.mkdtemp(prefix=".verify-", dir=directory.parent))
         cfg = json.loads((directory / "config.json").read_text())
-        n = ref_model.config.num_hidden_layers
         cfg["num_hidden_layers"] = n
         if cfg.get("mlp_only_layers"):
             cfg["mlp_only_layers"] = [i for i in cfg["mlp_only_layers"] if i < n]
@@ -592,7 +603,6 @@ def _compare_export(exporter: Exporter, directory: Path, ref_model, ids: torch.T
                 f"{err}); the export was discarded."
             ) from None
         with torch.no_grad():
-            want = ref_model(ids, use_cache=False).logits.float()
             got = loaded(ids, use_cache=False).logits.float()
         del loaded
     finally:
@@ -607,7 +617,7 @@ def _compare_export(exporter: Exporter, directory: Path, ref_model, ids: torch.T
             f"export verification failed: the reloaded {exporter.name} model's logits differ from moeforge's by up to "
             f"{diff:.3g} (allowed {bound:.3g}); the export was discarded. This is a bug in the export; please report it."
         )
-    return diff, ref_model.config.num_hidden_layers
+    return diff
 
 
 def _write_generation_config(source: DenseSource, tmp: Path, config: MoeforgeConfig) -> None:
