@@ -1,7 +1,7 @@
 """Streaming conversion at LLaMA-2-7B scale: wall time, peak RSS and throughput vs a plain copy.
 
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/convert.py               # 8 layers (the default)
-    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/convert.py --layers 32   # the whole 7B shape (27 GB of disk)
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/convert.py               # 8 layers (the default)
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/convert.py --layers 32   # the whole 7B shape (27 GB of disk)
 
 Builds a float16 checkpoint with LLaMA-2-7B's shapes (hidden 4096, FFN 11008, 32 heads, vocab
 32000, untied head) and random weights, ``--layers`` layers deep, in 2 GB shards; then, side by
@@ -222,7 +222,7 @@ def main() -> None:
 
         update_section(
             "convert-benchmark",
-            f"`OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/convert.py --layers {args.layers}`. "
+            f"`OMP_NUM_THREADS=1 .venv/bin/python benchmarks/convert.py --layers {args.layers}`. "
             f"Device: {device_description()}, 24 GiB RAM, shared with other jobs (times are indicative).\n\n" + text,
             title="Streaming conversion at LLaMA-2-7B scale",
         )

@@ -32,6 +32,9 @@ def register(app: typer.Typer) -> None:
         upcycle_reinit: float = typer.Option(0.0, "--upcycle-reinit", help="upcycle: fraction of neurons re-initialised."),
         dtype: str = typer.Option(None, help="Output dtype: float32, bfloat16, float16 (default: the model's)."),
         eval_tokens: int = typer.Option(4096, "--eval-tokens", help="Held-out tokens for dense vs MoE perplexity (0 skips)."),
+        verify: str = typer.Option(
+            "auto", help="Check the export before reporting success: auto (whole model up to 4 GiB in float32, else its "
+            "first layer), full, layers, or off (no check: saves the memory and time the check takes)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
         allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept a pickle-only (.bin) dense checkpoint."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
@@ -50,6 +53,7 @@ def register(app: typer.Typer) -> None:
             out,
             overwrite=overwrite,
             allow_pickle=allow_pickle,
+            verify={"auto": True, "off": False}.get(verify, verify),
             eval_tokens=eval_tokens,
             progress=progress,
             method=method,

@@ -341,7 +341,7 @@ class _Conversion:
         # module attribute (models.build.model_from_parts), never through a format's key table
         self.mode = "auto" if verify is True else (verify or "off")
         if self.mode not in ("auto", "full", "layers", "off"):
-            raise MoeforgeError(f"verify must be True, False, 'full' or 'layers', got {verify!r}.")
+            raise MoeforgeError(f"verify must be one of auto (True), full, layers or off (False); got {verify!r}.")
         f32_bytes = sum(e.nbytes for e in EXPORTERS["moeforge"].plan(
             ExportSpec(self.config, torch.float32, self.spec.qkv_bias, self.spec.o_bias, self.spec.router_state)))
         self.keep_all = tmp is None or self.mode == "full" or (self.mode == "auto" and _keep_whole_reference(f32_bytes))

@@ -140,3 +140,19 @@ def test_cli_success_prints_summary(tiny_llama, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "format mixtral" in out and "active parameters / token" in out and "perplexity" in out
     assert json.loads((tmp_path / "o" / "moeforge_conversion.json").read_text())["format"] == "mixtral"
+
+
+def test_cli_verify_modes(tiny_llama, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", str(tiny_llama), "--out", str(tmp_path / "bad"), "--experts", "4", "--verify", "sometimes",
+              "--quiet"])
+    assert exc.value.code == 2
+    assert "verify must be one of auto (True), full, layers or off" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    for mode, checked in (("off", False), ("layers", True)):
+        with pytest.raises(SystemExit) as exc:
+            main(["convert", str(tiny_llama), "--out", str(tmp_path / mode), "--experts", "4", "--verify", mode,
+                  "--eval-tokens", "0", "--quiet"])
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        assert ("verified" in out) == checked, out
