@@ -81,6 +81,9 @@ def main() -> None:
     ap.add_argument("--cpt-runs", choices=("full", "minimal"), default=None,
                     help="full: every split method with rescale on/off (random router) and with its best router init; "
                          "minimal: rescale on, random router only (default: full for testbed, minimal for smollm2)")
+    ap.add_argument("--max-cpt-params", type=float, default=1e9,
+                    help="skip CPT of MoEs with more total parameters (AdamW in float32 needs ~16 bytes each; "
+                         "smollm2 upcycled to 16 experts has 1.3B)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-report", action="store_true")
     ap.add_argument("--model", help="(smoke tests) another dense model for this testbed's settings")
@@ -134,6 +137,10 @@ def main() -> None:
         name = "cpt/" + key(e, k, method, rescale, gate)
         if name in store:
             continue
+        total = store[key(e, k, method, rescale, gate)]["parameters"]["total"]
+        if total > args.max_cpt_params:
+            print(f"{name}: skipped, {total:,} parameters > --max-cpt-params {args.max_cpt_params:,.0f}", flush=True)
+            continue
         report, _ = convert(tb, tok, e, k, method, rescale, gate, args.seed)
         result, _, secs = run_cpt(report.model, tok, tb, out / "cpt_tmp", steps=cpt_steps, seed=args.seed)
         ppl = evaluator(result.model)
@@ -167,7 +174,10 @@ def write_report(tb, store, shapes, cpt_runs, cpt_steps, tokens_per_run, wall, a
     rows2 = []
     for e, k, method, rescale, gate in cpt_runs:
         n = key(e, k, method, rescale, gate)
-        rows2.append([f"{e}/{k}", method, "E/k" if rescale == "on" else "none", gate, fmt(P(n)), fmt(P("cpt/" + n))])
+        after = fmt(P("cpt/" + n)) if "cpt/" + n in store else (
+            f"skipped: {store[n]['parameters']['total'] / 1e9:.2f}B parameters (> --max-cpt-params)"
+            if n in store and store[n]["parameters"]["total"] > args.max_cpt_params else "-")
+        rows2.append([f"{e}/{k}", method, "E/k" if rescale == "on" else "none", gate, fmt(P(n)), after])
     t2 = table(["experts/top-k", "method", "rescale", "router init", "after conversion", f"after CPT ({tokens_per_run:,} tokens)"], rows2)
 
     # what holds: rescaling, router init, best method after training
