@@ -24,7 +24,7 @@ import argparse
 import time
 from pathlib import Path
 
-from common import REPO, TESTBEDS, Evaluator, ResultStore, command_line, fmt, get_testbed, run_cpt, set_threads, table, today
+from common import REPO, TESTBEDS, Evaluator, ResultStore, command_line, fmt, get_testbed, run_cpt, set_threads, table
 
 METHODS = ("random", "cluster", "importance", "upcycle")
 SPLIT = ("random", "cluster", "importance")

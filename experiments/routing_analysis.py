@@ -22,7 +22,6 @@ import argparse
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from common import REPO, command_line, fmt, set_threads, table
 
@@ -68,7 +67,7 @@ def main() -> None:
         seq = 256 if name.startswith("testbed") else 512
         report = evaluate(model, tok, list(CORPORA), name=name, max_tokens=args.max_tokens, seq_len=seq)
         out = REPO / "docs" / "img" / "routing" / name
-        files = write_analysis(report, out, model=model, tokenizer=tok, html_tokens=40)
+        write_analysis(report, out, model=model, tokenizer=tok, html_tokens=40)
         shot = subprocess.run([sys.executable, str(REPO / "scripts" / "check_routing_html.py"), "--html", str(out / "routing.html"),
                                "--out", str(out)], capture_output=True, text=True)
         print(shot.stdout.strip() or shot.stderr.strip()[-500:], flush=True)

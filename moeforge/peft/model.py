@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import MoeforgeError, require
 from .base import AdapterLayer
-from .config import AdapterConfig, IA3Config, LoRAConfig, MoLoRAConfig, MoVConfig, config_from_dict
+from .config import AdapterConfig, MoLoRAConfig, MoVConfig, config_from_dict
 from .context import AdapterContext, RoutingRecorder, _Running, masked_mean, prefix_mean
 from .molora import MoLoRALayer
 from .mov import MoVLayer

@@ -10,7 +10,7 @@ from moeforge.compose import compose, load_composition
 from moeforge.compose.checkpoint import model_fingerprint
 from moeforge.errors import MoeforgeError
 
-from .conftest import llama, moe, randomize_outputs
+from .conftest import llama, randomize_outputs
 
 
 def test_roundtrip_saves_composition_weights_only(saved_models, tmp_path):
