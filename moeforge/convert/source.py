@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..errors import MoeforgeError
+from ..formats.export import LLAMA_FIELDS
 from .streaming import SafetensorsReader
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2")
@@ -43,26 +44,9 @@ IN_NORM = "model.layers.{i}.input_layernorm.weight"
 POST_NORM = "model.layers.{i}.post_attention_layernorm.weight"
 MLP = "model.layers.{i}.mlp.{p}_proj.weight"
 
-#: config fields copied from the dense model into MoeforgeConfig
-BASE_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "hidden_act",
-    "max_position_embeddings",
-    "initializer_range",
-    "rms_norm_eps",
-    "pad_token_id",
-    "bos_token_id",
-    "eos_token_id",
-    "tie_word_embeddings",
-    "rope_parameters",
-    "attention_dropout",
-)
+#: config fields copied from the dense model into MoeforgeConfig: the LLaMA-family fields every
+#: export carries, plus the dense FFN width (``use_cache`` is left at the config's default)
+BASE_FIELDS = ("intermediate_size", *(f for f in LLAMA_FIELDS if f != "use_cache"))
 
 
 @dataclass
