@@ -1,5 +1,7 @@
 import pytest
 
+from tests.threads import _one_thread  # noqa: F401  (autouse fixture)
+
 from .tiny import make_dense
 
 
@@ -18,12 +20,3 @@ def tiny_llama_untied(tmp_path_factory):
     return path
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and a shared 2-core machine punishes oversubscription."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -15,16 +15,9 @@ from transformers import AutoModelForCausalLM
 import moeforge
 from moeforge.errors import MoeforgeError
 from tests.convert.tiny import make_dense
+from tests.threads import _one_thread  # noqa: F401  (autouse fixture)
 
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

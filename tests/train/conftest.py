@@ -1,5 +1,6 @@
 import pytest
-import torch
+
+from tests.threads import _one_thread  # noqa: F401  (autouse fixture)
 
 from .tiny import save_tiny, tiny_tokenizer
 
@@ -13,15 +14,6 @@ def tokenizer():
 def tiny_dir(tmp_path_factory, tokenizer):
     """A saved tiny MoE model (4 experts, top-2) with its tokenizer."""
     return save_tiny(tmp_path_factory.mktemp("tiny-moe"), tokenizer)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
