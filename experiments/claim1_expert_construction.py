@@ -247,7 +247,7 @@ What holds here:
 
 {chr(10).join(verdicts)}
 """
-    update_section(f"claim-1-{tb.name}", md, title=f"Claim 1: expert construction on {'smollm2' if tb.name == 'smollm2' else 'the testbed'}")
+    update_section(f"claim-1-{tb.name}", md, title=f"Claim 1: expert construction on {tb.title}")
     print(f"wrote docs/results.md section claim-1-{tb.name}")
 
 

@@ -209,7 +209,7 @@ What holds here:
 
 {chr(10).join(verdicts)}
 """
-    update_section(f"claim-2-{tb.name}", md, title=f"Claim 2: CPT recovery on {'smollm2' if tb.name == 'smollm2' else 'the testbed'}")
+    update_section(f"claim-2-{tb.name}", md, title=f"Claim 2: CPT recovery on {tb.title}")
     print(f"wrote docs/results.md section claim-2-{tb.name}")
 
 

@@ -48,6 +48,11 @@ class Testbed:
     description: str
 
     @property
+    def title(self) -> str:
+        """How report headings name this testbed."""
+        return "smollm2" if self.name == "smollm2" else "the testbed"
+
+    @property
     def primary_label(self) -> str:
         if self.primary == "mean":
             return f"held-out ppl (geo. mean of {', '.join(self.corpora)})"
