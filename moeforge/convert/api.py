@@ -20,11 +20,9 @@ Example::
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -46,12 +44,8 @@ from .reference import ReferenceStore
 from .methods.base import DenseFFN
 from .source import ATTN, EMBED, FINAL_NORM, IN_NORM, LM_HEAD, POST_NORM, DenseSource, open_source
 from .streaming import ShardedWriter, parse_size
+from . import verify as _verify
 
-#: layers kept in memory for the logits check when the whole model is too large to reload
-VERIFY_LAYERS = 1
-#: verification tolerance on logits: max |a - b| <= RTOL * max(1, max |reference|)
-VERIFY_RTOL = 1e-4
-VERIFY_TEXT = "Mixture-of-experts models route each token to a few experts, so most weights stay idle."
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -209,16 +203,6 @@ def _tokenizer_for(source: DenseSource, tokenizer):
         return None
 
 
-def _verification_ids(tokenizer, vocab: int) -> torch.Tensor:
-    if tokenizer is not None:
-        ids = tokenizer(VERIFY_TEXT, add_special_tokens=False).input_ids[:24]
-        if len(ids) >= 8 and max(ids) < vocab:
-            ids = torch.tensor(ids)
-            return torch.stack([ids, ids.flip(0)])
-    g = torch.Generator().manual_seed(1234)
-    return torch.randint(vocab, (2, 24), generator=g)
-
-
 def _estimate_bytes(spec: ExportSpec, exporter: Exporter) -> int:
     return sum(e.nbytes for e in exporter.plan(spec))
 
@@ -346,7 +330,7 @@ class _Conversion:
             ExportSpec(self.config, torch.float32, self.spec.qkv_bias, self.spec.o_bias, self.spec.router_state)))
         self.keep_all = tmp is None or self.mode == "full" or (self.mode == "auto" and _keep_whole_reference(f32_bytes))
         self.need_reference = tmp is None or self.mode != "off" or bool(eval_tokens and self.keep_all)
-        n = source.num_layers if self.keep_all else min(VERIFY_LAYERS, source.num_layers)
+        n = source.num_layers if self.keep_all else min(_verify.VERIFY_LAYERS, source.num_layers)
         self.keep_layers = set(range(n)) if self.need_reference else set()
         self.store = ReferenceStore(spill_parent=None if self.keep_all else tmp.parent)
         self.writer: ShardedWriter | None = None
@@ -379,16 +363,22 @@ class _Conversion:
         if verifying:
             self.say("verifying the export: re-reading every tensor, reloading and comparing logits")
             checked = self.writer.verify_digests()
-        ref_model = self.reference_model(scales) if self.need_reference else None
-        if verifying:
-            ids = _verification_ids(self.tokenizer, self.config.vocab_size)
+        ids = _verify.verification_ids(self.tokenizer, self.config.vocab_size) if verifying else None
+        if verifying and not self.keep_all:
+            # large model: first layers only, each side one module in float32 at a time, never together
+            want = self.reference_logits_layers(scales, ids)
+            layers = len(self.keep_layers)
+            got = _verify.export_logits(self.exporter, self.tmp, ids, layers=layers, dtype=self.dtype)
+            ref_model = None
+        else:
+            ref_model = self.reference_model(scales) if self.need_reference else None
+        if verifying and self.keep_all:
             with torch.no_grad():
                 want = ref_model(ids, use_cache=False).logits.float()
             layers = ref_model.config.num_hidden_layers
-            if not self.keep_all:  # large model: free the reference before the export is reloaded
-                ref_model = None
-                gc.collect()
-            diff = _compare_export(self.exporter, self.tmp, want, layers, ids, self.keep_all)
+            got = _verify.export_logits(self.exporter, self.tmp, ids)
+        if verifying:
+            diff = _verify.check_logits(got, want, self.exporter.name)
             report.verification = {"tensors_checked": checked, "max_abs_logit_diff": diff, "tokens": int(ids.numel()),
                                    "layers_compared": layers,
                                    "loaded_with": "transformers" if self.exporter.plain_transformers else "moeforge"}
@@ -519,15 +509,32 @@ class _Conversion:
         )
 
     def reference_model(self, scales: dict[int, float]):
+        """The converted model in float32, assembled from the kept tensors (whole models only)."""
         from ..models.build import model_from_parts
 
-        config = self.reference_config(scales)
-        if not self.keep_all:
-            config = _truncated(config, len(self.keep_layers))
         state, ffn = self.store.load()
-        model = model_from_parts(config, state, ffn, dtype=torch.float32)
+        model = model_from_parts(self.reference_config(scales), state, ffn, dtype=torch.float32)
         self.store.close()
         return model
+
+    def reference_logits_layers(self, scales: dict[int, float], ids: torch.Tensor) -> torch.Tensor:
+        """Float32 logits on ``ids`` of the converted model's first layers, at about one layer of memory.
+
+        The layers are assembled in the export dtype without embedding table or LM head; the
+        embedding rows of ``ids`` and the head are read from the source when needed.
+        """
+        from ..models.build import model_from_parts
+
+        config = _truncated(self.reference_config(scales), len(self.keep_layers))
+        state, ffn = self.store.load(exclude=frozenset({EMBED, LM_HEAD}))
+        model = model_from_parts(config, state, ffn, dtype=self.dtype, unset=frozenset({EMBED, LM_HEAD}))
+        del state, ffn
+        self.store.close()
+        embeds = self.passthrough(EMBED)[ids]
+        head_key = EMBED if self.source.tied else LM_HEAD
+        body = model.model
+        del model
+        return _verify.layerwise_logits(body, embeds, lambda: self.passthrough(head_key))
 
 
 def _cast(weights, dtype: torch.dtype):
@@ -566,58 +573,6 @@ def _truncated(config: MoeforgeConfig, n: int) -> MoeforgeConfig:
     if cfg.get("layer_types"):
         cfg["layer_types"] = cfg["layer_types"][:n]
     return MoeforgeConfig(**cfg)
-
-
-def _compare_export(exporter: Exporter, directory: Path, want: torch.Tensor, n: int, ids: torch.Tensor,
-                    whole: bool) -> float:
-    """Reload the export (whole, or its first ``n`` layers) and compare its logits on ``ids`` with ``want``.
-
-    ``want`` (1, S, V) float32 are the reference model's logits, computed before the export is loaded so
-    that the two models never need to be in memory together. Returns the largest absolute difference.
-    """
-    load_dir = directory
-    scratch = None
-    if not whole:
-        scratch = Path(tempfile.mkdtemp(prefix=".verify-", dir=directory.parent))
-        cfg = json.loads((directory / "config.json").read_text())
-        cfg["num_hidden_layers"] = n
-        if cfg.get("mlp_only_layers"):
-            cfg["mlp_only_layers"] = [i for i in cfg["mlp_only_layers"] if i < n]
-        if cfg.get("layer_types"):
-            cfg["layer_types"] = cfg["layer_types"][:n]
-        if cfg.get("moe_layers") is not None:
-            cfg["moe_layers"] = [i for i in cfg["moe_layers"] if i < n]
-        if cfg.get("moe_overrides"):
-            cfg["moe_overrides"] = {k: v for k, v in cfg["moe_overrides"].items() if int(k) < n} or None
-        (scratch / "config.json").write_text(json.dumps(cfg))
-        for f in directory.iterdir():
-            if f.name.endswith(".safetensors") or f.name == "model.safetensors.index.json":
-                os.symlink(f, scratch / f.name)
-        load_dir = scratch
-    try:
-        try:
-            loaded = exporter.load(load_dir)
-        except Exception as err:  # noqa: BLE001 - any failure to open the export is a verification failure
-            raise MoeforgeError(
-                f"export verification failed: the written {exporter.name} directory does not load ({type(err).__name__}: "
-                f"{err}); the export was discarded."
-            ) from None
-        with torch.no_grad():
-            got = loaded(ids, use_cache=False).logits.float()
-        del loaded
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
-    if got.shape != want.shape:
-        raise MoeforgeError(f"export verification failed: logits of shape {tuple(got.shape)}, expected {tuple(want.shape)}.")
-    diff = float((got - want).abs().max())
-    bound = VERIFY_RTOL * max(1.0, float(want.abs().max()))
-    if not diff <= bound:
-        raise MoeforgeError(
-            f"export verification failed: the reloaded {exporter.name} model's logits differ from moeforge's by up to "
-            f"{diff:.3g} (allowed {bound:.3g}); the export was discarded. This is a bug in the export; please report it."
-        )
-    return diff
 
 
 def _write_generation_config(source: DenseSource, tmp: Path, config: MoeforgeConfig) -> None:

@@ -70,18 +70,20 @@ class ReferenceStore:
             tensors.update({f"extra/{index}/{k}": v for k, v in weights.router_extra.items()})
         self._save(tensors)
 
-    def load(self) -> tuple[dict[str, torch.Tensor], dict[int, MoELayerWeights | DenseLayerWeights]]:
-        """(state by key, FFN weights by layer)."""
+    def load(self, exclude: frozenset[str] = frozenset()) -> tuple[dict[str, torch.Tensor], dict[int, MoELayerWeights | DenseLayerWeights]]:
+        """(state by key, FFN weights by layer), without the state keys in ``exclude``."""
         if self.dir is None:
-            return self.state, self.ffn
-        state: dict[str, torch.Tensor] = {key: self._read(src).to(dtype) for key, src, dtype in self._lazy}
+            return {k: v for k, v in self.state.items() if k not in exclude}, self.ffn
+        state: dict[str, torch.Tensor] = {key: self._read(src).to(dtype) for key, src, dtype in self._lazy
+                                          if key not in exclude}
         parts: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
         for path in sorted(self.dir.glob("part-*.safetensors")):
             with safe_open(str(path), "pt") as f:
                 for key in f.keys():
                     kind, rest = key.split("/", 1)
                     if kind == "state":
-                        state[rest] = f.get_tensor(key)
+                        if rest not in exclude:
+                            state[rest] = f.get_tensor(key)
                     else:
                         index, name = rest.split("/", 1)
                         parts.setdefault((kind, int(index)), {})[name] = f.get_tensor(key)

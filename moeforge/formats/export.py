@@ -179,11 +179,11 @@ class Exporter(ABC):
     def config_dict(self, spec: ExportSpec, scales: dict[int, float]) -> dict[str, Any]:
         """The ``config.json`` content; ``scales`` are the per-layer output scales (ignored when folded)."""
 
-    def load(self, directory: Path):
-        """Open the written directory the way a user of this format would (float32, eval mode)."""
+    def load(self, directory: Path, dtype: torch.dtype = torch.float32):
+        """Open the written directory the way a user of this format would (in ``dtype``, eval mode)."""
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, local_files_only=True).eval()
+        return AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, local_files_only=True).eval()
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -71,10 +71,10 @@ class MoeforgeExporter(Exporter):
     def config_dict(self, spec: ExportSpec, scales: dict[int, float]) -> dict[str, Any]:
         return config_to_dict(final_moeforge_config(spec, scales), spec.dtype, "MoeforgeForCausalLM")
 
-    def load(self, directory):
+    def load(self, directory, dtype: torch.dtype = torch.float32):
         from ..models import MoeforgeForCausalLM
 
-        return MoeforgeForCausalLM.from_pretrained(str(directory), dtype=torch.float32, local_files_only=True).eval()
+        return MoeforgeForCausalLM.from_pretrained(str(directory), dtype=dtype, local_files_only=True).eval()
 
 
 def final_moeforge_config(spec: ExportSpec, scales: dict[int, float]):

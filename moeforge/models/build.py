@@ -56,6 +56,7 @@ def model_from_parts(
     ffn: dict[int, object],
     *,
     dtype: torch.dtype,
+    unset: frozenset[str] = frozenset(),
 ) -> MoeforgeForCausalLM:
     """Build a model from its non-FFN tensors (by key) and each layer's FFN weights (by attribute).
 
@@ -63,7 +64,9 @@ def model_from_parts(
     gate_up, down, shared_*, router_extra) or a DenseLayerWeights (gate, up, down). The FFN
     tensors are assigned to the modules directly rather than through checkpoint keys, so a model
     built this way is an independent reference for checking an export's key table. The output
-    scale comes from ``config``. Missing pieces raise :class:`MoeforgeError`.
+    scale comes from ``config``. Missing pieces raise :class:`MoeforgeError`, except parameters
+    named in ``unset`` (e.g. the embedding and LM head of a model run on ``inputs_embeds``), which
+    stay on the meta device.
     """
     from torch import nn
 
@@ -90,7 +93,7 @@ def model_from_parts(
             mlp.down_proj.weight = nn.Parameter(w.down.to(dtype))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    meta = [n for n, p in model.named_parameters() if p.is_meta and n not in unset]
     if meta:
         raise MoeforgeError(f"internal error: parameters left unset: {meta[:5]}")
     _materialize_buffers(model)

@@ -40,3 +40,38 @@ def tune_cpu_allocator(threshold_bytes: int = 1 << 30) -> bool:
     ok = mallopt(_M_TRIM_THRESHOLD, min(2 * threshold_bytes, 2**31 - 1)) == 1 and ok
     _done = ok
     return ok
+
+
+_MADV_DONTNEED = 4
+
+
+def release_file_pages(directory: str | os.PathLike) -> int:
+    """Unmap the resident pages of read-only file mappings of files under ``directory`` (Linux only).
+
+    safetensors files are memory-mapped; every page a reader touches stays in the process's
+    resident set until the whole mapping goes, even after the tensors read from it are freed.
+    ``madvise(MADV_DONTNEED)`` drops those pages from this process (they stay in the kernel's page
+    cache and fault back in from the file if touched again), so a reader that walks a large file
+    piece by piece keeps the resident memory of the piece it is on. Shared writable mappings are
+    left alone; private ones (torch maps safetensors copy-on-write) lose any page written in place,
+    so call this only on files that are read, never modified through their tensors. Returns the
+    bytes of mappings advised (0 where unsupported).
+    """
+    root = os.path.realpath(directory) + os.sep
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    except (OSError, TypeError):
+        return 0
+    madvise = libc.madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    advised = 0
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) < 6 or parts[1][1:4:2] == "ws" or not parts[5].startswith(root):
+            continue
+        start, end = (int(x, 16) for x in parts[0].split("-"))
+        if madvise(start, end - start, _MADV_DONTNEED) == 0:
+            advised += end - start
+    return advised

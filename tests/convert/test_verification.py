@@ -46,9 +46,9 @@ def test_tensor_altered_before_writing_is_caught_by_the_logits_check(tiny_llama,
 
 def test_verification_of_the_first_layers_only(tiny_llama, tmp_path, monkeypatch):
     # models too large to hold twice are verified on their first layers, reloaded from the same files
-    from moeforge.convert import api
+    from moeforge.convert import verify
 
-    monkeypatch.setattr(api, "VERIFY_LAYERS", 1)
+    monkeypatch.setattr(verify, "VERIFY_LAYERS", 1)
     report = moeforge.convert(tiny_llama, tmp_path / "out", experts=4, top_k=2, eval_tokens=256, verify="layers")
     assert report.verification["layers_compared"] == 1
     assert report.verification["tensors_checked"] > 0
