@@ -22,28 +22,11 @@ Forward and backward are exact reformulations (tested against autograd and by gr
 
 from __future__ import annotations
 
-import threading
-
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-_workspace = threading.local()
-
-
-def workspace(rows: int, cols: int, like: Tensor) -> Tensor:
-    """A (rows, cols) scratch tensor reused across calls on this thread (grown when too small)."""
-    key = (like.device, like.dtype)
-    cache = getattr(_workspace, "buffers", None)
-    if cache is None:
-        cache = _workspace.buffers = {}
-    buf = cache.get(key)
-    need = rows * cols
-    if buf is None or buf.numel() < need:
-        buf = torch.empty(need, device=like.device, dtype=like.dtype)
-        cache[key] = buf
-    return buf[:need].view(rows, cols)
-
+from ..utils.memory import workspace
 
 def _slices(counts: list[int]):
     start = 0

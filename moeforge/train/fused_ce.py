@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ..utils.memory import workspace
+
 IGNORE_INDEX = -100
 
 
@@ -35,14 +37,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
             tgt = targets[start:end]
             valid = tgt != IGNORE_INDEX
             safe = tgt.clamp_min(0)
-            logits = (h @ weight.t()).float()  # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)
+            if hidden.dtype == torch.float32:  # into a block reused across chunks and steps
+                logits = torch.mm(h, weight.t(), out=workspace(end - start, weight.shape[0], h))
+            else:
+                logits = (h @ weight.t()).float()  # (c, V)
             picked = logits.gather(1, safe[:, None]).squeeze(1)
+            # log-sum-exp in place: a fresh (c, V) temporary per chunk (what torch.logsumexp
+            # allocates) costs page faults on every call on CPU, more than the arithmetic
+            peak = logits.amax(dim=-1)
+            probs = logits.sub_(peak[:, None]).exp_()  # unnormalised softmax, in place
+            total = probs.sum(dim=-1)
+            lse = peak + total.log()
             per_token[start:end] = torch.where(valid, lse - picked, torch.zeros_like(lse))
             if need_h or need_w:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                probs[torch.arange(end - start, device=probs.device), safe] -= 1.0
-                probs.mul_((valid.to(probs.dtype) * scale)[:, None])
+                row_scale = valid.to(probs.dtype) * scale
+                probs.mul_((row_scale / total)[:, None])  # softmax * scale
+                probs[torch.arange(end - start, device=probs.device), safe] -= row_scale
                 probs = probs.to(hidden.dtype)
                 if need_h:
                     torch.mm(probs, weight, out=grad_h[start:end])

@@ -14,6 +14,31 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import threading
+
+import torch
+
+_workspace = threading.local()
+
+
+def workspace(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """A (rows, cols) scratch tensor reused across calls on this thread (grown when too small).
+
+    Large temporaries allocated afresh are page-faulted in on every call on CPU (glibc serves them
+    with mmap and returns them on free); a reused block is faulted in once. The caller must be
+    done with the block before the next call on the same thread asks for it.
+    """
+    key = (like.device, like.dtype)
+    cache = getattr(_workspace, "buffers", None)
+    if cache is None:
+        cache = _workspace.buffers = {}
+    buf = cache.get(key)
+    need = rows * cols
+    if buf is None or buf.numel() < need:
+        buf = torch.empty(need, device=like.device, dtype=like.dtype)
+        cache[key] = buf
+    return buf[:need].view(rows, cols)
+
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3

@@ -48,5 +48,8 @@ def test_trainer_fused_and_plain_loss_paths_agree(tmp_path, make_cfg, monkeypatc
     a = [r["loss"] for r in fused.history if r["kind"] == "train"]
     b = [r["loss"] for r in plain.history if r["kind"] == "train"]
     assert len(a) == 3 and a == pytest.approx(b, abs=1e-5)
+    # Adam turns float32 summation-order noise in a near-zero gradient into a full-size update of
+    # either sign, so parameters may differ by a small fraction of one step (lr 3e-3); a wrong
+    # gradient term would move them by whole steps (~1e-2 after 3 steps)
     for (n, p), q in zip(fused.model.named_parameters(), plain.model.parameters()):
-        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=n)
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-4, msg=n)
