@@ -23,6 +23,7 @@ Forward and backward are exact reformulations (tested against autograd and by gr
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -91,10 +92,18 @@ class FusedExpertMLP(torch.autograd.Function):
         hidden = x.shape[1]
         grad_out = grad_out.contiguous()
         scratch = workspace(max(counts), hidden, x)
-        with torch.enable_grad():
-            h_ = h.detach().requires_grad_(True)
-            a = _activate(h_, act, glu)
-        a_val = a.detach()
+        swiglu = glu and act is F.silu
+        if swiglu:  # SwiGLU by hand: no recomputed graph, no concatenated gradient
+            width = h.shape[1] // 2
+            gate, up = h[:, :width], h[:, width:]
+            sig = torch.sigmoid(gate)
+            silu = gate * sig
+            a_val = silu * up
+        else:
+            with torch.enable_grad():
+                h_ = h.detach().requires_grad_(True)
+                a = _activate(h_, act, glu)
+            a_val = a.detach()
         wp = w_pair.to(h.dtype).unsqueeze(-1)
         grad_a = h.new_empty(a_val.shape)  # dL/d(w * a)
         grad_w_out = _empty_grad(w_out, counts) if need_out else None
@@ -107,7 +116,16 @@ class FusedExpertMLP(torch.autograd.Function):
         grad_w = (grad_a * a_val).sum(-1).to(w_pair.dtype) if need_w else None
         grad_x = grad_w_in = None
         if need_x or need_in:
-            (grad_h,) = torch.autograd.grad(a, h_, grad_a.mul_(wp))
+            grad_a.mul_(wp)  # now dL/da
+            if swiglu:
+                # a = silu(g) * u: da/du = silu(g); da/dg = u * silu'(g), silu' = sig + silu * (1 - sig)
+                grad_h = torch.empty_like(h)
+                torch.mul(grad_a, silu, out=grad_h[:, width:])
+                d_silu = torch.rsub(sig, 1.0).mul_(silu).add_(sig)
+                torch.mul(d_silu.mul_(up), grad_a, out=grad_h[:, :width])
+                del sig, silu, d_silu
+            else:
+                (grad_h,) = torch.autograd.grad(a, h_, grad_a)
             grad_w_in = _empty_grad(w_in, counts) if need_in else None
             grad_x = torch.zeros_like(x) if need_x else None
             for e, s, t in _slices(counts):
