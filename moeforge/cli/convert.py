@@ -78,6 +78,7 @@ def register(app: typer.Typer) -> None:
         print(f"wrote {report.out} (format {report.format}) in {report.seconds.get('total', 0):.1f}s")
         if report.verification:
             v = report.verification
-            print(f"verified: {v['tensors_checked']} tensors re-read, reloaded with {v['loaded_with']}, "
+            scope = "" if v.get("whole_model", True) else f" (first {v['layers_compared']} layer(s) only)"
+            print(f"verified: {v['tensors_checked']} tensors re-read, reloaded with {v['loaded_with']}{scope}, "
                   f"max |logit difference| {v['max_abs_logit_diff']:.2e} over {v['tokens']} tokens")
         print(report.summary())

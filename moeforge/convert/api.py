@@ -380,7 +380,7 @@ class _Conversion:
         if verifying:
             diff = _verify.check_logits(got, want, self.exporter.name)
             report.verification = {"tensors_checked": checked, "max_abs_logit_diff": diff, "tokens": int(ids.numel()),
-                                   "layers_compared": layers,
+                                   "layers_compared": layers, "whole_model": self.keep_all,
                                    "loaded_with": "transformers" if self.exporter.plain_transformers else "moeforge"}
             self.seconds["verify"] = time.perf_counter() - t0
         if self.eval_tokens and self.keep_all and self.tokenizer is not None:

@@ -149,10 +149,11 @@ def test_cli_verify_modes(tiny_llama, tmp_path, capsys):
     assert exc.value.code == 2
     assert "verify must be one of auto (True), full, layers or off" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
-    for mode, checked in (("off", False), ("layers", True)):
+    for mode, checked in (("off", False), ("layers", True), ("full", True)):
         with pytest.raises(SystemExit) as exc:
             main(["convert", str(tiny_llama), "--out", str(tmp_path / mode), "--experts", "4", "--verify", mode,
                   "--eval-tokens", "0", "--quiet"])
         assert exc.value.code == 0
         out = capsys.readouterr().out
         assert ("verified" in out) == checked, out
+        assert ("(first 1 layer(s) only)" in out) == (mode == "layers"), out
