@@ -59,6 +59,17 @@ def test_head_may_be_read_after_the_body_has_run():
     torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize(("fmt", "dtype", "options"), [
+    ("qwen2_moe", "float16", {"experts": 3, "shared_experts": 1}),
+    ("moeforge", "bfloat16", {"experts": 4, "router": "sigmoid_bias"}),
+])
+def test_first_layer_check_of_low_precision_exports(tiny_llama, tmp_path, fmt, dtype, options):
+    report = moeforge.convert(tiny_llama, tmp_path / "out", top_k=2, format=fmt, dtype=dtype, eval_tokens=0,
+                              verify="layers", **options)
+    assert report.format == fmt and report.verification["whole_model"] is False
+    assert report.verification["max_abs_logit_diff"] < 1e-4
+
+
 def test_first_layer_check_of_a_float16_export_passes_and_catches_an_altered_expert(tiny_llama, tmp_path, monkeypatch):
     from moeforge.formats import EXPORTERS
 
