@@ -43,6 +43,7 @@ from .layer import LayerConverter, LayerReport, layer_generator
 from .reference import ReferenceStore
 from .methods.base import DenseFFN
 from .source import ATTN, EMBED, FINAL_NORM, IN_NORM, LM_HEAD, POST_NORM, DenseSource, open_source
+from ..utils.memory import trim_heap
 from .streaming import ShardedWriter, parse_size
 from . import verify as _verify
 
@@ -363,10 +364,13 @@ class _Conversion:
         if verifying:
             self.say("verifying the export: re-reading every tensor, reloading and comparing logits")
             checked = self.writer.verify_digests()
+            if not self.keep_all:
+                trim_heap()  # freed blocks of the streaming and re-reading, before the check allocates its own
         ids = _verify.verification_ids(self.tokenizer, self.config.vocab_size) if verifying else None
         if verifying and not self.keep_all:
             # large model: first layers only, each side one module in float32 at a time, never together
             want = self.reference_logits_layers(scales, ids)
+            trim_heap()
             layers = len(self.keep_layers)
             got = _verify.export_logits(self.exporter, self.tmp, ids, layers=layers, dtype=self.dtype)
             ref_model = None
@@ -486,6 +490,7 @@ class _Conversion:
             if i in self.keep_layers:
                 self.store.add_ffn(i, _cast(weights, self.dtype))
             del weights, ffn, calib, layer_src
+            trim_heap()  # hand this layer's freed blocks back so the resident size tracks one layer
             self.say(msg + f" ({time.perf_counter() - t_layer:.1f}s)")
         tail = [(FINAL_NORM, self.passthrough(FINAL_NORM))]
         if not src.tied:

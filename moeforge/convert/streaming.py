@@ -69,6 +69,24 @@ class TensorInfo:
     dtype: torch.dtype
 
 
+_CRC_CHUNK = 16 << 20
+
+
+def _file_crc32(info: TensorInfo, buffer: bytearray) -> int:
+    """CRC-32 of one tensor's bytes, read from its file in ``len(buffer)`` chunks."""
+    crc, left = 0, info.nbytes
+    view = memoryview(buffer)
+    with open(info.path, "rb") as f:
+        f.seek(info.offset)
+        while left:
+            got = f.readinto(view[: min(left, len(buffer))])
+            if not got:
+                raise MoeforgeError(f"export verification failed: {info.path} ended inside a tensor; the export was discarded.")
+            crc = zlib.crc32(view[:got], crc)
+            left -= got
+    return crc
+
+
 def read_header(path: Path) -> tuple[dict, int]:
     """Parse a safetensors header; return (header dict, absolute offset of the data section).
 
@@ -312,6 +330,8 @@ class ShardedWriter:
         Returns the number of tensors checked; raises :class:`MoeforgeError` on the first mismatch.
         """
         reader = SafetensorsReader([self.directory / n for n in self.names])
+        # one reused block, no larger than the largest tensor: no per-tensor allocations to fragment the heap
+        buffer = bytearray(max(1, min(_CRC_CHUNK, max((e.nbytes for e in self.plan), default=1))))
         try:
             for entry in self.plan:
                 if entry.key not in reader:
@@ -322,9 +342,7 @@ class ShardedWriter:
                         f"export verification failed: tensor {entry.key!r} was written as {info.shape} {info.dtype}, "
                         f"planned {entry.shape} {entry.dtype}."
                     )
-                data = reader.get(entry.key).view(-1).view(torch.uint8).numpy()
-                digest = zlib.crc32(memoryview(data))
-                if digest != self.digests[entry.key]:
+                if _file_crc32(info, buffer) != self.digests[entry.key]:
                     raise MoeforgeError(
                         f"export verification failed: the bytes of tensor {entry.key!r} on disk differ from what was "
                         "written (disk error or a concurrent writer); the export was discarded."

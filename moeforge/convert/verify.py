@@ -55,11 +55,14 @@ def verification_ids(tokenizer, vocab: int) -> Tensor:
 def _one_module_at_a_time(body: nn.Module, release: Callable[[], object]):
     """Upcast each module's own parameters to float32 just before it runs and release them after.
 
-    The model is consumed: every module that ran is left with empty parameters, so it serves one
-    forward pass. A module run twice raises (its parameters are gone), which is caught below.
+    Modules that upcast their own weights piecewise (``upcasts_weights_per_expert``: moeforge's
+    stacked experts) keep theirs. The model is consumed: every module that ran is left with empty
+    parameters, so it serves one forward pass. A module run twice raises (its parameters are gone), which is caught below.
     """
 
     def before(module: nn.Module, _args) -> None:
+        if getattr(module, "upcasts_weights_per_expert", False):  # moeforge's experts: one expert at a time
+            return
         for p in module.parameters(recurse=False):
             if p.is_floating_point() and p.dtype != torch.float32:
                 p.data = p.data.float()

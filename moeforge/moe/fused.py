@@ -37,6 +37,12 @@ def _slices(counts: list[int]):
         start += n
 
 
+def _as(weight: Tensor, like: Tensor) -> Tensor:
+    """One expert's weight in the activations' dtype: weights stored in a lower precision than the
+    activations (inference only) are upcast one expert at a time, never as a whole."""
+    return weight if weight.dtype == like.dtype else weight.to(like.dtype)
+
+
 def _activate(h: Tensor, act, glu: bool) -> Tensor:
     if glu:
         gate, up = h.chunk(2, dim=-1)
@@ -70,14 +76,14 @@ class FusedExpertMLP(torch.autograd.Function):
             tok = token_sorted[s:t]
             torch.index_select(x, 0, tok, out=rows)
             h_e = h[s:t]
-            torch.mm(rows, w_in[e].t(), out=h_e)
+            torch.mm(rows, _as(w_in[e], x).t(), out=h_e)
             if glu:
                 gate, up = h_e.chunk(2, dim=-1)
                 a_e = act(gate).mul_(up)
             else:
                 a_e = act(h_e)
             a_e.mul_(wp[s:t])
-            torch.mm(a_e, w_out[e].t(), out=rows)  # the gathered inputs are dead: reuse their rows
+            torch.mm(a_e, _as(w_out[e], x).t(), out=rows)  # the gathered inputs are dead: reuse their rows
             out.index_add_(0, tok, rows)
         ctx.save_for_backward(x, w_pair, w_in, w_out, token_sorted, h)
         ctx.counts, ctx.act, ctx.glu = counts, act, glu
@@ -87,6 +93,8 @@ class FusedExpertMLP(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         x, w_pair, w_in, w_out, token_sorted, h = ctx.saved_tensors
+        if w_in.dtype != x.dtype or w_out.dtype != x.dtype:
+            raise RuntimeError("expert weights in a lower precision than the activations are for inference only")
         counts, act, glu = ctx.counts, ctx.act, ctx.glu
         need_x, need_w, need_in, need_out = ctx.needs_input_grad[:4]
         hidden = x.shape[1]

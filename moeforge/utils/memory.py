@@ -100,3 +100,20 @@ def release_file_pages(directory: str | os.PathLike) -> int:
         if madvise(start, end - start, _MADV_DONTNEED) == 0:
             advised += end - start
     return advised
+
+
+def trim_heap() -> bool:
+    """Return the heap's free memory to the operating system (glibc ``malloc_trim``; no-op elsewhere).
+
+    After a long streaming phase the heap holds freed blocks scattered among live ones; a phase
+    that follows starts from the lower resident size. Returns True if memory was released.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        malloc_trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    return bool(malloc_trim(0))

@@ -204,3 +204,21 @@ def test_bfloat16_forward_and_backward_track_float32(execution):
     for a, b in zip(results[0], results[1]):
         scale = a.abs().max()
         assert (a - b).abs().max() <= 0.05 * scale, float((a - b).abs().max() / scale)
+
+
+def test_fused_inference_with_lower_precision_expert_weights():
+    # float16 experts on float32 inputs: upcast one expert at a time, same result as float32 weights
+    layer = make_layer(num_experts=4, top_k=2).eval()
+    x = torch.randn(20, 16)
+    layer.experts.gate_up_proj.data = layer.experts.gate_up_proj.data.half()
+    layer.experts.down_proj.data = layer.experts.down_proj.data.half()
+    assert layer.experts.upcasts_weights_per_expert
+    with torch.no_grad():
+        got = layer(x).hidden_states
+        layer.experts.float()
+        want = layer(x).hidden_states
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    layer.experts.half().train()
+    assert not layer.experts.upcasts_weights_per_expert
+    with pytest.raises(RuntimeError, match="inference only"):
+        layer(x.requires_grad_()).hidden_states.sum().backward()
