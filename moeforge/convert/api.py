@@ -364,24 +364,21 @@ class _Conversion:
         if verifying:
             self.say("verifying the export: re-reading every tensor, reloading and comparing logits")
             checked = self.writer.verify_digests()
-            if not self.keep_all:
-                trim_heap()  # freed blocks of the streaming and re-reading, before the check allocates its own
-        ids = _verify.verification_ids(self.tokenizer, self.config.vocab_size) if verifying else None
-        if verifying and not self.keep_all:
-            # large model: first layers only, each side one module in float32 at a time, never together
-            want = self.reference_logits_layers(scales, ids)
-            trim_heap()
-            layers = len(self.keep_layers)
-            got = _verify.export_logits(self.exporter, self.tmp, ids, layers=layers, dtype=self.dtype)
-            ref_model = None
-        else:
-            ref_model = self.reference_model(scales) if self.need_reference else None
-        if verifying and self.keep_all:
-            with torch.no_grad():
-                want = ref_model(ids, use_cache=False).logits.float()
-            layers = ref_model.config.num_hidden_layers
-            got = _verify.export_logits(self.exporter, self.tmp, ids)
+        ref_model = self.reference_model(scales) if self.need_reference and self.keep_all else None
         if verifying:
+            ids = _verify.verification_ids(self.tokenizer, self.config.vocab_size)
+            if ref_model is not None:
+                with torch.no_grad():
+                    want = ref_model(ids, use_cache=False).logits.float()
+                layers = ref_model.config.num_hidden_layers
+                got = _verify.export_logits(self.exporter, self.tmp, ids)
+            else:
+                # large model: first layers only, each side one module in float32 at a time, never together
+                trim_heap()  # freed blocks of the streaming and re-reading, before the check allocates its own
+                want = self.reference_logits_layers(scales, ids)
+                trim_heap()
+                layers = len(self.keep_layers)
+                got = _verify.export_logits(self.exporter, self.tmp, ids, layers=layers, dtype=self.dtype)
             diff = _verify.check_logits(got, want, self.exporter.name)
             report.verification = {"tensors_checked": checked, "max_abs_logit_diff": diff, "tokens": int(ids.numel()),
                                    "layers_compared": layers, "whole_model": self.keep_all,
@@ -570,14 +567,7 @@ def _truncated(config: MoeforgeConfig, n: int) -> MoeforgeConfig:
     cfg = config.to_dict()
     for k in ("architectures", "transformers_version", "model_type", "dtype", "torch_dtype"):
         cfg.pop(k, None)
-    cfg["num_hidden_layers"] = n
-    if cfg.get("moe_layers") is not None:
-        cfg["moe_layers"] = [i for i in cfg["moe_layers"] if i < n]
-    if cfg.get("moe_overrides"):
-        cfg["moe_overrides"] = {k: v for k, v in cfg["moe_overrides"].items() if int(k) < n} or None
-    if cfg.get("layer_types"):
-        cfg["layer_types"] = cfg["layer_types"][:n]
-    return MoeforgeConfig(**cfg)
+    return MoeforgeConfig(**_verify.truncated_config_dict(cfg, n))
 
 
 def _write_generation_config(source: DenseSource, tmp: Path, config: MoeforgeConfig) -> None:

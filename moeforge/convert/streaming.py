@@ -72,21 +72,6 @@ class TensorInfo:
 _CRC_CHUNK = 16 << 20
 
 
-def _file_crc32(info: TensorInfo, buffer: bytearray) -> int:
-    """CRC-32 of one tensor's bytes, read from its file in ``len(buffer)`` chunks."""
-    crc, left = 0, info.nbytes
-    view = memoryview(buffer)
-    with open(info.path, "rb") as f:
-        f.seek(info.offset)
-        while left:
-            got = f.readinto(view[: min(left, len(buffer))])
-            if not got:
-                raise MoeforgeError(f"export verification failed: {info.path} ended inside a tensor; the export was discarded.")
-            crc = zlib.crc32(view[:got], crc)
-            left -= got
-    return crc
-
-
 def read_header(path: Path) -> tuple[dict, int]:
     """Parse a safetensors header; return (header dict, absolute offset of the data section).
 
@@ -161,20 +146,38 @@ class SafetensorsReader:
     def info(self, key: str) -> TensorInfo:
         return self.index[key]
 
+    def _seek(self, info: TensorInfo):
+        f = self._handles.get(info.path)
+        if f is None:
+            f = self._handles[info.path] = open(info.path, "rb")  # noqa: SIM115  closed in close()
+        f.seek(info.offset)
+        return f
+
     def get(self, key: str) -> torch.Tensor:
         info = self.index[key]
         out = torch.empty(info.shape, dtype=info.dtype)
         if info.nbytes == 0:
             return out
-        f = self._handles.get(info.path)
-        if f is None:
-            f = self._handles[info.path] = open(info.path, "rb")  # noqa: SIM115  closed in close()
-        f.seek(info.offset)
+        f = self._seek(info)
         view = memoryview(out.view(-1).view(torch.uint8).numpy())
         got = f.readinto(view)
         if got != info.nbytes:
             raise MoeforgeError(f"{info.path} ended while reading tensor {key!r}; the file is truncated.")
         return out
+
+    def crc32(self, key: str, buffer: bytearray) -> int:
+        """CRC-32 of a tensor's bytes, streamed from its file through ``buffer`` (no tensor is allocated)."""
+        info = self.index[key]
+        crc, left = 0, info.nbytes
+        f = self._seek(info)
+        view = memoryview(buffer)
+        while left:
+            got = f.readinto(view[: min(left, len(buffer))])
+            if not got:
+                raise MoeforgeError(f"{info.path} ended while reading tensor {key!r}; the file is truncated.")
+            crc = zlib.crc32(view[:got], crc)
+            left -= got
+        return crc
 
     def close(self) -> None:
         for f in self._handles.values():
@@ -342,7 +345,7 @@ class ShardedWriter:
                         f"export verification failed: tensor {entry.key!r} was written as {info.shape} {info.dtype}, "
                         f"planned {entry.shape} {entry.dtype}."
                     )
-                if _file_crc32(info, buffer) != self.digests[entry.key]:
+                if reader.crc32(entry.key, buffer) != self.digests[entry.key]:
                     raise MoeforgeError(
                         f"export verification failed: the bytes of tensor {entry.key!r} on disk differ from what was "
                         "written (disk error or a concurrent writer); the export was discarded."

@@ -132,11 +132,9 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def _truncated_config_dir(directory: Path, n: int) -> Path:
-    """A scratch directory beside ``directory``: its config cut to ``n`` layers, links to its shards."""
-    scratch = Path(tempfile.mkdtemp(prefix=".verify-", dir=directory.parent))
-    cfg = json.loads((directory / "config.json").read_text())
-    cfg["num_hidden_layers"] = n
+def truncated_config_dict(cfg: dict, n: int) -> dict:
+    """A model config (as a dict) cut to its first ``n`` layers, per-layer lists and overrides included."""
+    cfg = dict(cfg, num_hidden_layers=n)
     for key in ("mlp_only_layers", "moe_layers"):
         if cfg.get(key) is not None:
             cfg[key] = [i for i in cfg[key] if i < n]
@@ -144,6 +142,13 @@ def _truncated_config_dir(directory: Path, n: int) -> Path:
         cfg["layer_types"] = cfg["layer_types"][:n]
     if cfg.get("moe_overrides"):
         cfg["moe_overrides"] = {k: v for k, v in cfg["moe_overrides"].items() if int(k) < n} or None
+    return cfg
+
+
+def _truncated_config_dir(directory: Path, n: int) -> Path:
+    """A scratch directory beside ``directory``: its config cut to ``n`` layers, links to its shards."""
+    scratch = Path(tempfile.mkdtemp(prefix=".verify-", dir=directory.parent))
+    cfg = truncated_config_dict(json.loads((directory / "config.json").read_text()), n)
     (scratch / "config.json").write_text(json.dumps(cfg))
     for f in directory.iterdir():
         if f.name.endswith(".safetensors") or f.name == "model.safetensors.index.json":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import threading
 
@@ -40,6 +41,18 @@ def workspace(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
     return buf[:need].view(rows, cols)
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, looked up once (``find_library`` runs a subprocess), or None where absent."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        return ctypes.CDLL(name, use_errno=True)
+    except OSError:
+        return None
+
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _done = False
@@ -52,13 +65,8 @@ def tune_cpu_allocator(threshold_bytes: int = 1 << 30) -> bool:
         return True
     if os.environ.get("MOEFORGE_MALLOC_TUNING", "1").lower() in ("0", "off", "false", "no"):
         return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     ok = mallopt(_M_MMAP_THRESHOLD, min(threshold_bytes, 2**31 - 1)) == 1
@@ -83,13 +91,14 @@ def release_file_pages(directory: str | os.PathLike) -> int:
     bytes of mappings advised (0 where unsupported).
     """
     root = os.path.realpath(directory) + os.sep
+    madvise = getattr(_libc(), "madvise", None)
     try:
         with open("/proc/self/maps") as f:
             lines = f.read().splitlines()
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    except (OSError, TypeError):
+    except OSError:
         return 0
-    madvise = libc.madvise
+    if madvise is None:
+        return 0
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     advised = 0
     for line in lines:
@@ -108,12 +117,8 @@ def trim_heap() -> bool:
     After a long streaming phase the heap holds freed blocks scattered among live ones; a phase
     that follows starts from the lower resident size. Returns True if memory was released.
     """
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        malloc_trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
+    malloc_trim = getattr(_libc(), "malloc_trim", None)
+    if malloc_trim is None:
         return False
     malloc_trim.argtypes = [ctypes.c_size_t]
     return bool(malloc_trim(0))
