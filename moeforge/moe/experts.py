@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fused import fused_expert_mlp
+from .fused import fused_expert_mlp, token_bags
 from .kernels import grouped_linear
 from .routing import Routing
 
@@ -114,13 +114,14 @@ class StackedExperts(nn.Module):
         tokens, hidden = x.shape
         if routing.expert_index.numel() == 0:
             return x.new_zeros(tokens, hidden) + 0.0 * routing.weight.sum()
-        order = torch.argsort(routing.expert_index, stable=True)
+        order = torch.argsort(routing.expert_index.to(torch.int32), stable=True)  # int32 sorts ~2x faster on CPU
         counts = torch.bincount(routing.expert_index, minlength=self.num_experts)
         token_sorted = routing.token_index[order]
         weight_sorted = routing.weight[order]
         if self._use_fused(x):
+            bags = token_bags(token_sorted, tokens, order, routing.slots)
             return fused_expert_mlp(
-                x, weight_sorted, self.in_proj, self.down_proj, token_sorted, counts.tolist(), self.act, self.glu
+                x, weight_sorted, self.in_proj, self.down_proj, token_sorted, counts.tolist(), self.act, self.glu, bags
             )
         offsets = torch.cumsum(counts, dim=0).to(torch.int32)
         y_sorted = self.expert_forward(x.index_select(0, token_sorted), offsets, weight_sorted)

@@ -22,14 +22,15 @@ import torch
 _workspace = threading.local()
 
 
-def workspace(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+def workspace(rows: int, cols: int, like: torch.Tensor, slot: str = "scratch") -> torch.Tensor:
     """A (rows, cols) scratch tensor reused across calls on this thread (grown when too small).
 
     Large temporaries allocated afresh are page-faulted in on every call on CPU (glibc serves them
     with mmap and returns them on free); a reused block is faulted in once. The caller must be
-    done with the block before the next call on the same thread asks for it.
+    done with the block before the next call on the same thread asks for the same ``slot``;
+    different slots are different blocks.
     """
-    key = (like.device, like.dtype)
+    key = (like.device, like.dtype, slot)
     cache = getattr(_workspace, "buffers", None)
     if cache is None:
         cache = _workspace.buffers = {}

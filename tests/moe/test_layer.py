@@ -144,8 +144,13 @@ def test_dropless_execution_builds_no_per_expert_token_mask(monkeypatch):
 
 @pytest.mark.parametrize(("glu", "activation"), [(True, "silu"), (False, "silu"), (True, "gelu")])
 @pytest.mark.parametrize("router", ["topk", "switch", "expert_choice"])
-def test_fused_cpu_path_equals_grouped_autograd_path(glu, activation, router):
-    # SwiGLU has a hand-written backward in the fused path; other activations go through autograd
+@pytest.mark.parametrize("phased", [True, False])
+def test_fused_cpu_path_equals_grouped_autograd_path(glu, activation, router, phased, monkeypatch):
+    # SwiGLU has a hand-written backward in the fused path; other activations go through autograd.
+    # The fused forward activates per expert (large experts) or the whole block at once (small ones).
+    from moeforge.moe import fused as fused_module
+
+    monkeypatch.setattr(fused_module, "_PHASED_BELOW", 1 << 30 if phased else 0)
     kw = dict(num_experts=8, top_k=1 if router == "switch" else 2, glu=glu, activation=activation, router=router,
               expert_size=8)
     if router == "expert_choice":
