@@ -13,7 +13,8 @@ Contenders are timed in rotation (one call each, repeated) and the median is rep
 in machine load affects all of them alike. The table gives milliseconds and the ratio to the
 limit. Usage::
 
-    python benchmarks/moe_layer.py [--tokens 4096] [--hidden 576] [--repeats 15] [--dtype float32]
+    python benchmarks/moe_layer.py [--shapes '8,2,192;16,4,96;64,8,24'] [--tokens 4096] [--hidden 576]
+                                   [--repeats 15] [--dtype float32]
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ def check_same_output(fns: dict, x: torch.Tensor) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=";".join(",".join(map(str, s)) for s in SHAPES),
+                    help="experts,top-k,expert-size triples separated by ';' (default: the issue's three)")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--hidden", type=int, default=576)
     ap.add_argument("--repeats", type=int, default=15)
@@ -121,7 +124,14 @@ def main() -> None:
     header = f"{'shape (E,k,I)':>14} {'pass':>9} " + " ".join(f"{n:>13}" for n in ["moeforge", *[f'hf-{i}' for i in HF_IMPLS], "limit"])
     print(header)
     summary = []
-    for e, k, size in SHAPES:
+    try:
+        shapes = [tuple(int(v) for v in item.split(",")) for item in args.shapes.split(";") if item.strip()]
+        if not shapes or any(len(t) != 3 or min(t) < 1 or t[1] > t[0] for t in shapes):
+            raise ValueError
+    except ValueError:
+        ap.error(f"--shapes {args.shapes!r}: give experts,top-k,expert-size triples with 1 <= top-k <= experts, "
+                 "separated by ';', e.g. '8,2,192;64,8,24'")
+    for e, k, size in shapes:
         skip = set()
         need = batched_mm_bytes(args.tokens, e, k, size, args.hidden, dtype) / 2**30
         if need > args.max_gib:
