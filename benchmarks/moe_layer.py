@@ -99,11 +99,20 @@ def measure(fns: dict, x: torch.Tensor, backward: bool, repeats: int, device: st
 
 
 def check_same_output(fns: dict, x: torch.Tensor) -> None:
+    """Every transformers contender computes moeforge's output. In a low precision, transformers'
+    router runs in that precision and moeforge's in float32, so a near-tie may send a token to a
+    different expert: up to 1% of tokens may then differ, the rest must agree."""
+    allowed = 0.0 if x.dtype == torch.float32 else 0.01
     with torch.no_grad():
-        ref = fns["moeforge"](x)
+        ref = fns["moeforge"](x).reshape(-1, x.shape[-1]).float()
         for name, fn in fns.items():
-            if name.startswith("hf-"):
-                torch.testing.assert_close(fn(x.clone()), ref, atol=2e-2, rtol=2e-2)
+            if not name.startswith("hf-"):
+                continue
+            out = fn(x.clone()).reshape(-1, x.shape[-1]).float()
+            bad = ~torch.isclose(out, ref, atol=2e-2, rtol=2e-2).all(dim=1)
+            frac = bad.float().mean().item()
+            if frac > allowed:
+                raise SystemExit(f"{name} disagrees with moeforge on {frac:.2%} of tokens (allowed {allowed:.0%})")
 
 
 def main() -> None:

@@ -14,6 +14,12 @@ Prints one table and the ratios the training issue sets as goals: moeforge / bes
 
     .venv/bin/python benchmarks/train_step.py                                   # converts smollm2 in memory
     .venv/bin/python benchmarks/train_step.py --moe runs/smollm2-moe-8x2 --threads 1 --batch 2 --seq-len 256
+    python benchmarks/train_step.py --dense-config DIR --device cuda --precision bf16 --steps 20 --warmup 3
+
+``--dense-config DIR`` (a config.json and tokenizer files, e.g. written by ``--save-dense-config``)
+builds a randomly initialised model of that shape instead of loading SmolLM2's GGUF, for machines
+without it: step time does not depend on the weights' values. On a GPU every contender runs in the
+same precision (``--precision bf16``: bf16 autocast over float32 weights, the trainer's setting).
 """
 
 from __future__ import annotations
@@ -31,11 +37,28 @@ import moeforge
 from moeforge.eval.cost import flops_per_token, parameter_counts
 
 
-def moeforge_moe(args):
+def dense_model(args):
+    if args.dense_config:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        config = AutoConfig.from_pretrained(args.dense_config)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return moeforge.load("smollm2")
+
+
+def moeforge_moe(args, tok):
     if args.moe:
         return moeforge.load(args.moe)
-    report = moeforge.convert("smollm2", None, experts=args.experts, top_k=args.top_k, method="random", verify=False, eval_tokens=0)
+    source = dense_model(args) if args.dense_config else "smollm2"
+    report = moeforge.convert(source, None, tokenizer=tok, experts=args.experts, top_k=args.top_k, method="random",
+                              verify=False, eval_tokens=0)
     return report.model
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def to_mixtral(moe, impl: str):
@@ -105,27 +128,36 @@ def batched_mm_bytes(moe, args) -> int:
     return 4 * pairs * per_pair * moe.config.num_hidden_layers
 
 
-def available_bytes() -> int:
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         return 1 << 62
 
 
-def time_plain_loop(model, ids: torch.Tensor, steps: int, warmup: int) -> list[float]:
-    """A plain transformers training loop: loss (with the router aux loss), backward, AdamW."""
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+def time_plain_loop(model, ids: torch.Tensor, steps: int, warmup: int, precision: str) -> list[float]:
+    """A plain transformers training loop: loss (with the router aux loss), backward, AdamW (fused
+    on a GPU), under bf16 autocast when ``precision`` is bf16."""
+    device = ids.device
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     times = []
     for i in range(warmup + steps):
+        sync(device)
         t0 = time.perf_counter()
-        out = model(input_ids=ids, labels=ids)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+    model.to("cpu")
     return times
 
 
@@ -146,17 +178,21 @@ def time_moeforge_step(model, tokenizer, args, steps: int, warmup: int) -> list[
                 "warmup_steps": 0,
                 "progress": False,
                 "plots": False,
-                "precision": "fp32",
+                "precision": args.precision,
             }
         )
         trainer = Trainer(cfg, model=model, tokenizer=tokenizer)
         trainer._setup()
+        device = trainer.ctx.device
         times = []
         for i in range(warmup + steps):
+            sync(device)
             t0 = time.perf_counter()
             trainer.train_step()
+            sync(device)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
+        model.to("cpu")
         return times
 
 
@@ -172,34 +208,54 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--force", action="store_true", help="run batched_mm even when it would not fit in memory")
     ap.add_argument("--impls", default="eager,batched_mm,grouped_mm", help="transformers experts implementations to try")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                    help="fp32, or bf16 autocast over float32 weights (default: bf16 on a GPU, fp32 on the CPU)")
+    ap.add_argument("--dense-config", help="directory with config.json + tokenizer: random weights of that shape, no GGUF")
+    ap.add_argument("--save-dense-config", metavar="DIR", help="write SmolLM2's config and tokenizer to DIR and exit")
     args = ap.parse_args()
+    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+    device = torch.device(args.device)
+    if args.save_dense_config:
+        dense = dense_model(args)
+        dense.config.save_pretrained(args.save_dense_config)
+        moeforge.load_tokenizer("smollm2").save_pretrained(args.save_dense_config)
+        print(f"wrote SmolLM2's config and tokenizer to {args.save_dense_config}")
+        return
 
     from moeforge.eval.report import device_description
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    tok = moeforge.load_tokenizer("smollm2")
+    if args.dense_config:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.dense_config)
+    else:
+        tok = moeforge.load_tokenizer("smollm2")
     tokens = args.batch * args.seq_len
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, len(tok), (args.batch, args.seq_len), generator=g)
+    ids = torch.randint(0, len(tok), (args.batch, args.seq_len), generator=g).to(device)
     rows = []
 
     def record(name, times, model):
         med = statistics.median(times)
         counts = parameter_counts(model)
         rows.append({"name": name, "s": med, "tps": tokens / med, "active": counts["active"], "flops": flops_per_token(model, args.seq_len)})
-        print(f"  {name:<34} {med:7.2f} s/step  {tokens / med:8.1f} tokens/s", flush=True)
+        print(f"  {name:<34} {med:8.4f} s/step  {tokens / med:10.1f} tokens/s", flush=True)
 
-    print(f"device: {device_description()}, threads {torch.get_num_threads()}; batch {args.batch} x {args.seq_len} tokens, "
-          f"median of {args.steps} steps after {args.warmup} warm-up", flush=True)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else device_description()
+    print(f"device: {where}, threads {torch.get_num_threads()}, precision {args.precision}; batch {args.batch} x "
+          f"{args.seq_len} tokens, median of {args.steps} steps after {args.warmup} warm-up", flush=True)
 
-    moe = moeforge_moe(args)
+    moe = moeforge_moe(args, tok)
     # sanity: the Mixtral copy computes the same logits
     mix = to_mixtral(moe, "eager")
     with torch.no_grad():
         moe.eval(), mix.eval()
-        diff = (moe(ids[:1, :32]).logits - mix(ids[:1, :32]).logits).abs().max().item()
+        probe = ids[:1, :32].cpu()
+        diff = (moe(probe).logits - mix(probe).logits).abs().max().item()
     print(f"Mixtral copy vs moeforge logits: max |diff| = {diff:.2e}", flush=True)
     del mix
 
@@ -211,7 +267,7 @@ def main() -> None:
     best = None
     for impl in [s for s in args.impls.split(",") if s]:
         if impl == "batched_mm" and not args.force:
-            need, avail = batched_mm_bytes(moe, args), available_bytes()
+            need, avail = batched_mm_bytes(moe, args), available_bytes(device)
             if need > 0.5 * avail:
                 print(f"  transformers Mixtral (batched_mm): skipped: it gathers one expert weight matrix per routed token "
                       f"and keeps them for the backward pass, ~{need / 2**30:.0f} GiB here vs {avail / 2**30:.0f} GiB "
@@ -219,7 +275,7 @@ def main() -> None:
                 continue
         mix = to_mixtral(moe, impl)
         try:
-            record(f"transformers Mixtral ({impl})", time_plain_loop(mix, ids, args.steps, args.warmup), mix)
+            record(f"transformers Mixtral ({impl})", time_plain_loop(mix, ids, args.steps, args.warmup, args.precision), mix)
         except Exception as err:  # an implementation transformers cannot run here
             print(f"  transformers Mixtral ({impl}): failed: {type(err).__name__}: {err}")
             continue
@@ -231,9 +287,9 @@ def main() -> None:
     del moe
     gc.collect()
 
-    dense = moeforge.load("smollm2")
+    dense = dense_model(args)
     record("dense SmolLM2 (trainer step)", time_moeforge_step(dense, tok, args, args.steps, args.warmup), dense)
-    dense_plain = time_plain_loop(dense, ids, args.steps, args.warmup)
+    dense_plain = time_plain_loop(dense, ids, args.steps, args.warmup, args.precision)
     record("dense SmolLM2 (plain loop)", dense_plain, dense)
 
     ours, dense_row = rows[0], rows[-2]

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .fused import fused_expert_mlp, token_bags
 from .kernels import grouped_linear
-from .routing import Routing
+from .routing import Routing, expert_counts
 
 _ACT = {
     "silu": F.silu,
@@ -90,7 +90,13 @@ class StackedExperts(nn.Module):
         projection, which equals scaling the output (the down projection is linear) at I/H of
         the cost.
         """
-        h = grouped_linear(x_sorted, self.in_proj, offsets, counts)
+        w_in, w_out = self.in_proj, self.down_proj
+        if x_sorted.device.type != "cpu" and torch.is_autocast_enabled(x_sorted.device.type):
+            # autocast does not cover grouped_mm: cast as it would for a linear layer (the casts are
+            # differentiable), so a bf16-autocast step on a GPU takes the grouped GEMM, not a loop
+            dtype = torch.get_autocast_dtype(x_sorted.device.type)
+            x_sorted, w_in, w_out = x_sorted.to(dtype), w_in.to(dtype), w_out.to(dtype)
+        h = grouped_linear(x_sorted, w_in, offsets, counts)
         if self.glu:
             gate, up = h.chunk(2, dim=-1)
             h = self.act(gate) * up
@@ -100,7 +106,7 @@ class StackedExperts(nn.Module):
             h = F.dropout(h, p=self.dropout, training=True)
         if weight_sorted is not None:
             h = h * weight_sorted.to(h.dtype).unsqueeze(-1)
-        return grouped_linear(h, self.down_proj, offsets, counts)
+        return grouped_linear(h, w_out, offsets, counts)
 
     def forward(self, x: Tensor, routing: Routing) -> Tensor:
         """Apply the routed experts.
@@ -115,7 +121,7 @@ class StackedExperts(nn.Module):
         if routing.expert_index.numel() == 0:
             return x.new_zeros(tokens, hidden) + 0.0 * routing.weight.sum()
         order = torch.argsort(routing.expert_index.to(torch.int32), stable=True)  # int32 sorts ~2x faster on CPU
-        counts = torch.bincount(routing.expert_index, minlength=self.num_experts)
+        counts = expert_counts(routing.expert_index, self.num_experts)
         token_sorted = routing.token_index[order]
         weight_sorted = routing.weight[order]
         if self._use_fused(x):

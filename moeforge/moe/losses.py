@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .routing import expert_counts
+
 
 def load_balancing_loss(probs: Tensor, expert_index: Tensor, num_experts: int) -> Tensor:
     """Switch Transformer load-balancing loss N * sum_i f_i * P_i (Fedus et al. 2021, eq. 4).
@@ -25,7 +27,7 @@ def load_balancing_loss(probs: Tensor, expert_index: Tensor, num_experts: int) -
     tokens = probs.shape[0]
     if tokens == 0:
         return probs.sum() * 0.0
-    counts = torch.bincount(expert_index.reshape(-1), minlength=num_experts)[:num_experts]
+    counts = expert_counts(expert_index, num_experts)
     fraction = counts.to(probs.dtype) / tokens
     mean_prob = probs.mean(dim=0)
     return num_experts * torch.sum(fraction * mean_prob)

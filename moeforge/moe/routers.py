@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..errors import MoeforgeError, unknown_name
 from .config import MoEConfig
 from .losses import cv_squared, load_balancing_loss, noisy_topk_load, router_z_loss
-from .routing import Routing, token_choice
+from .routing import Routing, expert_counts, token_choice
 
 ROUTERS: dict[str, type[Router]] = {}
 
@@ -82,7 +82,14 @@ class Router(nn.Module):
         return F.linear(x.float(), self.weight.float())
 
     def forward(self, x: Tensor, batch_shape: tuple[int, ...] | None = None) -> Routing:
-        """Route ``x`` (T, H); ``batch_shape`` is the (B, S) the T tokens came from, if any."""
+        """Route ``x`` (T, H); ``batch_shape`` is the (B, S) the T tokens came from, if any.
+
+        Under autocast (bf16 training) the router still computes in float32: autocast would
+        otherwise run its matmuls in the low precision whatever the operands' dtype.
+        """
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self.route(x, batch_shape)
         return self.route(x, batch_shape)
 
     def route(self, x: Tensor, batch_shape: tuple[int, ...] | None) -> Routing:  # pragma: no cover
@@ -345,7 +352,7 @@ class SigmoidBiasRouter(Router):
         losses: dict[str, Tensor] = {}
         if self.training:
             with torch.no_grad():
-                self.pending_load += torch.bincount(index.reshape(-1), minlength=self.num_experts).float()
+                self.pending_load += expert_counts(index, self.num_experts).float()
             if self.aux_loss_coef > 0:
                 normed = scores / scores.sum(dim=-1, keepdim=True)
                 losses["balance_loss"] = self.aux_loss_coef * load_balancing_loss(normed, index, self.num_experts)

@@ -45,7 +45,7 @@ class Routing:
 
     def expert_load(self) -> Tensor:
         """(E,) number of (token, expert) pairs each expert processes."""
-        return torch.bincount(self.expert_index, minlength=self.num_experts)[: self.num_experts]
+        return expert_counts(self.expert_index, self.num_experts)
 
     def topk_view(self) -> tuple[Tensor, Tensor]:
         """(T, k) expert indices and weights, for token-choice routing without dropping."""
@@ -67,6 +67,18 @@ class Routing:
             dropped=None if self.dropped is None else self.dropped.detach(),
             aux_losses={k: v.detach() for k, v in self.aux_losses.items()},
         )
+
+
+def expert_counts(expert_index: Tensor, num_experts: int) -> Tensor:
+    """(E,) long: how often each expert id in [0, E) occurs in ``expert_index``.
+
+    ``torch.bincount`` reads its input's maximum back to the host on CUDA (a device sync per MoE
+    layer); on accelerators the count is a scatter-add that stays on the device.
+    """
+    flat = expert_index.reshape(-1)
+    if flat.device.type == "cpu":
+        return torch.bincount(flat, minlength=num_experts)[:num_experts]
+    return torch.zeros(num_experts, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
 
 
 def token_choice(expert_index: Tensor, weight: Tensor, **kwargs) -> Routing:

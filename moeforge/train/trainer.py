@@ -586,7 +586,7 @@ class Trainer:
         step_aux: dict[str, float] = {}
         step_aux_total = 0.0
         step_kl = 0.0
-        finite = True
+        finite_flags: list[torch.Tensor] = []
         loads: dict[int, torch.Tensor] = {}
         for j, (ids, labels, dom) in enumerate(micro_batches):
             ids, labels = ids.to(dev), labels.to(dev)
@@ -606,8 +606,7 @@ class Trainer:
                 aux, aux_named = weighted_aux_loss(out, cfg.aux_loss_scale, cfg.aux_loss_scales)
                 if aux is not None and cfg.aux_loss_scale > 0:
                     loss = loss + aux / self.accum
-                if not torch.isfinite(loss).item():
-                    finite = False
+                finite_flags.append(torch.isfinite(loss.detach()))  # read after the backward: no device sync between the passes
                 loss.backward()
             with torch.no_grad():
                 for d_i in range(len(self.domains)):
@@ -621,10 +620,12 @@ class Trainer:
                     step_aux_total += float(aux.item()) / self.accum
                 routing = getattr(out, "routing", None)
                 if routing:
-                    for li, r in enumerate(routing):
-                        if r is not None:
-                            load = r.expert_load().to(torch.float64).cpu()
+                    layers = [(li, r.expert_load()) for li, r in enumerate(routing) if r is not None]
+                    if layers:  # one device-to-host copy for all layers
+                        host = torch.cat([c for _, c in layers]).to(torch.float64).cpu().split([len(c) for _, c in layers])
+                        for (li, _), load in zip(layers, host):
                             loads[li] = loads[li] + load if li in loads else load
+        finite = bool(torch.stack(finite_flags).all())
         if not ctx.all_true(finite):
             self._fail_nonfinite("loss")
         if cfg.grad_clip > 0:

@@ -205,3 +205,18 @@ def test_bad_configs_fail_at_construction(kw, fragment):
     base.update(kw)
     with pytest.raises(MoeforgeError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         MoEConfig(**base)
+
+
+@pytest.mark.parametrize("name", ["topk", "noisy_topk", "switch", "expert_choice", "sigmoid_bias"])
+def test_router_computes_in_float32_under_bf16_autocast(name):
+    """Selective precision (Switch Transformer sec. 2.4): bf16 autocast must not reach the router."""
+    kw = dict(hidden_size=16, expert_size=8, num_experts=4, top_k=1 if name == "switch" else 2, router=name)
+    if name == "expert_choice":
+        kw["allow_future_tokens"] = True
+    router = MoELayer(MoEConfig(**kw)).router.eval()
+    x = torch.randn(40, 16)
+    reference = router(x).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routed = router(x)
+    assert routed.logits.dtype == torch.float32 and routed.weight.dtype == torch.float32
+    torch.testing.assert_close(routed.logits, reference, atol=0, rtol=0)
