@@ -38,6 +38,7 @@ KINDS = ("auto", "text", "chat")
 MIXTURES = ("static", "dynamic")
 SIGNALS = ("valid", "train")
 PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
 TRAIN_PARAMS = ("auto", "all", "moe", "router")
 PARALLEL = ("ddp", "fsdp")
 
@@ -215,6 +216,9 @@ class TrainConfig:
     """AdamW epsilon."""
     grad_clip: float = 1.0
     """Global gradient-norm clipping threshold; 0 disables."""
+    device: str = "auto"
+    """Where to train: auto (a CUDA GPU when there is one, else the CPU), cpu, or cuda. Under
+    torchrun each process takes the GPU of its local rank."""
     precision: str = "auto"
     """fp32, bf16 (autocast; weights stay fp32) or auto (bf16 on GPUs that support it, fp32 on CPU)."""
     train_params: str = "auto"
@@ -297,6 +301,7 @@ class TrainConfig:
         )
         require(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}.")
         _choice("precision", self.precision, PRECISIONS)
+        _choice("device", self.device, DEVICES)
         _choice("train_params", self.train_params, TRAIN_PARAMS)
         _choice("parallel", self.parallel, PARALLEL)
         require(self.aux_loss_scale >= 0, f"aux_loss_scale must be >= 0, got {self.aux_loss_scale}.")

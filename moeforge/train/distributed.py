@@ -74,16 +74,27 @@ class DistContext:
         return box[0]
 
 
-def setup(timeout_s: int = 1800) -> DistContext:
-    """Join the torchrun process group if the environment asks for one; choose the device."""
+def setup(timeout_s: int = 1800, device: str = "auto") -> DistContext:
+    """Join the torchrun process group if the environment asks for one; choose the device
+    (``auto``: this process's GPU when there are GPUs, else the CPU; ``cpu``; ``cuda``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MoeforgeError("device: cuda, but PyTorch sees no CUDA GPU here; set device: auto or cpu.")
+    if device != "cpu" and torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        if local_world > gpus:
+            raise MoeforgeError(
+                f"{local_world} processes per node but {gpus} GPU(s): NCCL needs one GPU per process. "
+                f"Launch with --nproc-per-node {gpus}, or set device: cpu to train on the CPU (gloo)."
+            )
+        where = torch.device("cuda", local_rank)
+        torch.cuda.set_device(where)
     else:
-        device = torch.device("cpu")
+        where = torch.device("cpu")
+    device = where
     if world <= 1:
         return DistContext(0, 1, 0, device, initialized=False)
     if dist.is_initialized():
@@ -130,9 +141,14 @@ def wrap_model(model: nn.Module, ctx: DistContext, *, strategy: str, find_unused
         # moeforge's decoder layers return views (e.g. routing indices) but nothing modifies a layer's
         # output in place, which is the case this warning is about (tests compare FSDP to one process)
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPMoeforgeDecoderLayer\) returned a view")
+        from torch.distributed.device_mesh import init_device_mesh
+
+        # the mesh on this process's device type (fully_shard's default mesh takes the GPU whenever
+        # there is one, also when the config asked for the CPU)
+        mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
         for layer in decoder_layers(model):
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -167,7 +167,7 @@ class Trainer:
 
     def _setup(self) -> Path | None:
         cfg = self.config
-        self.ctx: DistContext = setup()
+        self.ctx: DistContext = setup(device=self.config.device)
         ctx = self.ctx
         world = ctx.world_size
         if cfg.batch_size % world:

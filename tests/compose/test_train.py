@@ -21,7 +21,7 @@ def _config(saved_models, tmp_path, **compose):
         "output_dir": str(tmp_path / "run"),
         "data": [{"name": "kv", "path": str(data), "prompt_field": "prompt", "response_field": "answer"}],
         "steps": 3, "batch_size": 8, "seq_len": 24, "lr": 1e-2, "warmup_steps": 0,
-        "progress": False, "plots": False,
+        "progress": False, "plots": False, "device": "cpu",
         "compose": {"augmenting": str(saved_models["augmenting"]), "num_connections": 2, **compose},
     }
     path = tmp_path / "calm.yaml"

@@ -50,7 +50,7 @@ def test_trainer_sft_with_peft_section(method, tmp_path):
         {
             "model": "tiny", "output_dir": str(tmp_path / "run"), "steps": 3, "batch_size": 2, "seq_len": 32,
             "lr": 1e-2, "warmup_steps": 0, "weight_decay": 0.0, "save_every": 3, "log_every": 1,
-            "progress": False, "plots": False, "cache_dir": "off",
+            "progress": False, "plots": False, "cache_dir": "off", "device": "cpu",
             "data": [{"name": "qa", "path": str(data), "prompt_field": "q", "response_field": "a", "valid_fraction": 0.0}],
             "peft": section,
         },

@@ -46,6 +46,7 @@ def make_cfg(tmp_path, tiny_dir, cache_dir):
             "progress": False,
             "plots": False,
             "cache_dir": cache_dir,
+            "device": "cpu",  # the CPU reference behaviour; tests/train/test_cuda.py covers the GPU
         }
         base.update(kw)
         return base

@@ -31,7 +31,7 @@ def test_fused_cross_entropy_on_cuda_matches_materialised_logits():
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_trainer_runs_on_cuda_and_learns(make_cfg, tmp_path, precision):
     out = tmp_path / precision
-    train(make_cfg(output_dir=str(out), steps=12, precision=precision, save_every=6, lr=3e-3))
+    train(make_cfg(output_dir=str(out), steps=12, precision=precision, save_every=6, lr=3e-3, device="cuda"))
     recs = [r for r in read_metrics(out) if r["kind"] == "train"]
     losses = [r["loss"] for r in recs]
     assert len(losses) == 12 and all(math.isfinite(v) for v in losses)

@@ -69,3 +69,22 @@ def test_two_process_gloo_equals_one_process(tmp_path, make_cfg, tokenizer, para
         torch.testing.assert_close(wb[k], wa[k], atol=2e-5, rtol=1e-4)
     assert any(k.endswith("router.bias") and wa[k].abs().sum() > 0 for k in wa)
     assert (tmp_path / "two" / "checkpoints" / "step-000004" / "rng-1.json").is_file()
+
+
+def test_device_choice_and_one_gpu_per_process(monkeypatch):
+    from moeforge.errors import MoeforgeError
+    from moeforge.train.config import load_config
+    from moeforge.train.distributed import setup
+
+    with pytest.raises(MoeforgeError, match="device"):
+        load_config({"model": "m", "output_dir": "o", "data": [{"name": "p", "builtin": "prose"}], "device": "tpu"})
+    if not torch.cuda.is_available():
+        with pytest.raises(MoeforgeError, match="no CUDA GPU"):
+            setup(device="cuda")
+    # pretend this machine has one GPU: two processes per node cannot share it under NCCL
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(MoeforgeError, match="--nproc-per-node 1, or set device: cpu"):
+        setup()
+    assert setup(device="cpu").device.type == "cpu"  # the CPU is always allowed (gloo)
