@@ -34,6 +34,7 @@ from torch.autograd.function import once_differentiable
 
 from ..utils.memory import workspace
 
+
 def _as(weight: Tensor, like: Tensor) -> Tensor:
     """One expert's weight in the activations' dtype: weights stored in a lower precision than the
     activations (inference only) are upcast one expert at a time, never as a whole."""
