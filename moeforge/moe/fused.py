@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..utils.memory import workspace
+from .routing import expert_counts
 
 
 def _as(weight: Tensor, like: Tensor) -> Tensor:
@@ -91,7 +92,7 @@ def token_bags(token_sorted: Tensor, tokens: int, order: Tensor | None = None, s
         bag_index[order] = torch.arange(pairs, device=order.device)
         return bag_index, torch.arange(0, pairs, slots, device=order.device)
     bag_index = torch.argsort(token_sorted.to(torch.int32), stable=True)
-    sizes = torch.bincount(token_sorted, minlength=tokens)
+    sizes = expert_counts(token_sorted, tokens)  # pairs per token (the id counter works for any ids)
     return bag_index, torch.cumsum(sizes, 0) - sizes
 
 

@@ -90,16 +90,15 @@ def setup(timeout_s: int = 1800, device: str = "auto") -> DistContext:
                 f"{local_world} processes per node but {gpus} GPU(s): NCCL needs one GPU per process. "
                 f"Launch with --nproc-per-node {gpus}, or set device: cpu to train on the CPU (gloo)."
             )
-        where = torch.device("cuda", local_rank)
-        torch.cuda.set_device(where)
+        chosen = torch.device("cuda", local_rank)
+        torch.cuda.set_device(chosen)
     else:
-        where = torch.device("cpu")
-    device = where
+        chosen = torch.device("cpu")
     if world <= 1:
-        return DistContext(0, 1, 0, device, initialized=False)
+        return DistContext(0, 1, 0, chosen, initialized=False)
     if dist.is_initialized():
-        return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, initialized=True)
-    backend = "nccl" if device.type == "cuda" else "gloo"
+        return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, chosen, initialized=True)
+    backend = "nccl" if chosen.type == "cuda" else "gloo"
     try:
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     except Exception as err:  # rendezvous problems surface as several exception types
@@ -107,7 +106,7 @@ def setup(timeout_s: int = 1800, device: str = "auto") -> DistContext:
             f"could not join the process group ({backend}, rank {rank} of {world}): {err}. "
             "Launch with `torchrun --nproc-per-node N -m moeforge train CONFIG.yaml`."
         ) from None
-    return DistContext(rank, world, local_rank, device, initialized=True, owns_group=True)
+    return DistContext(rank, world, local_rank, chosen, initialized=True, owns_group=True)
 
 
 def teardown(ctx: DistContext) -> None:
