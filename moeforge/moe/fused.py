@@ -152,8 +152,7 @@ class FusedExpertMLP(torch.autograd.Function):
             gate, up = _halves(h)
             if width < 64:
                 up = up.contiguous()
-            sig = torch.sigmoid(gate)
-            silu = gate * sig
+            silu = F.silu(gate)
             a_val = silu * up
         else:
             with torch.enable_grad():
@@ -179,12 +178,12 @@ class FusedExpertMLP(torch.autograd.Function):
         if need_x or need_in:
             grad_a.mul_(wp)  # now dL/da
             if swiglu:
-                # a = silu(g) * u: da/du = silu(g); da/dg = u * silu'(g), silu' = sig + silu * (1 - sig)
+                # a = silu(g) * u: dL/du = dL/da * silu(g); dL/dg = silu'(g) * (dL/da * u), the last
+                # in aten's one-pass silu_backward, written straight into the gate half
                 grad_h = torch.empty_like(h)
                 torch.mul(grad_a, silu, out=grad_h[:, width:])
-                d_silu = torch.rsub(sig, 1.0).mul_(silu).add_(sig)
-                torch.mul(d_silu.mul_(up), grad_a, out=grad_h[:, :width])
-                del sig, silu, d_silu
+                del silu
+                torch.ops.aten.silu_backward.grad_input(grad_a.mul_(up), gate, grad_input=grad_h[:, :width])
             else:
                 (grad_h,) = torch.autograd.grad(a, h_, grad_a)
             grad_hs = grad_h.split(counts)
