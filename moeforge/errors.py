@@ -15,10 +15,11 @@ class MoeforgeError(ValueError):
     """A problem with user input. ``str(err)`` is the whole message to show."""
 
 
-def closest(name: str, choices: Iterable[str]) -> str:
-    """A "did you mean" hint for ``name`` among ``choices``, or "" when nothing is close."""
+def closest(name: str, choices: Iterable[str], prefix: str = "") -> str:
+    """A "did you mean" hint for ``name`` among ``choices`` (shown as ``prefix + choice``), or ""
+    when nothing is close."""
     match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-    return f" Did you mean {match[0]!r}?" if match else ""
+    return f" Did you mean {prefix + match[0]!r}?" if match else ""
 
 
 def unknown_name(kind: str, name: str, known: Iterable[str]) -> MoeforgeError:

@@ -291,9 +291,16 @@ def load_tokenizer(path_or_alias: str | os.PathLike):
             return AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
         return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
     try:
-        return AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)
     except (OSError, ValueError) as err:
         raise MoeforgeError(f"{source.path} has no usable tokenizer ({err}); copy the base model's tokenizer files there.") from None
+    if not tok("The quick brown fox.", add_special_tokens=False).input_ids:
+        # transformers may build a tokenizer class from config.json alone, with an empty vocabulary
+        raise MoeforgeError(
+            f"{source.path} has no usable tokenizer (the one transformers built encodes text to nothing); copy the "
+            "base model's tokenizer files there."
+        )
+    return tok
 
 
 def load_with_tokenizer(path_or_alias: str | os.PathLike, **kwargs):

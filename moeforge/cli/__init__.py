@@ -33,8 +33,13 @@ def build_app() -> typer.Typer:
 
 
 def fail(message: str, code: int = 2) -> None:
-    """Print ``moeforge: error: message`` to stderr and exit with ``code``."""
-    print(f"moeforge: error: {message}", file=sys.stderr)
+    """Print ``moeforge: error: message`` to stderr and exit with ``code``.
+
+    Under torchrun only rank 0 prints: every process meets the same config or data error, and N
+    copies of one message bury it.
+    """
+    if os.environ.get("RANK", "0") == "0":
+        print(f"moeforge: error: {message}", file=sys.stderr)
     raise SystemExit(code)
 
 

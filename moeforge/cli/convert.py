@@ -34,7 +34,8 @@ def register(app: typer.Typer) -> None:
         eval_tokens: int = typer.Option(4096, "--eval-tokens", help="Held-out tokens for dense vs MoE perplexity (0 skips)."),
         verify: str = typer.Option(
             "auto", help="Check the export before reporting success: auto (whole model up to 4 GiB in float32, else its "
-            "first layer), full, layers, or off (no check: saves the memory and time the check takes)."),
+            "first layer), full, layers, or off (no check and no dense-vs-MoE perplexity: saves the memory and time "
+            "they take)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
         allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept a pickle-only (.bin) dense checkpoint."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),

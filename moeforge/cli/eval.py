@@ -66,6 +66,10 @@ def register(app: typer.Typer) -> None:
         from ..loading import load, load_tokenizer
 
         corpora = [resolve_corpus(d) for d in data] if data else None  # bad names fail before loading
+        if plots:
+            from ..utils.io import check_writable_dir
+
+            check_writable_dir(plots, "--plots directory")  # before the evaluation, not after it
         m = load(model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         tok = load_tokenizer(model)
         log = None if as_json else (lambda msg: print(msg, file=sys.stderr, flush=True))

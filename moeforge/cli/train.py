@@ -34,7 +34,13 @@ def register(app: typer.Typer) -> None:
 
             if int(os.environ.get("RANK", "0")) == 0:
                 loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
-                print(f"trained {result.steps} steps ({result.tokens:,} tokens) in {result.wall_time_s:.0f}s; final loss {loss}")
+                if result.resumed_from is not None and result.resumed_from >= result.steps:
+                    print(f"{cfg.output_dir} already holds this run finished at step {result.steps}; nothing to train "
+                          f"(raise --steps to train further). Final loss {loss}")
+                else:
+                    since = f", resumed from step {result.resumed_from}" if result.resumed_from else ""
+                    print(f"trained {result.steps} steps ({result.tokens:,} tokens{since}) in {result.wall_time_s:.0f}s; "
+                          f"final loss {loss}")
                 if result.eval_losses:
                     print("validation loss: " + ", ".join(f"{k} {v:.4f}" for k, v in result.eval_losses.items()))
                 print(f"metrics: {result.metrics_path}")

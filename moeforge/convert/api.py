@@ -273,16 +273,37 @@ def convert(
         name = sorted(unknown)[0]
         raise MoeforgeError(f"unknown conversion option {name!r}.{closest(name, ConvertConfig.field_names())}")
     cfg = ConvertConfig(**options)
+    if not isinstance(eval_tokens, int) or eval_tokens < 0:
+        raise MoeforgeError(f"eval_tokens (--eval-tokens) must be an integer >= 0 (0 skips the perplexity), got {eval_tokens!r}.")
     say = progress or (lambda _m: None)
     if out is None:
         return _convert(model_or_path, None, cfg, allow_pickle, tokenizer, verify, eval_tokens, say)
     from ..utils.io import atomic_output_dir
 
+    _check_replaceable(Path(out).expanduser().resolve(), model_or_path, overwrite)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         report = _convert(model_or_path, tmp, cfg, allow_pickle, tokenizer, verify, eval_tokens, say)
         report.out = Path(out).expanduser().resolve()
         (tmp / "moeforge_conversion.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report
+
+
+def _check_replaceable(out: Path, model_or_path, overwrite: bool) -> None:
+    """--overwrite replaces earlier conversions only: never the input model, a folder holding it,
+    or a folder of anything else."""
+    if not overwrite or not out.exists():
+        return
+    if isinstance(model_or_path, (str, os.PathLike)) and Path(model_or_path).expanduser().exists():
+        source = Path(model_or_path).expanduser().resolve()
+        if source == out or out in source.parents:
+            raise MoeforgeError(
+                f"--out {out} holds the input model {source}; --overwrite would delete it. Choose another --out."
+            )
+    if out.is_dir() and any(out.iterdir()) and not (out / "moeforge_conversion.json").is_file():
+        raise MoeforgeError(
+            f"--out {out} exists and is not a moeforge conversion (no moeforge_conversion.json); refusing to "
+            "delete it with --overwrite. Choose another --out, or remove it yourself."
+        )
 
 
 def _convert(model_or_path, tmp: Path | None, cfg: ConvertConfig, allow_pickle: bool, tokenizer, verify: bool | str,
@@ -358,6 +379,10 @@ class _Conversion:
             _write_generation_config(src, self.tmp, self.config)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(str(self.tmp))
+            else:
+                self.say("note: no tokenizer was found beside the input model, so the output has none; copy the "
+                         "tokenizer files (tokenizer.json, tokenizer_config.json) into the output directory before "
+                         "running `moeforge eval` or generating text with it")
             self.seconds["write"] = time.perf_counter() - t0
         verifying = self.writer is not None and self.mode != "off"
         t0 = time.perf_counter()
@@ -390,9 +415,12 @@ class _Conversion:
             self.seconds["evaluate"] = time.perf_counter() - t0
         elif self.eval_tokens:
             report.evaluation_note = (
-                "perplexity skipped: " + ("no tokenizer found for the model" if self.tokenizer is None else
-                                          "the model is too large to hold dense and MoE copies in memory; run "
-                                          "`moeforge eval` on the output directory")
+                "perplexity skipped: " + (
+                    "no tokenizer found for the model" if self.tokenizer is None else
+                    "--verify off keeps no dense copy to compare with; run `moeforge eval` on the dense model and "
+                    "on the output directory" if self.mode == "off" else
+                    "the model is too large to hold dense and MoE copies in memory; run `moeforge eval` on the "
+                    "output directory")
             )
         report.model = ref_model if self.tmp is None else None
         return report

@@ -198,7 +198,8 @@ def importance_pass(
     if n_windows < num_clusters:
         raise MoeforgeError(
             f"the importance method clusters calibration windows into {num_clusters} groups but there are only "
-            f"{n_windows} windows; raise calibration_tokens or lower calibration_seq_len."
+            f"{n_windows} windows of {windows.shape[1]} tokens; raise calibration_tokens (--calibration-tokens) to at "
+            f"least {num_clusters * windows.shape[1]}."
         )
     num_layers = runner.source.num_layers
     say = progress or (lambda _m: None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -22,6 +23,8 @@ import numpy as np
 from ..errors import MoeforgeError
 from .packing import Blocks, holdout, pack_chat, pack_text
 from .sources import read_source, source_fingerprint
+
+logger = logging.getLogger(__name__)
 
 #: bump when packing changes the tokens it produces
 PACKING_VERSION = 1
@@ -187,8 +190,12 @@ def build_domain(
                 shutil.rmtree(tmp, ignore_errors=True)
                 if not (entry / "meta.json").is_file():
                     raise
-        except OSError:
-            pass  # the cache is an optimisation: an unwritable cache directory must not stop training
+        except OSError as err:  # the cache is an optimisation: an unwritable cache must not stop training
+            logger.warning(
+                "moeforge: could not cache the tokens of data source %r in %s (%s); training goes on without "
+                "the cache. Set cache_dir to a writable directory (or 'off') to silence this.",
+                source.name, entry.parent, err.strerror or err,
+            )
     return dom
 
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from ..errors import MoeforgeError
 from .builtin import builtin_documents
+
+logger = logging.getLogger(__name__)
 
 TEXT_EXTS = (".txt", ".md", ".text", ".py", ".rst")
 JSONL_EXTS = (".jsonl", ".json", ".ndjson")
@@ -78,7 +81,8 @@ def _read_text(files: list[Path]) -> list[str]:
     return docs
 
 
-def _read_jsonl(files: list[Path]) -> list[dict[str, Any]]:
+def _read_jsonl(files: list[Path], where: list[str]) -> list[dict[str, Any]]:
+    """The records of JSONL files; ``where`` receives each record's ``file:line``."""
     records = []
     for f in files:
         with open(f, encoding="utf-8") as fh:
@@ -93,6 +97,7 @@ def _read_jsonl(files: list[Path]) -> list[dict[str, Any]]:
                 if not isinstance(rec, dict):
                     raise MoeforgeError(f"{f}:{lineno} is a JSON {type(rec).__name__}, expected an object.")
                 records.append(rec)
+                where.append(f"{f}:{lineno}")
     return records
 
 
@@ -142,12 +147,20 @@ def normalize_messages(source, record: dict[str, Any], where: str) -> list[dict[
             {"role": "assistant", "content": str(record[source.response_field])},
         ]
     elif "messages" in record:
+        if not isinstance(record["messages"], list):
+            raise MoeforgeError(
+                f"{where}: `messages` must be a list of {{role, content}} objects, got {record['messages']!r:.80}."
+            )
         messages = []
         for m in record["messages"]:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise MoeforgeError(f"{where}: every message needs `role` and `content`, got {m!r}.")
             messages.append({"role": str(m["role"]), "content": str(m["content"])})
     elif "conversations" in record:
+        if not isinstance(record["conversations"], list):
+            raise MoeforgeError(
+                f"{where}: `conversations` must be a list of {{from, value}} objects, got {record['conversations']!r:.80}."
+            )
         messages = []
         for m in record["conversations"]:
             if not isinstance(m, dict) or "from" not in m or "value" not in m:
@@ -173,38 +186,51 @@ def normalize_messages(source, record: dict[str, Any], where: str) -> list[dict[
 def _records(source, path: str) -> tuple[str, list]:
     files = resolve_files(source.name, path)
     fmt = file_format(source, files)
+    where_each: list[str] = []
     if fmt == "text":
         raw: list = _read_text(files)
         raw = [d for d in raw if d.strip()]
     elif fmt == "jsonl":
-        raw = _read_jsonl(files)
+        raw = _read_jsonl(files, where_each)
     else:
         raw = _read_datasets(source, files)
+        where_each = [f"{path} record {i}" for i in range(1, len(raw) + 1)]
     if not raw:
         raise MoeforgeError(
             f"data source {source.name!r}: {path} is empty (no documents or records); add data or remove the source."
         )
     kind = _detect_kind(source, raw[0])
-    where = f"data source {source.name!r} ({path})"
+    where = f"data source {source.name!r}"
     if kind == "chat":
         if fmt == "text":
-            raise MoeforgeError(f"{where}: chat data must be JSONL records, not plain text files.")
-        out: list = [normalize_messages(source, r, f"{where} record {i}") for i, r in enumerate(raw)]
+            raise MoeforgeError(f"{where} ({path}): chat data must be JSONL records, not plain text files.")
+        out: list = [normalize_messages(source, r, f"{where}, {loc}") for r, loc in zip(raw, where_each)]
+    elif fmt == "text":
+        out = raw
     else:
-        if fmt == "text":
-            out = raw
-        else:
-            out = []
-            for i, r in enumerate(raw):
-                if source.text_field not in r:
-                    raise MoeforgeError(
-                        f"{where} record {i} has no field {source.text_field!r} (fields: {sorted(r)}); set text_field."
-                    )
-                text = r[source.text_field]
-                if isinstance(text, str) and text.strip():
-                    out.append(text)
-            if not out:
-                raise MoeforgeError(f"{where}: every {source.text_field!r} field is empty.")
+        out, blank = [], []
+        for r, loc in zip(raw, where_each):
+            if source.text_field not in r:
+                raise MoeforgeError(
+                    f"{where}, {loc}: record has no field {source.text_field!r} (fields: {sorted(r)}); set text_field."
+                )
+            text = r[source.text_field]
+            if text is not None and not isinstance(text, str):
+                raise MoeforgeError(
+                    f"{where}, {loc}: field {source.text_field!r} is a {type(text).__name__}, not a string; "
+                    "fix the record or point text_field at the text."
+                )
+            if text is None or not text.strip():
+                blank.append(loc)
+            else:
+                out.append(text)
+        if not out:
+            raise MoeforgeError(f"{where} ({path}): every {source.text_field!r} field is empty.")
+        if blank:
+            logger.warning(
+                "moeforge: data source %r: skipped %d record(s) whose %r field is empty or null (first: %s).",
+                source.name, len(blank), source.text_field, blank[0],
+            )
     return kind, out
 
 

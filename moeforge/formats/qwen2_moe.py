@@ -19,13 +19,16 @@ model.layers.{i}.mlp.experts.{e}.up_proj.weight   (m, H)  mlp.experts.gate_up_pr
 model.layers.{i}.mlp.experts.{e}.down_proj.weight (H, m)  mlp.experts.down_proj[e]
 model.layers.{i}.mlp.shared_expert.gate_proj.weight       mlp.shared_experts.gate_proj.weight
 model.layers.{i}.mlp.shared_expert.up_proj.weight         mlp.shared_experts.up_proj.weight
-model.layers.{i}.mlp.shared_expert.down_proj.weight       2 x mlp.shared_experts.down_proj.weight
-model.layers.{i}.mlp.shared_expert_gate.weight  (1, H)    zeros (import refuses a non-zero gate)
+model.layers.{i}.mlp.shared_expert.down_proj.weight       2 x mlp.shared_experts.down_proj.weight (ungated)
+model.layers.{i}.mlp.shared_expert_gate.weight  (1, H)    zeros (ungated), mlp.shared_expert_gate.weight (gated)
 model.layers.{i}.mlp.{gate,up,down}_proj.weight           same key (dense layers)
 ========================================================  =================================
 
-Importing (``moeforge.load``) accepts only what moeforge represents exactly: a zero shared-expert
-gate, full attention, every layer MoE or listed in ``mlp_only_layers``.
+Importing (``moeforge.load``) accepts only what moeforge represents exactly: full attention, every
+layer MoE or listed in ``mlp_only_layers``. A checkpoint whose shared-expert gates are all zero
+(moeforge's own exports) opens ungated with the shared ``down_proj`` halved back; any non-zero
+gate (Qwen1.5-MoE, Qwen2-MoE as released) opens with ``shared_expert_gate`` on and every tensor
+as stored.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ MF_ROUTER = "model.layers.{i}.mlp.router.weight"
 MF_GATE_UP = "model.layers.{i}.mlp.experts.gate_up_proj"
 MF_DOWN = "model.layers.{i}.mlp.experts.down_proj"
 MF_SHARED = "model.layers.{i}.mlp.shared_experts.{p}_proj.weight"
+MF_SHARED_GATE = "model.layers.{i}.mlp.shared_expert_gate.weight"
 
 
 class Qwen2MoeExporter(Exporter):
@@ -73,6 +77,8 @@ class Qwen2MoeExporter(Exporter):
             return "Qwen2-MoE experts are SwiGLU (silu)"
         if moe.get("router_mlp"):
             return "Qwen2-MoE's router is linear; router_mlp is set"
+        if moe.get("shared_expert_gate"):
+            return "conversions write ungated shared experts; a gated model is saved with save_pretrained"
         return None
 
     def attention_biases(self, spec: ExportSpec) -> tuple[bool, bool]:
@@ -223,14 +229,14 @@ def qwen2_moe_state_to_moeforge(get, keys: set[str], config: MoeforgeConfig) -> 
             out[MF_DOWN.format(i=i)] = down
         gate_row = take(SHARED_GATE.format(i=i), (1, h))
         if sw:
-            if bool(gate_row.ne(0).any()):
-                raise MoeforgeError(
-                    f"layer {i} of the Qwen2-MoE checkpoint gates its shared expert with a learned sigmoid; moeforge's "
-                    "shared experts are ungated, so this model cannot be opened exactly on moeforge's MoE layer."
-                )
             out[MF_SHARED.format(i=i, p="gate")] = take(SHARED.format(i=i, p="gate"), (sw, h))
             out[MF_SHARED.format(i=i, p="up")] = take(SHARED.format(i=i, p="up"), (sw, h))
-            out[MF_SHARED.format(i=i, p="down")] = take(SHARED.format(i=i, p="down"), (h, sw)) * 0.5
+            down = take(SHARED.format(i=i, p="down"), (h, sw))
+            if moe.get("shared_expert_gate"):
+                out[MF_SHARED_GATE.format(i=i)] = gate_row
+                out[MF_SHARED.format(i=i, p="down")] = down
+            else:  # a zero gate is a constant 0.5: fold it into down_proj (exact, a power of two)
+                out[MF_SHARED.format(i=i, p="down")] = down * 0.5
         else:
             for p in ("gate", "up", "down"):
                 key = SHARED.format(i=i, p=p)
@@ -259,7 +265,13 @@ def load_qwen2_moe(directory: Path, cfg: dict[str, Any], *, dtype: torch.dtype =
     config = moeforge_config_from_qwen2_moe(cfg)
     reader = SafetensorsReader(safetensors_files(directory))
     try:
-        state = qwen2_moe_state_to_moeforge(reader.get, reader.keys(), config)
+        keys = reader.keys()
+        if config.moe.get("shared_expert_size") and any(
+            bool(reader.get(SHARED_GATE.format(i=i)).ne(0).any())
+            for i in range(config.num_hidden_layers) if config.is_moe_layer(i) and SHARED_GATE.format(i=i) in keys
+        ):
+            config.moe["shared_expert_gate"] = True
+        state = qwen2_moe_state_to_moeforge(reader.get, keys, config)
     finally:
         reader.close()
     return model_from_state(config, state, dtype=dtype)

@@ -37,6 +37,9 @@ class MoEConfig:
     """Always-on shared experts added to every token's output (LLaMA-MoE residual / DeepSeek shared)."""
     shared_expert_size: int | None = None
     """Intermediate width of each shared expert; defaults to ``expert_size``."""
+    shared_expert_gate: bool = False
+    """Scale the shared experts' output per token by sigmoid(x . w), w a learned (1, H) row
+    (Qwen2-MoE's ``shared_expert_gate``); false adds it ungated (LLaMA-MoE, DeepSeek)."""
     normalize_weights: bool = True
     """Renormalise the k selected weights to sum to one (Mixtral); false keeps raw softmax mass (Qwen-MoE)."""
     output_scale: float = 1.0
@@ -106,6 +109,10 @@ class MoEConfig:
         require(
             self.num_shared_experts >= 0,
             f"num_shared_experts must be >= 0, got {self.num_shared_experts}.",
+        )
+        require(
+            not self.shared_expert_gate or self.num_shared_experts > 0,
+            "shared_expert_gate needs shared experts; set num_shared_experts >= 1 or turn the gate off.",
         )
         if self.shared_expert_size is not None:
             require(

@@ -17,9 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import MoeforgeError
 from .fused import fused_expert_mlp, token_bags
 from .kernels import grouped_linear
 from .routing import Routing, expert_counts
+
+EXECUTIONS = ("auto", "fused", "grouped")
 
 _ACT = {
     "silu": F.silu,
@@ -61,7 +64,6 @@ class StackedExperts(nn.Module):
         self.activation = activation
         self.act = activation_fn(activation)
         self.dropout = dropout
-        # "auto": the fused workspace path on CPU, grouped matmuls elsewhere; "fused"/"grouped" force one
         self.execution = "auto"
         if glu:
             self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * expert_size, hidden_size))
@@ -76,6 +78,18 @@ class StackedExperts(nn.Module):
         for p in (self.gate_up_proj, self.up_proj, self.down_proj):
             if p is not None:
                 nn.init.normal_(p, std=std)
+
+    @property
+    def execution(self) -> str:
+        """"auto": the fused workspace path on CPU, grouped matmuls elsewhere; "fused" / "grouped"
+        force one (tests, benchmarks)."""
+        return self._execution
+
+    @execution.setter
+    def execution(self, value: str) -> None:
+        if value not in EXECUTIONS:
+            raise MoeforgeError(f"unknown expert execution {value!r}; choose one of {', '.join(EXECUTIONS)}.")
+        self._execution = value
 
     @property
     def in_proj(self) -> Tensor:

@@ -34,7 +34,8 @@ class MoELayer(nn.Module):
     """Feed-forward Mixture-of-Experts: y = scale * sum_{(e, w) routed} w * E_e(x) + shared(x).
 
     Routed experts are stored stacked (:class:`StackedExperts`), the router is chosen by name
-    (:data:`moeforge.moe.ROUTERS`) and runs in float32, shared experts (if any) see every token.
+    (:data:`moeforge.moe.ROUTERS`) and runs in float32, shared experts (if any) see every token,
+    optionally scaled by a learned per-token gate sigmoid(x . w) (Qwen2-MoE's ``shared_expert_gate``).
     Auxiliary losses are returned in :class:`MoEOutput`, never stored on the module.
 
     Input (B, S, H) or (T, H); output the same shape.
@@ -61,6 +62,11 @@ class MoELayer(nn.Module):
             )
         else:
             self.shared_experts = None
+        if config.shared_expert_gate:
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+            nn.init.normal_(self.shared_expert_gate.weight, std=0.02)
+        else:
+            self.shared_expert_gate = None
 
     def forward(self, hidden_states: Tensor) -> MoEOutput:
         shape = hidden_states.shape
@@ -71,7 +77,10 @@ class MoELayer(nn.Module):
         if self.config.output_scale != 1.0:
             y = y * self.config.output_scale
         if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+            shared = self.shared_experts(x)
+            if self.shared_expert_gate is not None:  # Qwen2-MoE: sigmoid(x . w) * shared(x)
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            y = y + shared
         if routing.aux_losses:
             aux_loss = torch.stack(list(routing.aux_losses.values())).sum()
         else:
@@ -84,7 +93,7 @@ class MoELayer(nn.Module):
         c = self.config
         mats = 3 if c.glu else 2
         expert = mats * c.hidden_size * c.expert_size
-        shared = mats * c.hidden_size * c.shared_size * c.num_shared_experts
+        shared = mats * c.hidden_size * c.shared_size * c.num_shared_experts + (c.hidden_size if c.shared_expert_gate else 0)
         router = sum(p.numel() for p in self.router.parameters())
         total = c.num_experts * expert + shared + router
         active_k = c.top_k

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..errors import MoeforgeError
+from ..utils.io import temp_file
 
 #: domain -> module name -> (E,) mean router weight
 Usage = dict[str, dict[str, Tensor]]
@@ -129,8 +129,7 @@ def plot_expert_usage(usage: Usage, path: str | os.PathLike, *, modules: list[st
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    tmp = temp_file(path.parent, prefix=f".{path.name}.", suffix=".png")
     try:
         fig.savefig(tmp, dpi=110)
         os.replace(tmp, path)

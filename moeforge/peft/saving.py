@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import MoeforgeError
-from ..utils.io import atomic_write_json, check_safetensors
+from ..utils.io import atomic_write_json, check_safetensors, temp_file
 from .config import MoVConfig, config_from_dict
 
 if TYPE_CHECKING:
@@ -86,8 +85,7 @@ def save_adapter(model: AdaptedModel, directory: str | os.PathLike, *, overwrite
         # a list, so the model's module order survives the JSON writer's key sorting
         "modules": [{"name": name, **_module_record(layer)} for name, layer in model.adapter_layers().items()],
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{ADAPTER_WEIGHTS}.", dir=directory)
-    os.close(fd)
+    tmp = temp_file(directory, prefix=f".{ADAPTER_WEIGHTS}.")
     try:
         save_file(tensors, tmp, metadata={"format": "pt", "moeforge": FORMAT})
         os.replace(tmp, directory / ADAPTER_WEIGHTS)

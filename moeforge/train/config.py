@@ -391,6 +391,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
         raise MoeforgeError(f"{p} is not valid YAML: {err}") from None
+    if data is None:
+        raise MoeforgeError(f"config file {p} is empty; it needs at least model, output_dir and data (see configs/).")
     if not isinstance(data, dict):
         raise MoeforgeError(f"{p} must hold a mapping of config keys (model, data, steps, ...), got {type(data).__name__}.")
     return data
@@ -495,13 +497,19 @@ def _build(cls: type, data: Any, prefix: str):
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in fields:
-            raise MoeforgeError(f"unknown config key {prefix + str(key)!r}.{closest(str(key), fields)}")
+            raise MoeforgeError(f"unknown config key {prefix + str(key)!r}.{closest(str(key), fields, prefix)}")
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     required = [n for n, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     missing = [n for n in required if n not in kwargs]
     if missing:
         raise MoeforgeError(f"config is missing required key(s) {', '.join(prefix + m for m in missing)}.")
     return cls(**kwargs)
+
+
+def _source_label(item: Any, index: int) -> str:
+    """How messages name data source ``index``: its name when it has one (as overrides address it)."""
+    name = item.get("name") if isinstance(item, dict) else None
+    return name if isinstance(name, str) and name else str(index)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -521,7 +529,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise MoeforgeError(f"config key {key!r} expects a list, got {value!r}.")
         (item,) = args
         if item is DataSource:
-            return [_build(DataSource, v, f"{key}[{i}].") for i, v in enumerate(value)]
+            return [_build(DataSource, v, f"{key}.{_source_label(v, i)}.") for i, v in enumerate(value)]
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):

@@ -151,10 +151,23 @@ def wrap_model(model: nn.Module, ctx: DistContext, *, strategy: str, find_unused
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    import inspect
+    import warnings
+
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     # buffers are kept equal by the trainer itself (router loads are summed before bias updates), so
-    # DDP must not overwrite them from rank 0 at every forward (that would clobber the load counts)
-    return DDP(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters, broadcast_buffers=False)
+    # DDP must not overwrite them from rank 0 at every forward (that would clobber the load counts);
+    # newer torch names the switch forward_sync_buffers (buffers start equal: every process seeds and
+    # resumes alike, so its sync at construction changes nothing)
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        buffers = {"forward_sync_buffers": False}
+    else:
+        buffers = {"broadcast_buffers": False}
+    if find_unused_parameters:
+        # top-k adapters leave some experts without gradient in some steps only: DDP's note on steps
+        # where every parameter happened to get one is expected, not a misconfiguration
+        warnings.filterwarnings("ignore", message=r".*find_unused_parameters=True was specified in DDP constructor")
+    return DDP(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters, **buffers)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

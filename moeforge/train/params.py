@@ -6,7 +6,7 @@ and a ``compose:`` section to ``moeforge.compose.compose_from_config``; those wr
 
 =======  ===============================================================
 all      every parameter (also what ``auto`` means without a wrapper)
-moe      experts, shared experts and routers of the MoE layers
+moe      experts, shared experts (with their gate, if any) and routers of the MoE layers
 router   the routers only
 =======  ===============================================================
 """

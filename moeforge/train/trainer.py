@@ -129,27 +129,53 @@ class Trainer:
             if fn is not None:
                 fn(self, *args)
 
-    def _prepare_output_dir(self) -> Path | None:
-        """Create/clean output_dir (main process) and return the checkpoint to resume from."""
+    def _inspect_output_dir(self) -> Path | None:
+        """Check output_dir without changing it and return the checkpoint to resume from.
+
+        Nothing is deleted or written here: the directory is claimed (:meth:`_claim_output_dir`)
+        only once the model, the data and any checkpoint have been checked, so a config mistake
+        never costs an existing run.
+        """
+        from ..utils.io import check_writable_dir
+
         cfg, out = self.config, self.output_dir
-        if self.ctx.is_main:
-            if cfg.overwrite and out.exists():
-                markers = [out / ckpt.CHECKPOINTS, out / "metrics.jsonl", out / CONFIG_FILE]
-                if any(out.iterdir()) and not any(m.exists() for m in markers):
-                    raise MoeforgeError(
-                        f"output_dir {out} exists and is not a moeforge training directory; refusing to delete it. "
-                        "Choose another output_dir."
-                    )
-                shutil.rmtree(out)
-            out.mkdir(parents=True, exist_ok=True)
-        self.ctx.barrier()
-        latest = ckpt.latest_checkpoint(out)
+        check_writable_dir(out, "output_dir")
+        if cfg.overwrite and out.is_dir():
+            markers = [out / ckpt.CHECKPOINTS, out / "metrics.jsonl", out / CONFIG_FILE]
+            if any(out.iterdir()) and not any(m.exists() for m in markers):
+                raise MoeforgeError(
+                    f"output_dir {out} exists and is not a moeforge training directory; refusing to delete it. "
+                    "Choose another output_dir."
+                )
+            return None
+        latest = ckpt.latest_checkpoint(out) if out.is_dir() else None
         if latest is not None and not cfg.resume:
             raise MoeforgeError(
                 f"{out} already holds checkpoints (latest {latest.name}) and resume is off; "
                 "pass --resume true to continue it, --overwrite true to start over, or choose another output_dir."
             )
         return latest
+
+    def _claim_output_dir(self) -> None:
+        """Clear output_dir when overwriting, create it, and record this run's config (main process)."""
+        cfg, out = self.config, self.output_dir
+        error = ""
+        if self.ctx.is_main:
+            import yaml
+
+            from ..utils.io import atomic_write_text
+
+            try:
+                if cfg.overwrite and out.exists():
+                    shutil.rmtree(out)
+                out.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            except OSError as err:
+                error = f"{err.strerror or err}"
+        if not self.ctx.all_true(not error):
+            raise MoeforgeError(
+                f"could not set up output_dir {out}: {error or 'the main process failed'}; choose a writable output_dir."
+            )
 
     def _load_model(self):
         from ..loading import load, load_tokenizer
@@ -184,17 +210,17 @@ class Trainer:
         self.accum = self.per_rank // self.micro
         if cfg.parallel == "fsdp" and (cfg.peft is not None or cfg.compose is not None):
             raise MoeforgeError("parallel: fsdp is not supported with a peft/compose section (their weights are small); use ddp.")
-        latest = self._prepare_output_dir()
-        if ctx.is_main:
-            import yaml
-
-            from ..utils.io import atomic_write_text
-
-            atomic_write_text(self.output_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        latest = self._inspect_output_dir()
 
         # model: seeded identically on every process (wrappers initialise new weights)
         _seed_all(cfg.seed)
         model, tok = self._load_model()
+        context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if isinstance(context, int) and cfg.seq_len > context:
+            raise MoeforgeError(
+                f"seq_len={cfg.seq_len} is longer than the model's context of {context} positions "
+                f"(max_position_embeddings); use --seq_len {context} or less."
+            )
         self.tokenizer = tok
         model = prepare_model(model, cfg, tok)
         _reset_router_loads(model)
@@ -312,6 +338,7 @@ class Trainer:
             "fingerprint": self.fingerprint,
             "world_size": self.ctx.world_size,
             "domains": self.config.domain_names,
+            "config": self.config.to_dict(),
             "time": time.time(),
         }
 
@@ -357,6 +384,20 @@ class Trainer:
         data = ckpt.load_checkpoint(path, self.ctx.rank)
         state = data["state"]
         ckpt.check_fingerprint(state["fingerprint"], self.fingerprint, path)
+        if state.get("config") is not None:
+            changes = config_changes(state["config"], self.config.to_dict())
+            if changes:
+                raise MoeforgeError(
+                    f"output_dir {self.output_dir} holds a run (checkpoint {path.name}) trained with a different "
+                    f"config: {'; '.join(changes)}. Resuming would splice two runs together; rerun with the "
+                    "original values, choose a new output_dir, or pass --overwrite true to start over."
+                )
+        if int(state["step"]) > self.config.steps:
+            raise MoeforgeError(
+                f"output_dir {self.output_dir} already holds a run at step {state['step']}, past steps="
+                f"{self.config.steps}; pass --steps {state['step']} or more to continue it, --overwrite true "
+                "to start over, or choose a new output_dir."
+            )
         tensors = data["model"]
         missing = sorted(set(self.ckpt_names) - set(tensors))
         extra = sorted(set(tensors) - set(self.ckpt_names))
@@ -782,7 +823,8 @@ class Trainer:
         if latest is not None:
             self._resume(latest)
             resumed_from = self.step
-        elif ctx.is_main:
+        self._claim_output_dir()
+        if latest is None and ctx.is_main:
             self.writer.reset()
         # model-side randomness differs per process (dropout, router noise); restored on resume
         if latest is None:
@@ -871,6 +913,43 @@ class Trainer:
 
 
 # ================================================================================== helpers
+#: config keys a resumed run may change: where and how it runs, logs and saves, and how long
+#: (more steps extend the cosine schedule from the resumed step on). Any other change (model,
+#: data, batch, sequence length, optimiser, objective, wrappers, seed) would splice two runs.
+RESUMABLE_CHANGES = frozenset({
+    "output_dir", "resume", "overwrite", "progress", "plots", "save_final", "save_every", "keep_last",
+    "log_every", "eval_every", "eval_tokens", "cache_dir", "device", "precision", "steps", "parallel",
+    "micro_batch_size", "find_unused_parameters", "gradient_checkpointing", "fused_cross_entropy",
+})
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every value that differs outside :data:`RESUMABLE_CHANGES`
+    (nested sections as dotted keys, data sources by name)."""
+
+    def flat(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                flat(v, f"{prefix}.{k}" if prefix else str(k), out)
+        elif isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
+            for v in value:
+                flat({k: x for k, x in v.items() if k != "name"}, f"{prefix}.{v['name']}", out)
+            out[f"{prefix} (sources)"] = [v["name"] for v in value]
+        else:
+            out[prefix] = value
+        return out
+
+    old, new = flat(saved, "", {}), flat(current, "", {})
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if key.split(".")[0].split(" ")[0] in RESUMABLE_CHANGES:
+            continue
+        a, b = old.get(key, "unset"), new.get(key, "unset")
+        if a != b:
+            changes.append(f"{key} {a!r} -> {b!r}")
+    return changes
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))

@@ -15,6 +15,48 @@ from ..errors import MoeforgeError
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; done once, at import
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def temp_file(directory: str | os.PathLike, prefix: str, suffix: str = "") -> str:
+    """A new empty file in ``directory`` (to be renamed into place) with the mode a plain
+    ``open`` would give it (``mkstemp`` makes it 0600, which would then stick to the output)."""
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=directory)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+    finally:
+        os.close(fd)
+    return name
+
+
+def check_writable_dir(path: str | os.PathLike, what: str = "output directory") -> None:
+    """Raise :class:`MoeforgeError` unless ``path`` is a directory this process can write into,
+    or could be created as one (probed with a temporary file in it or its nearest existing
+    ancestor, which catches read-only mounts and immutable directories that permission bits miss)."""
+    final = Path(path).expanduser()
+    if final.exists() and not final.is_dir():
+        raise MoeforgeError(f"{what} {final} exists and is not a directory; choose another path.")
+    probe = final
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise MoeforgeError(f"{what} {final} cannot be created: {probe} is a file; choose another path.")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".moeforge-probe-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as err:
+        raise MoeforgeError(
+            f"{what} {final} is not writable ({probe}: {err.strerror or err}); choose a directory you can write to."
+        ) from None
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``path`` that becomes ``path`` only on success.
@@ -28,14 +70,20 @@ def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> It
         raise MoeforgeError(
             f"output directory {final} already exists; choose another path or pass --overwrite to replace it."
         )
-    if final.exists() and not final.is_dir():
-        raise MoeforgeError(f"output path {final} exists and is not a directory; choose another path.")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    check_writable_dir(final)
+    created = [p for p in final.parents if not p.exists()]  # innermost first
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        tmp.chmod(0o777 & ~_UMASK)  # mkdtemp makes it 0700, which the renamed output would keep
+    except OSError as err:
+        _remove_empty(created)
+        raise MoeforgeError(f"cannot write beside output directory {final}: {err.strerror or err}; choose another path.") from None
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)  # a failed run leaves no trace, the parent folders it made included
         raise
     if final.exists():
         old = final.parent / f".{final.name}.old-{os.getpid()}"
@@ -46,13 +94,19 @@ def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> It
         os.replace(tmp, final)
 
 
+def _remove_empty(directories: list[Path]) -> None:
+    for d in directories:
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = temp_file(path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

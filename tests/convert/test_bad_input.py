@@ -66,8 +66,45 @@ def test_existing_output_directory_needs_overwrite(tiny_llama, tmp_path):
     with pytest.raises(MoeforgeError, match="already exists.*--overwrite"):
         moeforge.convert(tiny_llama, out, experts=2, top_k=1, eval_tokens=0)
     assert (out / "keep.txt").read_text() == "mine"
-    moeforge.convert(tiny_llama, out, experts=2, top_k=1, eval_tokens=0, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    # --overwrite replaces earlier conversions only, never a folder of something else
+    with pytest.raises(MoeforgeError, match="not a moeforge conversion.*refusing"):
+        moeforge.convert(tiny_llama, out, experts=2, top_k=1, eval_tokens=0, overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    done = tmp_path / "done"
+    moeforge.convert(tiny_llama, done, experts=2, top_k=1, eval_tokens=0)
+    (done / "stale.txt").write_text("old run")
+    moeforge.convert(tiny_llama, done, experts=4, top_k=1, eval_tokens=0, overwrite=True)
+    assert not (done / "stale.txt").exists() and (done / "config.json").is_file()
+
+
+def test_overwrite_never_deletes_the_input_model(tiny_llama, tmp_path):
+    source = tmp_path / "models" / "dense"
+    shutil.copytree(tiny_llama, source)
+    for out in (source, source.parent):
+        with pytest.raises(MoeforgeError, match="holds the input model"):
+            moeforge.convert(source, out, experts=2, top_k=1, eval_tokens=0, overwrite=True)
+    assert (source / "config.json").is_file()
+
+
+def test_failed_conversion_leaves_no_parent_folders(tiny_llama, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama, broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(MoeforgeError):
+        moeforge.convert(broken, tmp_path / "new" / "deep" / "out", experts=2, top_k=1, eval_tokens=0)
+    assert not (tmp_path / "new").exists()
+
+
+def test_output_gets_the_usual_permissions(tiny_llama, tmp_path):
+    # not mkdtemp's / mkstemp's private 0700 / 0600: an export is shared with teammates and servers
+    from moeforge.utils import io
+
+    out = tmp_path / "perm"
+    moeforge.convert(tiny_llama, out, experts=2, top_k=1, eval_tokens=0)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~io._UMASK
+    for f in out.iterdir():
+        assert f.stat().st_mode & 0o777 == 0o666 & ~io._UMASK, f.name
 
 
 def test_truncated_safetensors(tiny_llama, tmp_path):

@@ -102,6 +102,10 @@ def test_bad_chat_records(tokenizer):
     gsm = DataSource(name="g", path="x.jsonl", prompt_field="question", response_field="answer")
     with pytest.raises(MoeforgeError, match="no field 'answer'"):
         normalize_messages(gsm, {"question": "q"}, "r")
+    with pytest.raises(MoeforgeError, match="`messages` must be a list"):
+        normalize_messages(src, {"messages": "hello"}, "r")
+    with pytest.raises(MoeforgeError, match="`conversations` must be a list"):
+        normalize_messages(src, {"conversations": {"from": "human"}}, "r")
 
 
 def test_non_incremental_template_refused(tokenizer):

@@ -88,6 +88,27 @@ def test_bad_files(tmp_path, content, match):
         read_source(DataSource(name="bad", path=str(p)))
 
 
+def test_bad_records_are_named_by_file_and_line(tmp_path, caplog):
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"text": "fine"}\n\n{"text": 3}\n')
+    with pytest.raises(MoeforgeError, match=r"x\.jsonl:3: field 'text' is a int, not a string"):
+        read_source(DataSource(name="t", path=str(p)))
+    p.write_text('{"text": "fine"}\n{"body": "x"}\n')
+    with pytest.raises(MoeforgeError, match=r"x\.jsonl:2: record has no field 'text'"):
+        read_source(DataSource(name="t", path=str(p)))
+    chat = tmp_path / "c.jsonl"
+    chat.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+                    '{"messages": [{"role": "user", "content": "q"}]}\n')
+    with pytest.raises(MoeforgeError, match=r"c\.jsonl:2: conversation has no assistant message"):
+        read_source(DataSource(name="c", path=str(chat)))
+    # empty or null texts are skipped, but said so
+    p.write_text('{"text": "fine"}\n{"text": null}\n{"text": ""}\n')
+    with caplog.at_level("WARNING"):
+        kind, train, _ = read_source(DataSource(name="t", path=str(p)))
+    assert train == ["fine"]
+    assert "skipped 2 record(s) whose 'text' field is empty or null (first: " in caplog.text and "x.jsonl:2" in caplog.text
+
+
 def test_missing_directory_and_glob(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MoeforgeError, match="holds no files"):

@@ -75,3 +75,18 @@ def test_bad_corpus_is_one_line_exit_2(moe_dir, capsys):
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("moeforge: error: unknown corpus 'wikitxt'")
     assert "Traceback" not in err
+
+
+def test_unwritable_plots_directory_fails_before_evaluating(moe_dir, tmp_path, capsys, monkeypatch):
+    import moeforge.eval.evaluate as evaluate_mod
+
+    def never(*a, **k):
+        raise AssertionError("evaluated although --plots cannot be written")
+
+    monkeypatch.setattr(evaluate_mod, "evaluate", never)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for plots, message in ((afile, "exists and is not a directory"), (afile / "sub", "is a file")):
+        code, out, err = run(["eval", str(moe_dir), "--data", "prose", "--plots", str(plots)], capsys)
+        assert code == 2 and err.startswith("moeforge: error: --plots directory") and message in err
+        assert "Traceback" not in err and err.count("\n") == 1

@@ -133,15 +133,29 @@ def test_multi_shard_export_has_an_index(sources, tmp_path):
     assert type(AutoModelForCausalLM.from_pretrained(str(out))).__name__ == "MixtralForCausalLM"
 
 
-def test_qwen2_moe_import_refuses_a_learned_shared_gate(sources, tmp_path):
+def test_qwen2_moe_with_learned_shared_gates_opens_exactly(sources, tmp_path):
+    # released Qwen1.5/Qwen2-MoE checkpoints gate the shared expert with sigmoid(x . w)
     moeforge.convert(sources / "llama", tmp_path / "q", method="random", experts=3, shared_experts=1, top_k=1,
                      eval_tokens=0)
-    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "q"))
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "q"), dtype=torch.float32)
+    torch.manual_seed(3)
     with torch.no_grad():
-        hf.model.layers[0].mlp.shared_expert_gate.weight.fill_(0.3)
+        for layer in hf.model.layers:
+            layer.mlp.shared_expert_gate.weight.normal_(std=0.5)
     hf.save_pretrained(str(tmp_path / "learned"))
-    with pytest.raises(MoeforgeError, match="gates its shared expert with a learned sigmoid"):
-        moeforge.load(tmp_path / "learned")
+    mf = moeforge.load(tmp_path / "learned")
+    assert mf.config.moe["shared_expert_gate"] is True
+    gate = mf.model.layers[0].mlp.shared_expert_gate.weight
+    torch.testing.assert_close(gate, hf.model.layers[0].mlp.shared_expert_gate.weight, rtol=0, atol=0)
+    torch.testing.assert_close(run(mf), run(hf), atol=1e-5, rtol=0)
+    # a mutation check: the gate is really applied (an ungated layer gives other logits)
+    with torch.no_grad():
+        gate.zero_()
+    assert not torch.allclose(run(mf), run(hf), atol=1e-3)
+    # moeforge's own format keeps the gate through save_pretrained / load
+    mf = moeforge.load(tmp_path / "learned")
+    mf.save_pretrained(str(tmp_path / "resaved"))
+    torch.testing.assert_close(run(moeforge.load(tmp_path / "resaved")), run(hf), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
+from moeforge.errors import MoeforgeError
 from moeforge.moe import MoEConfig, MoELayer
 
 
@@ -227,3 +228,11 @@ def test_fused_inference_with_lower_precision_expert_weights():
     assert not layer.experts.upcasts_weights_per_expert
     with pytest.raises(RuntimeError, match="inference only"):
         layer(x.requires_grad_()).hidden_states.sum().backward()
+
+
+def test_unknown_execution_is_refused():
+    layer = make_layer()
+    layer.experts.execution = "grouped"
+    with pytest.raises(MoeforgeError, match="unknown expert execution 'bogus'; choose one of auto, fused, grouped"):
+        layer.experts.execution = "bogus"
+    assert layer.experts.execution == "grouped"

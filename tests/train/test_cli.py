@@ -48,3 +48,23 @@ def test_cli_help_lists_config_keys(capsys):
     text = capsys.readouterr().out
     for key in ("mixture.reference_model", "distill.teacher", "train_params", "data[].prompt_field"):
         assert key in text
+
+
+def test_cli_empty_config_file(tmp_path, capsys):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(SystemExit) as err:
+        main(["train", str(empty)])
+    assert err.value.code == 2
+    assert f"config file {empty} is empty" in capsys.readouterr().err
+
+
+def test_cli_errors_are_printed_once_under_torchrun(tmp_path, make_cfg, capsys, monkeypatch):
+    # every torchrun process meets the same config error: only rank 0 prints it, all exit 2
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as err:
+            main(["train", _write(tmp_path, make_cfg()), "--lrr", "1"])
+        assert err.value.code == 2
+        assert ("unknown config key 'lrr'" in capsys.readouterr().err) is printed
+

@@ -45,8 +45,8 @@ def test_overrides_cli_form_and_dict_form():
     "overrides, match",
     [
         (["--lrr", "1"], r"unknown config key 'lrr'\. Did you mean 'lr'\?"),
-        (["--mixture.etaa", "1"], r"unknown config key 'mixture\.etaa'\. Did you mean 'eta'\?"),
-        (["--data.code.wieght", "1"], r"Did you mean 'weight'\?"),
+        (["--mixture.etaa", "1"], r"unknown config key 'mixture\.etaa'\. Did you mean 'mixture\.eta'\?"),
+        (["--data.code.wieght", "1"], r"unknown config key 'data\.code\.wieght'\. Did you mean 'data\.code\.weight'\?"),
         (["--data.cdoe.weight", "1"], r"no data source named 'cdoe'\. Did you mean 'code'\?"),
         (["--data.5.weight", "1"], "out of range"),
         (["--steps"], "needs a value"),

@@ -1,0 +1,82 @@
+"""output_dir life cycle: nothing is deleted or written until the whole run has been checked, a
+resumed run must be the same run, and unusable directories get one clear message."""
+
+from pathlib import Path
+
+import pytest
+
+from moeforge.errors import MoeforgeError
+from moeforge.train import train
+from moeforge.train.checkpoint import list_checkpoints
+from moeforge.train.trainer import CONFIG_FILE, config_changes
+
+
+def _snapshot(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_config_mistakes_never_cost_an_existing_run(tmp_path, make_cfg):
+    cfg = make_cfg(steps=2)
+    train(cfg)
+    out = Path(cfg["output_dir"])
+    before = _snapshot(out)
+    missing = [{"name": "prose", "path": str(tmp_path / "nope.txt")}]
+    # --overwrite with a config that fails later (data, model): the old run is still all there
+    with pytest.raises(MoeforgeError, match="does not exist"):
+        train(make_cfg(steps=2, overwrite=True, data=missing))
+    with pytest.raises(MoeforgeError):
+        train(make_cfg(steps=2, overwrite=True, model=str(tmp_path / "no-model")))
+    # a refused resume leaves train_config.yaml, metrics and checkpoints as they were
+    with pytest.raises(MoeforgeError, match=r"different config: batch_size 4 -> 8.*--overwrite true"):
+        train(make_cfg(steps=4, batch_size=8))
+    assert _snapshot(out) == before
+    # and --overwrite with a good config does start over
+    res = train(make_cfg(steps=2, batch_size=8, overwrite=True))
+    assert res.resumed_from is None and "batch_size: 8" in (out / CONFIG_FILE).read_text()
+
+
+def test_failed_fresh_run_leaves_no_output_dir(tmp_path, make_cfg):
+    out = tmp_path / "fresh" / "run"
+    with pytest.raises(MoeforgeError, match="does not exist"):
+        train(make_cfg(output_dir=str(out), data=[{"name": "x", "path": str(tmp_path / "nope.txt")}]))
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_unusable_output_dir(tmp_path, make_cfg):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(MoeforgeError, match="exists and is not a directory"):
+        train(make_cfg(output_dir=str(afile)))
+    with pytest.raises(MoeforgeError, match="cannot be created: .* is a file"):
+        train(make_cfg(output_dir=str(afile / "sub")))
+
+
+def test_steps_on_resume(tmp_path, make_cfg):
+    cfg = make_cfg(steps=4, save_every=2)
+    train(cfg)
+    with pytest.raises(MoeforgeError, match="at step 4, past steps=2; pass --steps 4 or more"):
+        train(make_cfg(steps=2, save_every=2))
+    longer = train(make_cfg(steps=6, save_every=2, keep_last=3))  # more steps (and other bookkeeping) may change
+    assert longer.resumed_from == 4 and longer.steps == 6
+    again = train(make_cfg(steps=6, save_every=2, keep_last=3))
+    assert again.resumed_from == 6 and again.steps == 6
+    assert [s for s, _ in list_checkpoints(cfg["output_dir"])] == [2, 4, 6]
+
+
+def test_seq_len_longer_than_the_model_context(make_cfg):
+    with pytest.raises(MoeforgeError, match="seq_len=512 is longer than the model's context of 256"):
+        train(make_cfg(seq_len=512))
+
+
+def test_config_changes_lists_what_would_splice_two_runs():
+    old = {"lr": 1e-3, "steps": 10, "progress": True, "mixture": {"type": "static", "eta": 1.0},
+           "data": [{"name": "prose", "weight": 0.5}, {"name": "code", "weight": 0.5}]}
+    same = {**old, "steps": 20, "progress": False}
+    assert config_changes(old, same) == []
+    new = {**old, "lr": 2e-3, "mixture": {"type": "static", "eta": 2.0},
+           "data": [{"name": "prose", "weight": 0.7}, {"name": "code", "weight": 0.5}]}
+    assert config_changes(old, new) == ["data.prose.weight 0.5 -> 0.7", "lr 0.001 -> 0.002", "mixture.eta 1.0 -> 2.0"]
+    dropped = {**old, "data": [{"name": "prose", "weight": 0.5}]}
+    assert config_changes(old, dropped) == [
+        "data (sources) ['prose', 'code'] -> ['prose']", "data.code.weight 0.5 -> 'unset'",
+    ]
