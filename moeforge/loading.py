@@ -104,7 +104,10 @@ def gguf_architecture(path: Path) -> str:
         field = reader.fields["general.architecture"]
         return bytes(field.parts[field.data[0]]).decode()
     except Exception as err:
-        raise MoeforgeError(f"{path} is not a readable GGUF file ({err}).") from None
+        raise MoeforgeError(
+            f"{path} is not a readable GGUF file: it is truncated or damaged (the gguf reader said: {err}); "
+            "download or copy it again."
+        ) from None
 
 
 def check_gguf_architecture(path: Path) -> str:

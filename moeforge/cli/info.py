@@ -31,4 +31,14 @@ def register(app: typer.Typer) -> None:
         print(f"{model}: {report['class']}")
         print(f"  parameters: {counts['total']:,} total, {counts['active']:,} active per token")
         if moe:
-            print(f"  MoE: {json.dumps(moe)}")
+            n = m.config.num_hidden_layers
+            layers = list(range(n)) if m.config.moe_layers is None else list(m.config.moe_layers)
+            where = "all" if len(layers) == n else (", ".join(map(str, layers)) or "none")
+            shared = moe.get("num_shared_experts") or 0
+            print(f"  MoE layers: {where} (of {n}); {moe['num_experts']} experts of width {moe['expert_size']}, "
+                  f"top-{moe['top_k']}, router {moe.get('router', 'topk')}"
+                  + (f", {shared} shared expert(s)" + (" (gated)" if moe.get("shared_expert_gate") else "") if shared else ""))
+            rest = {k: v for k, v in moe.items() if k not in ("num_experts", "expert_size", "top_k", "router",
+                                                                 "num_shared_experts", "shared_expert_gate")}
+            if rest:
+                print("  MoE settings: " + ", ".join(f"{k}={v}" for k, v in rest.items()))

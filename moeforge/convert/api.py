@@ -503,14 +503,14 @@ class _Conversion:
                 if exporter.fold_scale:
                     weights = weights.folded()
                 reports.append(rep)
-                msg = f"layer {i + 1}/{src.num_layers}: scale {rep.output_scale:.3g}"
+                msg = f"layer {i} ({i + 1}/{src.num_layers}): scale {rep.output_scale:.3g}"
                 if rep.error is not None:
                     msg += f", output error {rep.error:.3f}"
                     if rep.error_before_refine is not None:
                         msg += f" (before refine {rep.error_before_refine:.3f})"
             else:
                 weights = DenseLayerWeights(ffn.gate, ffn.up, ffn.down)
-                msg = f"layer {i + 1}/{src.num_layers}: kept dense"
+                msg = f"layer {i} ({i + 1}/{src.num_layers}): kept dense"
             self.emit(exporter.ffn_tensors(spec, i, weights))
             if i in self.keep_layers:
                 self.store.add_ffn(i, _cast(weights, self.dtype))

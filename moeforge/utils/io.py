@@ -65,6 +65,8 @@ def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> It
     file system) and is removed if the body raises. An existing ``path`` is refused unless
     ``overwrite``; then it is replaced only after the new content is complete.
     """
+    if not str(path).strip():
+        raise MoeforgeError("the output directory is empty (''); pass a path such as runs/my-moe.")
     final = Path(path).expanduser().resolve()
     if final.exists() and not overwrite:
         raise MoeforgeError(

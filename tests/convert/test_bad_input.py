@@ -194,3 +194,9 @@ def test_cli_verify_modes(tiny_llama, tmp_path, capsys):
         out = capsys.readouterr().out
         assert ("verified" in out) == checked, out
         assert ("(first 1 layer(s) only)" in out) == (mode == "layers"), out
+
+
+def test_empty_output_path_is_refused(tiny_llama):
+    # '' would otherwise resolve to the current directory
+    with pytest.raises(MoeforgeError, match="output directory is empty"):
+        moeforge.convert(tiny_llama, "", experts=2, top_k=1, eval_tokens=0)

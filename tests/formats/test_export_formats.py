@@ -13,7 +13,6 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import moeforge
-from moeforge.errors import MoeforgeError
 from tests.convert.tiny import make_dense
 from tests.threads import _one_thread  # noqa: F401  (autouse fixture)
 
