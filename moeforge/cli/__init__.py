@@ -45,8 +45,9 @@ def fail(message: str, code: int = 2) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # transformers' per-load "Loading weights" bars (moeforge reports its own progress); read at import
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # transformers' per-load bars; moeforge reports its own progress
     app = build_app()
     try:
         app(args=argv, prog_name="moeforge", standalone_mode=True)
