@@ -65,9 +65,16 @@ class MoEConfig:
     expert_choice_causal: bool = False
     """expert_choice: choose tokens across the batch at each position (causal-safe) instead of across the sequence."""
     allow_future_tokens: bool = False
-    """expert_choice: accept that sequence-level expert choice looks at future tokens (encoders, analysis)."""
+    """expert_choice: accept that sequence-level expert choice looks at future tokens; switch: the
+    same for ``drop_policy="probability"`` (encoders, analysis)."""
     drop_policy: str = "position"
-    """switch: which overflow tokens drop first: "position" (later tokens, as transformers) or "probability" (lowest router probability, flaxformer)."""
+    """switch: which overflow tokens drop first: "position" (later tokens, as transformers) or
+    "probability" (lowest router probability, flaxformer; in a decoder an earlier token's drop then
+    depends on later tokens, so it needs ``allow_future_tokens``)."""
+    eval_capacity_factor: float | None = None
+    """switch in eval mode: None routes every token (no capacity, so a decoder's output does not
+    depend on the rest of the batch or on whether a KV cache is used); a number caps each expert
+    at tokens/E x it, as ``capacity_factor`` does in training (Switch's eval capacity factor)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form metadata carried with the config (e.g. how the experts were built)."""
 
@@ -129,6 +136,15 @@ class MoEConfig:
             self.drop_policy in ("position", "probability"),
             f"drop_policy must be 'position' or 'probability', got {self.drop_policy!r}.",
         )
+        if self.router == "switch" and self.drop_policy == "probability" and not self.allow_future_tokens:
+            raise MoeforgeError(
+                "drop_policy='probability' decides which tokens overflow an expert by comparing router "
+                "probabilities across the whole batch, so an earlier token's output depends on later tokens "
+                "(a leak in a decoder). Use drop_policy='position', or set allow_future_tokens=True to accept "
+                "the leak (encoders, analysis)."
+            )
+        if self.eval_capacity_factor is not None:
+            require(self.eval_capacity_factor > 0, f"eval_capacity_factor must be > 0, got {self.eval_capacity_factor}.")
         require(self.z_loss_coef >= 0, f"z_loss_coef must be >= 0, got {self.z_loss_coef}.")
         if self.aux_loss_coef is not None:
             require(self.aux_loss_coef >= 0, f"aux_loss_coef must be >= 0, got {self.aux_loss_coef}.")

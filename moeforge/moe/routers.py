@@ -195,7 +195,9 @@ class SwitchRouter(Router):
     tokens per expert per batch; overflow tokens are dropped (``Routing.dropped``), get zero
     from the layer and pass through on the residual. Which tokens overflow: later positions
     first (``drop_policy="position"``) or lowest router probability first ("probability",
-    batch-prioritized routing). Aux: alpha * E * sum_i f_i P_i with alpha 1e-2, f_i the fraction
+    batch-prioritized routing). In eval mode every token is routed unless
+    ``eval_capacity_factor`` sets a capacity (a decoder's output must not depend on the batch or
+    on the KV cache). Aux: alpha * E * sum_i f_i P_i with alpha 1e-2, f_i the fraction
     of tokens whose argmax is i; optional z-loss. Init: truncated normal with
     std sqrt(0.1 / H) (scale 0.1).
     """
@@ -213,8 +215,13 @@ class SwitchRouter(Router):
         c = self.config.capacity_factor
         return 1.25 if c is None else c
 
-    def capacity(self, tokens: int) -> int:
-        return max(1, math.ceil(tokens / self.num_experts * self.capacity_factor))
+    def capacity(self, tokens: int) -> int | None:
+        """Tokens per expert for a batch of ``tokens``; None when every token is routed (eval mode
+        without ``eval_capacity_factor``)."""
+        factor = self.capacity_factor if self.training else self.config.eval_capacity_factor
+        if factor is None:
+            return None
+        return max(1, math.ceil(tokens / self.num_experts * factor))
 
     def route(self, x: Tensor, batch_shape: tuple[int, ...] | None) -> Routing:
         eps = 0.01 if self.config.jitter_eps is None else self.config.jitter_eps
@@ -226,7 +233,11 @@ class SwitchRouter(Router):
         gate, expert = probs.max(dim=-1)
         tokens, e = probs.shape
         one_hot = F.one_hot(expert, e)
-        if self.config.drop_policy == "probability":
+        capacity = self.capacity(tokens)
+        if capacity is None:
+            position = torch.zeros_like(expert)
+            capacity = 1
+        elif self.config.drop_policy == "probability":
             order = torch.argsort(gate.detach(), descending=True, stable=True)
             rank = torch.empty_like(order)
             rank[order] = torch.arange(tokens, device=order.device)
@@ -234,7 +245,7 @@ class SwitchRouter(Router):
             position = (position_sorted * one_hot[order]).sum(-1)[rank] - 1
         else:
             position = (torch.cumsum(one_hot, dim=0) * one_hot).sum(-1) - 1
-        keep = position < self.capacity(tokens)
+        keep = position < capacity
         kept = keep.nonzero(as_tuple=True)[0]
         losses: dict[str, Tensor] = {}
         if self.training and self.aux_loss_coef > 0:

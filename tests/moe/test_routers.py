@@ -66,7 +66,7 @@ def test_topk_balance_loss_in_training_only():
 def test_switch_capacity_drops_overflow_by_position():
     # 8 tokens, 2 experts, capacity factor 1 -> capacity 4; the first 6 tokens prefer expert 0
     weight = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    layer = layer_with_router_weight(weight, top_k=1, router="switch", capacity_factor=1.0, jitter_eps=0.0).eval()
+    layer = layer_with_router_weight(weight, top_k=1, router="switch", capacity_factor=1.0, jitter_eps=0.0).train()
     x = torch.tensor([[2.0, 0.0]] * 6 + [[0.0, 2.0]] * 2)
     out = layer(x)
     dropped = out.routing.dropped.tolist()
@@ -74,13 +74,33 @@ def test_switch_capacity_drops_overflow_by_position():
     assert out.hidden_states[4:6].abs().sum() == 0
     assert out.hidden_states[:4].abs().sum() > 0
     assert layer.router.capacity(8) == 4
+    # eval mode routes every token (a decoder's output must not depend on the batch or KV cache) ...
+    layer.eval()
+    assert layer.router.capacity(8) is None and not layer(x).routing.dropped.any()
+    # ... unless an eval capacity factor is set
+    capped = layer_with_router_weight(weight, top_k=1, router="switch", capacity_factor=1.0, jitter_eps=0.0,
+                                      eval_capacity_factor=1.0).eval()
+    assert capped(x).routing.dropped.tolist() == dropped
+
+
+def test_switch_eval_output_does_not_depend_on_the_batch():
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(hidden_size=8, expert_size=4, num_experts=4, top_k=1, router="switch",
+                               capacity_factor=0.5)).eval()
+    x = torch.randn(2, 6, 8)
+    alone = layer(x[:1]).hidden_states
+    together = layer(torch.cat([x[:1], x[1:] * 5])).hidden_states[:1]
+    per_token = torch.cat([layer(x[:1, t : t + 1]).hidden_states for t in range(6)], dim=1)
+    torch.testing.assert_close(together, alone, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(per_token, alone, rtol=1e-6, atol=1e-7)
 
 
 def test_switch_drops_lowest_probability_with_batch_priority():
     weight = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     layer = layer_with_router_weight(
-        weight, top_k=1, router="switch", capacity_factor=1.0, jitter_eps=0.0, drop_policy="probability"
-    ).eval()
+        weight, top_k=1, router="switch", capacity_factor=1.0, jitter_eps=0.0, drop_policy="probability",
+        allow_future_tokens=True,
+    ).train()
     strengths = [3.0, 1.0, 4.0, 0.5, 2.0, 5.0]  # expert-0 tokens; the two weakest (0.5 and 1.0) drop
     x = torch.tensor([[s, 0.0] for s in strengths] + [[0.0, 2.0]] * 2)
     dropped = layer(x).routing.dropped.tolist()
@@ -194,6 +214,8 @@ def test_sigmoid_bias_update_moves_toward_balance():
         (dict(top_k=5), "top_k=5 is greater than num_experts=4"),
         (dict(router="topkk"), "Did you mean 'topk'"),
         (dict(router="switch", top_k=1, capacity_factor=0.0), "capacity_factor must be > 0"),
+        (dict(router="switch", top_k=1, drop_policy="probability"), "depends on later tokens.*allow_future_tokens"),
+        (dict(router="switch", top_k=1, eval_capacity_factor=0.0), "eval_capacity_factor must be > 0"),
         (dict(router="switch", top_k=2), "set top_k=1"),
         (dict(router="expert_choice"), "expert_choice_causal=True"),
         (dict(activation="tanhh"), "unknown activation"),
