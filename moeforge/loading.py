@@ -66,6 +66,12 @@ ALIASES = {"smollm2": _smollm2_path}
 
 def resolve(path_or_alias: str | os.PathLike) -> ModelSource:
     """Find the model behind an alias or a path; raise :class:`MoeforgeError` when there is none."""
+    if not isinstance(path_or_alias, (str, os.PathLike)):
+        raise MoeforgeError(
+            f"expected a model path or alias (a string), got a {type(path_or_alias).__name__} object; a model "
+            "that is already loaded needs no loading (pass it where a model object is accepted, e.g. "
+            "train(config, model=..., tokenizer=...))."
+        )
     name = str(path_or_alias)
     if name in ALIASES:
         return ModelSource("gguf", ALIASES[name](), name)
@@ -278,7 +284,13 @@ def load(
 
 def _finish(model, device):
     if device is not None:
-        model = model.to(device)
+        try:
+            target = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise MoeforgeError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'.") from None
+        if target.type == "cuda" and not torch.cuda.is_available():
+            raise MoeforgeError(f"device {device!r} asked for, but this torch build sees no CUDA GPU; use device='cpu'.")
+        model = model.to(target)
     model.eval()
     return model
 

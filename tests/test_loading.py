@@ -123,3 +123,16 @@ def test_smollm2_alias_loads_generates_and_saves(tmp_path):
     model.save_pretrained(tmp_path / "copy")
     again = moeforge.load(tmp_path / "copy")
     torch.testing.assert_close(again(ids).logits, model(ids).logits)
+
+
+def test_model_objects_and_bad_devices_get_one_clear_message(tmp_path):
+    ref = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4)).eval()
+    with pytest.raises(MoeforgeError, match="expected a model path or alias .* got a LlamaForCausalLM object"):
+        moeforge.load(ref)
+    ref.save_pretrained(tmp_path / "dense")
+    with pytest.raises(MoeforgeError, match="unknown device 'gpu0'"):
+        moeforge.load(tmp_path / "dense", device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(MoeforgeError, match="sees no CUDA GPU; use device='cpu'"):
+            moeforge.load(tmp_path / "dense", device="cuda")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import MoeforgeError, closest, require
+from ..utils.validation import check_field_types
 
 
 def evenly_spaced_layers(num_layers: int, n: int) -> list[int]:
@@ -34,8 +35,9 @@ class CALMConfig:
     m_B's residual stream before its next layer.
     """
 
-    num_connections: int = 4
-    """n, the number of (m_A layer, m_B layer) pairs; at most the layer count of either model."""
+    num_connections: int | None = None
+    """n, the number of (m_A layer, m_B layer) pairs; at most the layer count of either model.
+    Default: the length of ``augmenting_layers`` / ``anchor_layers`` when given, else 4."""
     augmenting_layers: list[int] | None = None
     """Explicit 0-based m_A layers (length n, increasing); default: every (N_A/n)-th layer."""
     anchor_layers: list[int] | None = None
@@ -56,6 +58,10 @@ class CALMConfig:
     """Std of the normal init of the projection and q/k/v weights; the output projection starts at zero."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, skip=("augmenting_layers", "anchor_layers"), prefix="compose.")
+        if self.num_connections is None:
+            given = [x for x in (self.augmenting_layers, self.anchor_layers) if isinstance(x, (list, tuple))]
+            self.num_connections = len(given[0]) if given else 4
         require(
             isinstance(self.num_connections, int) and not isinstance(self.num_connections, bool)
             and self.num_connections >= 1,
@@ -96,12 +102,12 @@ class CALMConfig:
         Raises :class:`MoeforgeError` when n exceeds either depth or an explicit index is out of range.
         """
         n = self.num_connections
-        for role, depth in (("augmenting", augmenting_num_layers), ("anchor", anchor_num_layers)):
-            require(
-                n <= depth,
-                f"num_connections={n} is more than the {role} model's {depth} layers; "
-                f"choose num_connections <= {min(augmenting_num_layers, anchor_num_layers)} "
-                "(the paper uses one connection every 4 layers).",
+        limit = min(augmenting_num_layers, anchor_num_layers)
+        if n > limit:
+            raise MoeforgeError(
+                f"num_connections={n} is more than the {augmenting_num_layers} layers of the augmenting model and "
+                f"the {anchor_num_layers} of the anchor allow (at most one connection per layer of the shallower "
+                f"model); choose num_connections <= {limit} (the paper uses one connection every 4 layers)."
             )
         aug = self.augmenting_layers or evenly_spaced_layers(augmenting_num_layers, n)
         anc = self.anchor_layers or evenly_spaced_layers(anchor_num_layers, n)

@@ -246,7 +246,8 @@ def convert(
         model_or_path: a checkpoint directory, a GGUF file, the alias ``smollm2``, or a
             transformers model object (then pass ``tokenizer`` for data-driven steps).
         out: output directory, written atomically; None converts in memory only and returns the
-            model in ``report.model`` (nothing is written, no export verification).
+            model in ``report.model`` (nothing is written, no export verification). With ``out``
+            given, ``report.model`` is None: open the written model with ``moeforge.load(out)``.
         overwrite: replace an existing ``out`` (only after the new one is complete and verified).
         allow_pickle: accept a pickle-only (``.bin``) dense checkpoint.
         tokenizer: tokenizer for calibration/evaluation when ``model_or_path`` is a model object.

@@ -10,7 +10,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from ..errors import MoeforgeError, closest, require
+from ..utils.validation import check_field_types
 
 #: expert construction methods (see :mod:`moeforge.convert.methods`)
 METHOD_NAMES = ("random", "cluster", "coactivation", "importance", "upcycle", "granular-upcycle")
@@ -30,6 +33,10 @@ def _choice(kind: str, value: str, choices: tuple[str, ...], flag: str) -> None:
         raise MoeforgeError(
             f"unknown {kind} {value!r}.{closest(str(value), choices)} Choose {flag} from: {', '.join(choices)}."
         )
+
+
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
+                  torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def parse_layers(spec: str | list[int] | tuple[int, ...] | None) -> list[int] | None:
@@ -54,8 +61,13 @@ def parse_layers(spec: str | list[int] | tuple[int, ...] | None) -> list[int] | 
             except ValueError:
                 raise MoeforgeError(f"cannot read --layers {spec!r}; write indices and ranges like '0-3,6'.") from None
         return sorted(out)
-    values = sorted({int(v) for v in spec})
-    return values
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        return [spec]
+    if not isinstance(spec, (list, tuple, set)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in spec):
+        raise MoeforgeError(
+            f"layers must be a list of layer indices, one index, or a string like '0-3,6'; got {spec!r}."
+        )
+    return sorted(set(spec))
 
 
 @dataclass
@@ -112,6 +124,7 @@ class ConvertConfig:
     """Extra MoEConfig fields for the router (e.g. aux_loss_coef, capacity_factor)."""
 
     def __post_init__(self) -> None:
+        check_field_types(self, skip=("layers", "rescale", "calibration", "dtype", "refine", "router_options"))
         _choice("method", self.method, METHOD_NAMES, "--method")
         _choice("gate init", self.gate_init, GATE_INIT_NAMES, "--gate-init")
         _choice("refine mode", str(self.refine), REFINE_NAMES, "--refine")
@@ -163,7 +176,10 @@ class ConvertConfig:
             require(len(self.layers) > 0, "--layers selects no layer; name at least one or omit it to convert all.")
             require(min(self.layers) >= 0, f"--layers has a negative index ({min(self.layers)}).")
         if self.dtype is not None:
+            self.dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)
             _choice("dtype", self.dtype, ("float32", "bfloat16", "float16"), "--dtype")
+        require(isinstance(self.router_options, dict),
+                f"router_options must be a mapping of MoEConfig fields (e.g. {{'aux_loss_coef': 0.01}}), got {self.router_options!r}.")
 
     @staticmethod
     def _parse_rescale(value: str | float) -> str | float:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import MoeforgeError, closest, require
+from ..utils.validation import check_field_types
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 
@@ -81,6 +82,8 @@ class MoEConfig:
     def __post_init__(self) -> None:
         from .routers import ROUTERS  # late import: routers import this module
 
+        check_field_types(self)
+
         for name in ("hidden_size", "expert_size", "num_experts", "top_k"):
             value = getattr(self, name)
             require(
@@ -146,6 +149,11 @@ class MoEConfig:
         if self.eval_capacity_factor is not None:
             require(self.eval_capacity_factor > 0, f"eval_capacity_factor must be > 0, got {self.eval_capacity_factor}.")
         require(self.z_loss_coef >= 0, f"z_loss_coef must be >= 0, got {self.z_loss_coef}.")
+        require(self.noise_floor >= 0, f"noise_floor must be >= 0, got {self.noise_floor}.")
+        require(self.bias_update_rate >= 0, f"bias_update_rate must be >= 0 (a negative step pushes load away from "
+                                            f"balance), got {self.bias_update_rate}.")
+        if self.router_init_std is not None:
+            require(self.router_init_std >= 0, f"router_init_std must be >= 0, got {self.router_init_std}.")
         if self.aux_loss_coef is not None:
             require(self.aux_loss_coef >= 0, f"aux_loss_coef must be >= 0, got {self.aux_loss_coef}.")
         ROUTERS[self.router].validate(self)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..errors import MoeforgeError
 from .config import MoEConfig
 from .experts import DenseMLP, StackedExperts
 from .routers import Router, SigmoidBiasRouter, build_router
@@ -41,8 +42,12 @@ class MoELayer(nn.Module):
     Input (B, S, H) or (T, H); output the same shape.
     """
 
-    def __init__(self, config: MoEConfig) -> None:
+    def __init__(self, config: MoEConfig | dict) -> None:
         super().__init__()
+        if isinstance(config, dict):
+            config = MoEConfig.from_dict(config)
+        elif not isinstance(config, MoEConfig):
+            raise MoeforgeError(f"MoELayer takes a MoEConfig (or a dict of its fields), got {type(config).__name__}.")
         self.config = config
         self.router: Router = build_router(config)
         self.experts = StackedExperts(
@@ -70,6 +75,10 @@ class MoELayer(nn.Module):
 
     def forward(self, hidden_states: Tensor) -> MoEOutput:
         shape = hidden_states.shape
+        if hidden_states.dim() == 0 or shape[-1] != self.config.hidden_size:
+            raise MoeforgeError(
+                f"MoELayer expects inputs of shape (..., {self.config.hidden_size}) (hidden_size), got {tuple(shape)}."
+            )
         x = hidden_states.reshape(-1, shape[-1])
         batch_shape = tuple(shape[:-1]) if hidden_states.dim() == 3 else None
         routing = self.router(x, batch_shape)

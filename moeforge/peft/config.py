@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..errors import MoeforgeError, closest, require
+from ..utils.validation import check_field_types
 
 #: router inputs each method accepts (``router_input``).
 MOV_ROUTER_INPUTS = ("activation", "block", "sentence")
@@ -68,6 +69,7 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
+        check_field_types(self, skip=("target_modules", "feedforward_modules"), prefix=f"{owner}.")
         _positive_int(owner, "num_experts", self.num_experts)
         if not self.has_router:
             require(

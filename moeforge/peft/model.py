@@ -277,13 +277,20 @@ def _build_layer(model: nn.Module, name: str, config: AdapterConfig, context: Ad
                        dropout=config.dropout, init_std=config.init_std, router_init_std=config.router_init_std)
 
 
-def wrap(model: nn.Module, config: AdapterConfig | dict) -> AdaptedModel:
+def wrap(model: nn.Module | str | os.PathLike, config: AdapterConfig | dict) -> AdaptedModel:
     """Inject the adapters ``config`` describes into ``model`` (in place) and return the adapted model.
 
+    ``model`` is a module, or a path / alias that :func:`moeforge.load` opens first.
     ``config`` is a :class:`MoVConfig`, :class:`MoLoRAConfig`, :class:`IA3Config` or
     :class:`LoRAConfig` (or a dict ``{"method": ..., **fields}``). Every base parameter is frozen;
     adapters start as the identity, so the adapted model's outputs equal the base model's.
     """
+    if isinstance(model, (str, os.PathLike)):
+        from ..loading import load
+
+        model = load(model)
+    if not isinstance(model, nn.Module):
+        raise MoeforgeError(f"wrap() adapts a model (an nn.Module, or a path/alias to load), got {type(model).__name__}.")
     if isinstance(config, dict):
         config = config_from_dict(config)
     if not isinstance(config, AdapterConfig):

@@ -158,6 +158,14 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike) -> Adapted
 
     from .model import AdaptedModel, wrap
 
+    if isinstance(base_model, (str, os.PathLike)) and isinstance(directory, nn.Module):
+        raise MoeforgeError("load_adapter takes (base_model, adapter_directory); the arguments are swapped.")
+    if isinstance(base_model, (str, os.PathLike)):
+        from ..loading import load
+
+        base_model = load(base_model)
+    if not isinstance(directory, (str, os.PathLike)):
+        raise MoeforgeError(f"load_adapter's second argument is the adapter directory, got a {type(directory).__name__}.")
     directory = Path(directory).expanduser()
     meta = read_adapter_config(directory)
     weights = directory / ADAPTER_WEIGHTS

@@ -83,13 +83,16 @@ def name_matches(name: str, target: str) -> bool:
 def match_targets(model: nn.Module, targets: list[str] | str, *, strict: bool = True) -> list[str]:
     """Full names of the Linear modules ``targets`` selects, in module order.
 
-    ``targets`` is a list of names/suffixes or one full-match regex. With ``strict``, every list
+    ``targets`` is a list of names/suffixes or one full-match regex; a string without regex
+    characters (``"q_proj"``) is one name/suffix, as in a list. With ``strict``, every list
     entry must match at least one module; a target that matches nothing, or matches a module that
     is not an ``nn.Linear``, raises :class:`MoeforgeError` listing the Linear modules that exist.
     """
     from .base import AdapterLayer
 
     modules = dict(model.named_modules())
+    if isinstance(targets, str) and re.fullmatch(r"[\w.]+", targets):
+        targets = [targets]  # a plain name: a suffix match, not a full-name regex
     if isinstance(targets, str):
         try:
             pattern = re.compile(targets)

@@ -113,6 +113,30 @@ class Trainer:
     """One training run; see :func:`train` (the stable entry point)."""
 
     def __init__(self, config: TrainConfig, *, model=None, tokenizer=None, callbacks=()) -> None:
+        if model is not None and not isinstance(model, nn.Module):
+            raise MoeforgeError(
+                f"train(model=...) takes a loaded model object, got a {type(model).__name__}; to train from a "
+                "path or alias, set it as the config's `model` instead."
+            )
+        if isinstance(tokenizer, (str, os.PathLike)):
+            from ..loading import load_tokenizer
+
+            tokenizer = load_tokenizer(tokenizer)
+        if model is not None and tokenizer is None and not config.tokenizer:
+            from ..loading import resolve
+
+            try:
+                resolve(config.model)
+            except MoeforgeError:
+                raise MoeforgeError(
+                    f"train(model=...) was given a model object and config model {config.model!r} is only a label "
+                    "(no such path or alias), so no tokenizer can be loaded from it; pass tokenizer=... or set "
+                    "`tokenizer:` in the config."
+                ) from None
+        if callbacks is None:
+            callbacks = ()
+        elif not isinstance(callbacks, (list, tuple)):
+            callbacks = (callbacks,)  # one callback object
         self.config = config
         self._given_model = model
         self._given_tokenizer = tokenizer

@@ -68,6 +68,8 @@ def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> It
     if not str(path).strip():
         raise MoeforgeError("the output directory is empty (''); pass a path such as runs/my-moe.")
     final = Path(path).expanduser().resolve()
+    if final.exists() and not final.is_dir():
+        raise MoeforgeError(f"output path {final} exists and is not a directory; choose another path.")
     if final.exists() and not overwrite:
         raise MoeforgeError(
             f"output directory {final} already exists; choose another path or pass --overwrite to replace it."

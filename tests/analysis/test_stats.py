@@ -76,7 +76,7 @@ def test_dropped_tokens_from_mask_and_from_pairs():
 
 def test_switch_capacity_drops_match_the_router():
     layer = MoELayer(MoEConfig(hidden_size=16, expert_size=8, num_experts=4, top_k=1, router="switch",
-                               capacity_factor=0.5)).eval()
+                               capacity_factor=0.5, eval_capacity_factor=0.5)).eval()
     out = layer(torch.randn(40, 16))
     s = layer_stats(out.routing)
     assert s.dropped == int(out.routing.dropped.sum()) > 0

@@ -21,10 +21,13 @@ def test_layer_pairs_for_different_depths():
 
 
 def test_more_connections_than_layers():
-    with pytest.raises(MoeforgeError, match=r"num_connections=3 is more than the augmenting model's 2 layers.*<= 2"):
+    with pytest.raises(MoeforgeError, match=r"num_connections=3 is more than the 2 layers of the augmenting model "
+                                            r"and the 4 of the anchor allow.*<= 2"):
         CALMConfig(num_connections=3).layer_pairs(2, 4)
-    with pytest.raises(MoeforgeError, match="more than the anchor model's 4 layers"):
+    with pytest.raises(MoeforgeError, match=r"num_connections=5 is more than the 8 layers .* the 4 of the anchor.*<= 4"):
         CALMConfig(num_connections=5).layer_pairs(8, 4)
+    # explicit layer lists set the number of connections
+    assert CALMConfig(augmenting_layers=[0, 1], anchor_layers=[1, 3]).num_connections == 2
 
 
 @pytest.mark.parametrize(

@@ -55,5 +55,5 @@ def test_bad_compose_section_exits_with_one_line(saved_models, tmp_path, capsys)
     assert done.value.code == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("moeforge: error:")]
-    assert len(errors) == 1 and "num_connections=9 is more than the augmenting model's 2 layers" in errors[0]
+    assert len(errors) == 1 and "num_connections=9 is more than the 2 layers of the augmenting model" in errors[0]
     assert "Traceback" not in err

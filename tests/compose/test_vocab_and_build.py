@@ -59,7 +59,7 @@ def test_missing_model(saved_models, tmp_path):
 
 
 def test_more_connections_than_layers(anchor, augmenting):
-    with pytest.raises(MoeforgeError, match="num_connections=3 is more than the augmenting model's 2 layers"):
+    with pytest.raises(MoeforgeError, match="num_connections=3 is more than the 2 layers of the augmenting model"):
         compose(anchor, augmenting, num_connections=3)
 
 

@@ -200,3 +200,20 @@ def test_empty_output_path_is_refused(tiny_llama):
     # '' would otherwise resolve to the current directory
     with pytest.raises(MoeforgeError, match="output directory is empty"):
         moeforge.convert(tiny_llama, "", experts=2, top_k=1, eval_tokens=0)
+
+
+def test_option_types_are_accepted_or_refused_clearly(tiny_llama, tmp_path):
+    from moeforge.convert.config import ConvertConfig
+
+    assert ConvertConfig(layers=1).layers == [1]
+    assert ConvertConfig(dtype="bf16").dtype == "bfloat16" and ConvertConfig(dtype=torch.float16).dtype == "float16"
+    with pytest.raises(MoeforgeError, match="layers must be a list of layer indices"):
+        ConvertConfig(layers=["a"])
+    with pytest.raises(MoeforgeError, match="router_options must be a mapping"):
+        ConvertConfig(router_options="x")
+    with pytest.raises(MoeforgeError, match="normalize_weights must be true or false"):
+        ConvertConfig(normalize_weights="no")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(MoeforgeError, match="exists and is not a directory"):
+        moeforge.convert(tiny_llama, afile, experts=2, top_k=1, eval_tokens=0)

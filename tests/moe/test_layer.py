@@ -236,3 +236,30 @@ def test_unknown_execution_is_refused():
     with pytest.raises(MoeforgeError, match="unknown expert execution 'bogus'; choose one of auto, fused, grouped"):
         layer.experts.execution = "bogus"
     assert layer.experts.execution == "grouped"
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(glu="no"), "glu must be true or false, got 'no'"),
+        (dict(normalize_weights="false"), "normalize_weights must be true or false"),
+        (dict(output_scale="2"), "output_scale must be a number, got '2'"),
+        (dict(num_shared_experts=1.5), "num_shared_experts must be an integer, got 1.5"),
+        (dict(num_experts=True), "num_experts must be an integer, got True"),
+        (dict(router_init_std=-1.0), "router_init_std must be >= 0"),
+        (dict(bias_update_rate=-1.0), "bias_update_rate must be >= 0"),
+        (dict(shared_expert_gate=True), "shared_expert_gate needs shared experts"),
+    ],
+)
+def test_config_values_of_the_wrong_type_or_sign_are_refused(kw, message):
+    with pytest.raises(MoeforgeError, match=message):
+        make_layer(**kw)
+
+
+def test_layer_takes_a_dict_and_checks_the_input_width():
+    layer = MoELayer(dict(hidden_size=16, expert_size=8, num_experts=4, top_k=2))
+    assert layer(torch.randn(3, 16)).hidden_states.shape == (3, 16)
+    with pytest.raises(MoeforgeError, match=r"expects inputs of shape \(\.\.\., 16\) \(hidden_size\), got \(3, 15\)"):
+        layer(torch.randn(3, 15))
+    with pytest.raises(MoeforgeError, match="unknown MoE setting 'topk'"):
+        MoELayer(dict(hidden_size=16, expert_size=8, num_experts=4, topk=2))

@@ -278,3 +278,29 @@ def test_gradient_checkpointing_gives_the_same_gradients(name):
     assert grads[0].keys() == grads[1].keys()
     for key in grads[0]:
         torch.testing.assert_close(grads[1][key], grads[0][key], msg=key)
+
+
+def test_paths_and_objects_in_the_wrong_place(tmp_path):
+    base = make_model("llama")
+    base.save_pretrained(tmp_path / "base")
+    # a path where a model goes is opened with moeforge.load
+    adapted = wrap(str(tmp_path / "base"), MoVConfig(num_experts=2))
+    ids = batch("llama")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(input_ids=ids).logits, base(input_ids=ids).logits)
+    adapted.save_adapter(tmp_path / "adapter")
+    again = load_adapter(str(tmp_path / "base"), tmp_path / "adapter")
+    assert set(again.adapter_state_dict()) == set(adapted.adapter_state_dict())
+    with pytest.raises(MoeforgeError, match="arguments are swapped"):
+        load_adapter(str(tmp_path / "adapter"), make_model("llama"))
+    with pytest.raises(MoeforgeError, match="wrap\\(\\) adapts a model .* got int"):
+        wrap(3, MoVConfig(num_experts=2))
+    with pytest.raises(MoeforgeError, match="MoVConfig.num_experts must be an integer, got '10'"):
+        MoVConfig(num_experts="10")
+
+
+def test_a_plain_name_string_selects_like_a_one_item_list():
+    as_string = wrap(make_model("llama"), MoLoRAConfig(num_experts=2, rank=2, target_modules="q_proj"))
+    as_list = wrap(make_model("llama"), MoLoRAConfig(num_experts=2, rank=2, target_modules=["q_proj"]))
+    assert list(as_string.adapter_layers()) == list(as_list.adapter_layers()) == [
+        "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]

@@ -80,3 +80,23 @@ def test_config_changes_lists_what_would_splice_two_runs():
     assert config_changes(old, dropped) == [
         "data (sources) ['prose', 'code'] -> ['prose']", "data.code.weight 0.5 -> 'unset'",
     ]
+
+
+def test_api_arguments_in_the_wrong_form(tmp_path, make_cfg, tiny_dir, tokenizer):
+    from .tiny import tiny_model
+
+    with pytest.raises(MoeforgeError, match=r"train\(model=...\) takes a loaded model object, got a str"):
+        train(make_cfg(steps=1), model=str(tiny_dir))
+    with pytest.raises(MoeforgeError, match="only a label .* pass tokenizer="):
+        train(make_cfg(steps=1, model="my-run"), model=tiny_model(len(tokenizer)))
+
+    class Count:
+        steps = 0
+
+        def on_step_end(self, trainer, step, stats):
+            Count.steps += 1
+
+    # one callback object instead of a list; a tokenizer given by path
+    res = train(make_cfg(steps=2, model="my-run", output_dir=str(tmp_path / "cb")), model=tiny_model(len(tokenizer)),
+                tokenizer=str(tiny_dir), callbacks=Count())
+    assert res.steps == 2 and Count.steps == 2
