@@ -19,6 +19,7 @@ key                                               shape                  method
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -81,6 +82,7 @@ def save_adapter(model: AdaptedModel, directory: str | os.PathLike, *, overwrite
             "model_type": getattr(base_cfg, "model_type", None),
             "name_or_path": getattr(base_cfg, "name_or_path", None) or getattr(base_cfg, "_name_or_path", None),
             "num_parameters": sum(p.numel() for p in base.parameters() if id(p) not in adapter_ids),
+            "fingerprint": base_fingerprint(base, adapter_ids),
         },
         # a list, so the model's module order survives the JSON writer's key sorting
         "modules": [{"name": name, **_module_record(layer)} for name, layer in model.adapter_layers().items()],
@@ -146,13 +148,31 @@ def _refuse(directory: Path, meta: dict, problems: list[str], what: str) -> Moef
     )
 
 
-def load_adapter(base_model: nn.Module, directory: str | os.PathLike) -> AdaptedModel:
+def base_fingerprint(model: nn.Module, skip_ids: set[int] = frozenset()) -> str:
+    """A short hash of a base model's weights: shapes and 64 evenly spaced values (rounded to
+    bfloat16) of every parameter in module order, adapter parameters (``skip_ids``) left out, so
+    the wrapped and the unwrapped model agree and a float32 / bfloat16 copy of one model match."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        if id(p) in skip_ids:
+            continue
+        flat = p.detach().reshape(-1)
+        h.update(repr(tuple(p.shape)).encode())
+        if flat.numel():
+            idx = torch.linspace(0, flat.numel() - 1, steps=min(flat.numel(), 64)).long()
+            h.update(flat[idx.to(flat.device)].cpu().float().to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_adapter(base_model: nn.Module, directory: str | os.PathLike, *, allow_other_base: bool = False) -> AdaptedModel:
     """Put an adapter saved by :meth:`AdaptedModel.save_adapter` back on ``base_model``.
 
     The base model must have the same adapted modules with the same shapes as the one the adapter
     was saved from; otherwise :class:`MoeforgeError` names the shapes that disagree and nothing is
     changed. Only ``adapter_model.safetensors`` is read (never pickle). Returns the adapted model
-    (base frozen, adapters trainable, as after :func:`~moeforge.peft.wrap`).
+    (base frozen, adapters trainable, as after :func:`~moeforge.peft.wrap`). A base whose modules
+    fit but whose weights differ from the one the adapter was trained on (a fingerprint recorded
+    at saving) is refused unless ``allow_other_base``.
     """
     from safetensors import safe_open
 
@@ -179,6 +199,15 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike) -> Adapted
     problems = _shape_disagreements(base_model, modules)
     if problems:
         raise _refuse(directory, meta, problems, "module shapes")
+    saved_print = meta.get("base_model", {}).get("fingerprint")
+    if saved_print is not None and not allow_other_base and base_fingerprint(base_model) != saved_print:
+        base = meta.get("base_model", {})
+        raise MoeforgeError(
+            f"the adapter in {directory} was trained on another base model ({base.get('name_or_path')!r}, "
+            f"{base.get('num_parameters')} parameters; this one has {sum(p.numel() for p in base_model.parameters())}): "
+            "its adapted modules fit, but the weights differ, so the adapter would not do what it was trained "
+            "to. Load the base it was trained on, or pass allow_other_base=True to apply it anyway."
+        )
     changes: dict = {"target_modules": "|".join(re.escape(n) for n in modules)}
     if isinstance(config, MoVConfig):
         ff = [n for n, rec in modules.items() if rec.get("position") == "input"]

@@ -304,3 +304,15 @@ def test_a_plain_name_string_selects_like_a_one_item_list():
     as_list = wrap(make_model("llama"), MoLoRAConfig(num_experts=2, rank=2, target_modules=["q_proj"]))
     assert list(as_string.adapter_layers()) == list(as_list.adapter_layers()) == [
         "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+
+
+def test_load_adapter_refuses_a_base_with_other_weights(tmp_path):
+    adapted = wrap(make_model("llama", seed=0), MoVConfig(num_experts=2))
+    randomize_adapters(adapted)
+    adapted.save_adapter(tmp_path / "adapter")
+    with pytest.raises(MoeforgeError, match="trained on another base model.*allow_other_base=True"):
+        load_adapter(make_model("llama", seed=1), tmp_path / "adapter")
+    other = load_adapter(make_model("llama", seed=1), tmp_path / "adapter", allow_other_base=True)
+    assert set(other.adapter_state_dict()) == set(adapted.adapter_state_dict())
+    # the same weights in bfloat16 are the same base
+    load_adapter(make_model("llama", seed=0).to(torch.bfloat16), tmp_path / "adapter")
