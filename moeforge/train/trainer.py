@@ -902,11 +902,16 @@ class Trainer:
                 bar.close()
 
         if any(d.valid is not None for d in self.domains):
-            eval_losses = self.evaluate()
-            rec = self._eval_record(eval_losses)
-            done = ctx.is_main and any(r.get("kind") == "eval" and r["step"] == self.step for r in read_metrics(self.output_dir))
-            if ctx.is_main and not done:
-                self.writer.write(rec)
+            recorded = [r for r in read_metrics(self.output_dir) if r.get("kind") == "eval" and r["step"] == self.step]
+            if ctx.all_true(resumed_from is not None and resumed_from >= cfg.steps and bool(recorded)):
+                # a finished run rerun: its final evaluation is on record, nothing to recompute
+                rec = recorded[-1]
+                eval_losses = dict(rec["eval"])
+            else:
+                eval_losses = self.evaluate()
+                rec = self._eval_record(eval_losses)
+                if ctx.is_main and not recorded:
+                    self.writer.write(rec)
             self._callback("on_eval", rec)
         final_dir = None
         if cfg.save_final and self.step >= cfg.steps:

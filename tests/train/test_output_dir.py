@@ -100,3 +100,12 @@ def test_api_arguments_in_the_wrong_form(tmp_path, make_cfg, tiny_dir, tokenizer
     res = train(make_cfg(steps=2, model="my-run", output_dir=str(tmp_path / "cb")), model=tiny_model(len(tokenizer)),
                 tokenizer=str(tiny_dir), callbacks=Count())
     assert res.steps == 2 and Count.steps == 2
+
+
+def test_rerunning_a_finished_run_does_not_evaluate_again(make_cfg, monkeypatch):
+    from moeforge.train.trainer import Trainer
+
+    first = train(make_cfg(steps=2))
+    monkeypatch.setattr(Trainer, "evaluate", lambda *a, **k: pytest.fail("evaluated a finished run again"))
+    again = train(make_cfg(steps=2))
+    assert again.resumed_from == 2 and again.eval_losses == first.eval_losses
