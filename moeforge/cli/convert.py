@@ -11,7 +11,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("convert")
     def convert(
-        model: str = typer.Argument(..., help="Dense model: checkpoint directory, GGUF file or alias (smollm2)."),
+        model: str = typer.Argument(..., metavar="MODEL", help="Dense model: checkpoint directory, GGUF file or alias (smollm2)."),
         out: str = typer.Option(..., "--out", "-o", help="Output directory (must not exist unless --overwrite)."),
         method: str = typer.Option("random", help="random, cluster, coactivation, importance, upcycle, granular-upcycle."),
         experts: int = typer.Option(8, "--experts", "-e", help="Routed experts per layer (E)."),

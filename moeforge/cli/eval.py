@@ -44,7 +44,7 @@ def print_report(report) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_(
-        model: str = typer.Argument(..., help="Model path, GGUF file or alias (smollm2)."),
+        model: str = typer.Argument(..., metavar="MODEL", help="Model path, GGUF file or alias (smollm2)."),
         data: list[str] = typer.Option(
             None, "--data", "-d",
             help="Corpus name (prose, code, arithmetic, wikitext2, gsm8k) or a .txt/.jsonl path; repeat for several. "

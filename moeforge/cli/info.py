@@ -10,7 +10,7 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("info")
     def info(
-        model: str = typer.Argument(..., help="Model path, GGUF file or alias (smollm2)."),
+        model: str = typer.Argument(..., metavar="MODEL", help="Model path, GGUF file or alias (smollm2)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
         allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle (.bin) checkpoints."),
     ) -> None:

@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
     )
     def train_cmd(
         ctx: typer.Context,
-        config: Path = typer.Argument(..., help="YAML training config (see configs/)."),
+        config: Path = typer.Argument(..., metavar="CONFIG", help="YAML training config (see configs/)."),
     ) -> None:
         """Train (CPT, SFT, PEFT-MoE or composition) as CONFIG says; rerunning resumes from output_dir."""
         from ..train import train
