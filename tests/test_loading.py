@@ -136,3 +136,21 @@ def test_model_objects_and_bad_devices_get_one_clear_message(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(MoeforgeError, match="sees no CUDA GPU; use device='cpu'"):
             moeforge.load(tmp_path / "dense", device="cuda")
+
+
+def test_cli_reports_file_system_errors_in_one_line(monkeypatch, capsys):
+    import errno
+
+    import moeforge.loading as loading
+    from moeforge.cli import main
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", "/some/file")
+
+    monkeypatch.setattr(loading, "load", full)
+    with pytest.raises(SystemExit) as err:
+        main(["info", "anything"])
+    assert err.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("moeforge: error: No space left on device (/some/file); free disk space")
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr

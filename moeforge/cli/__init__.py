@@ -53,5 +53,8 @@ def main(argv: list[str] | None = None) -> None:
         app(args=argv, prog_name="moeforge", standalone_mode=True)
     except MoeforgeError as err:
         fail(str(err))
+    except OSError as err:  # the file system said no (full disk, permissions, a vanished path)
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        fail(f"{err.strerror or err}{where}; free disk space or fix the path and permissions, then rerun.")
     except KeyboardInterrupt:
         fail("interrupted", code=130)

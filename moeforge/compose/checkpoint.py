@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MoeforgeError
-from ..utils.io import atomic_write_json, check_safetensors
+from ..utils.io import atomic_write_json, check_safetensors, save_safetensors
 
 FORMAT = "moeforge-calm"
 FORMAT_VERSION = 1
@@ -103,13 +103,12 @@ def read_meta(directory: str | Path) -> dict:
 
 def save_composition(directory: str | Path, state: dict[str, torch.Tensor], meta: dict) -> Path:
     """Write weights, then metadata (the completeness marker), into ``directory`` (created if needed), atomically per file."""
-    from safetensors.torch import save_file
 
     directory = Path(directory).expanduser()
     directory.mkdir(parents=True, exist_ok=True)
     (directory / META_FILE).unlink(missing_ok=True)  # a half-replaced composition never looks complete
     tmp = directory / f".{WEIGHTS_FILE}.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp), metadata={"format": FORMAT})
+    save_safetensors({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata={"format": FORMAT})
     tmp.replace(directory / WEIGHTS_FILE)
     atomic_write_json(directory / META_FILE, {"format": FORMAT, "format_version": FORMAT_VERSION, **meta})
     return directory

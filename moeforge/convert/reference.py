@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..formats.export import DenseLayerWeights, MoELayerWeights
+from ..utils.io import save_safetensors
 
 _MOE_FIELDS = ("router", "gate_up", "down", "shared_gate", "shared_up", "shared_down")
 _DENSE_FIELDS = ("gate", "up", "down")
@@ -42,7 +42,7 @@ class ReferenceStore:
 
     def _save(self, tensors: dict[str, torch.Tensor]) -> None:
         self._files += 1
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(self.dir / f"part-{self._files:05d}.safetensors"))
+        save_safetensors({k: v.contiguous() for k, v in tensors.items()}, self.dir / f"part-{self._files:05d}.safetensors")
 
     def add_from_source(self, key: str, source_key: str, dtype: torch.dtype, read) -> None:
         """A tensor copied unchanged from the dense checkpoint: when spilled, it is read again from

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import MoeforgeError
-from ..utils.io import atomic_write_json, check_safetensors, temp_file
+from ..utils.io import atomic_write_json, check_safetensors, save_safetensors, temp_file
 from .config import MoVConfig, config_from_dict
 
 if TYPE_CHECKING:
@@ -58,7 +58,6 @@ def save_adapter(model: AdaptedModel, directory: str | os.PathLike, *, overwrite
     last, so a directory with ``adapter_config.json`` holds a complete adapter. An existing adapter
     is refused unless ``overwrite``.
     """
-    from safetensors.torch import save_file
 
     from .. import __version__
 
@@ -89,7 +88,7 @@ def save_adapter(model: AdaptedModel, directory: str | os.PathLike, *, overwrite
     }
     tmp = temp_file(directory, prefix=f".{ADAPTER_WEIGHTS}.")
     try:
-        save_file(tensors, tmp, metadata={"format": "pt", "moeforge": FORMAT})
+        save_safetensors(tensors, tmp, metadata={"format": "pt", "moeforge": FORMAT})
         os.replace(tmp, directory / ADAPTER_WEIGHTS)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

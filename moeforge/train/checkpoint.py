@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..errors import MoeforgeError
+from ..utils.io import save_safetensors
 
 CHECKPOINTS = "checkpoints"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -136,9 +137,7 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path
 # --------------------------------------------------------------------------------- tensor I/O
 def _write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write a safetensors file and fsync it (the one place bytes hit the disk; tests make it fail)."""
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+    save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, path)
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 

@@ -15,6 +15,23 @@ from ..errors import MoeforgeError
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, with its I/O failures (a full disk, a vanished directory)
+    raised as :class:`OSError` like every other write, so callers' cleanup and messages apply:
+    safetensors reports them as its own ``SafetensorError``."""
+    import errno
+
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:
+        text = str(err)
+        code = errno.ENOSPC if "No space left" in text else errno.EIO
+        raise OSError(code, f"{os.strerror(code)} while writing safetensors ({text})", str(path)) from None
+
+
 def _read_umask() -> int:
     mask = os.umask(0o022)  # the only way to read it is to set it; done once, at import
     os.umask(mask)

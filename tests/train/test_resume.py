@@ -1,6 +1,5 @@
 """Resuming: SIGKILL after a checkpoint, NaN loss, a full disk while saving, a checkpoint from another model."""
 
-import errno
 import json
 import os
 import signal
@@ -12,7 +11,6 @@ import pytest
 import torch
 import yaml
 
-import moeforge.train.checkpoint as ckpt_mod
 from moeforge.errors import MoeforgeError
 from moeforge.train import read_metrics, train
 from moeforge.train.checkpoint import list_checkpoints, load_checkpoint
@@ -100,17 +98,21 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, ma
 
 
 def test_full_disk_while_saving_keeps_previous_checkpoint(tmp_path, make_cfg, monkeypatch):
-    real = ckpt_mod._write_tensors
+    # a full disk as safetensors reports it (its own SafetensorError, not an OSError)
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    real = safetensors.torch.save_file
     calls = {"n": 0}
 
-    def failing(tensors, path):
-        if path.name == "trainable.safetensors":
+    def failing(tensors, path, metadata=None):
+        if Path(path).name == "trainable.safetensors":
             calls["n"] += 1
             if calls["n"] == 2:  # the second checkpoint (step 4)
-                raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real(tensors, path)
+                raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(ckpt_mod, "_write_tensors", failing)
+    monkeypatch.setattr(safetensors.torch, "save_file", failing)
     cfg = make_cfg(steps=6)
     with pytest.raises(MoeforgeError, match=r"No space left on device.*step-000002 is intact"):
         train(cfg)
@@ -118,7 +120,7 @@ def test_full_disk_while_saving_keeps_previous_checkpoint(tmp_path, make_cfg, mo
     assert [s for s, _ in list_checkpoints(out)] == [2]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]  # no partial directory
     assert load_checkpoint(out / "checkpoints" / "step-000002", 0)["state"]["step"] == 2
-    monkeypatch.setattr(ckpt_mod, "_write_tensors", real)
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
     res = train(cfg)
     assert res.resumed_from == 2 and res.steps == 6
 
