@@ -212,16 +212,19 @@ def _check_weights(directory: Path, allow_pickle: bool) -> None:
         raise MoeforgeError(f"{directory} has config.json but no weights (*.safetensors); the checkpoint is incomplete.")
 
 
+#: dtype names and aliases accepted wherever moeforge takes a dtype
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+               "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
 def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise MoeforgeError(f"unknown dtype {dtype!r}; choose one of {', '.join(table)} or 'auto'.")
-    return table[dtype]
+    if dtype not in DTYPE_NAMES:
+        raise MoeforgeError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_NAMES)} or 'auto'.")
+    return DTYPE_NAMES[dtype]
 
 
 def load(

@@ -29,13 +29,13 @@ same architecture but different weights — while a float32 and a bfloat16 copy 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
 
 from ..errors import MoeforgeError
+from ..utils.fingerprint import sampled_digest
 from ..utils.io import atomic_write_json, check_safetensors, save_safetensors
 
 FORMAT = "moeforge-calm"
@@ -47,20 +47,7 @@ SAMPLES_PER_TENSOR = 64
 
 def model_fingerprint(model: torch.nn.Module) -> str:
     """A short hash identifying a model's weights (robust to float32 <-> bfloat16 casts)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach()
-        h.update(name.encode())
-        h.update(repr(tuple(t.shape)).encode())
-        flat = t.reshape(-1)
-        if flat.numel() == 0:
-            continue
-        idx = torch.linspace(0, flat.numel() - 1, steps=min(flat.numel(), SAMPLES_PER_TENSOR)).long()
-        sample = flat[idx.to(flat.device)].cpu()
-        if sample.is_floating_point():
-            sample = sample.float().to(torch.bfloat16).view(torch.int16)
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:16]
+    return sampled_digest(sorted(model.state_dict().items()), SAMPLES_PER_TENSOR)
 
 
 def describe_model(model: torch.nn.Module, source: str | None) -> dict:
@@ -103,7 +90,6 @@ def read_meta(directory: str | Path) -> dict:
 
 def save_composition(directory: str | Path, state: dict[str, torch.Tensor], meta: dict) -> Path:
     """Write weights, then metadata (the completeness marker), into ``directory`` (created if needed), atomically per file."""
-
     directory = Path(directory).expanduser()
     directory.mkdir(parents=True, exist_ok=True)
     (directory / META_FILE).unlink(missing_ok=True)  # a half-replaced composition never looks complete

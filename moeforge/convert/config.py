@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..errors import MoeforgeError, closest, require
+from ..loading import DTYPE_NAMES
 from ..utils.validation import check_field_types
 
 #: expert construction methods (see :mod:`moeforge.convert.methods`)
@@ -33,10 +34,6 @@ def _choice(kind: str, value: str, choices: tuple[str, ...], flag: str) -> None:
         raise MoeforgeError(
             f"unknown {kind} {value!r}.{closest(str(value), choices)} Choose {flag} from: {', '.join(choices)}."
         )
-
-
-_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
-                  torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def parse_layers(spec: str | list[int] | tuple[int, ...] | None) -> list[int] | None:
@@ -176,7 +173,10 @@ class ConvertConfig:
             require(len(self.layers) > 0, "--layers selects no layer; name at least one or omit it to convert all.")
             require(min(self.layers) >= 0, f"--layers has a negative index ({min(self.layers)}).")
         if self.dtype is not None:
-            self.dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)
+            if isinstance(self.dtype, str) and self.dtype in DTYPE_NAMES:
+                self.dtype = DTYPE_NAMES[self.dtype]
+            if isinstance(self.dtype, torch.dtype):  # canonical name: "float32", "bfloat16", ...
+                self.dtype = str(self.dtype).removeprefix("torch.")
             _choice("dtype", self.dtype, ("float32", "bfloat16", "float16"), "--dtype")
         require(isinstance(self.router_options, dict),
                 f"router_options must be a mapping of MoEConfig fields (e.g. {{'aux_loss_coef': 0.01}}), got {self.router_options!r}.")

@@ -81,9 +81,9 @@ def _read_text(files: list[Path]) -> list[str]:
     return docs
 
 
-def _read_jsonl(files: list[Path], where: list[str]) -> list[dict[str, Any]]:
-    """The records of JSONL files; ``where`` receives each record's ``file:line``."""
-    records = []
+def _read_jsonl(files: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The records of JSONL files and each record's ``file:line``."""
+    records, where = [], []
     for f in files:
         with open(f, encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
@@ -98,7 +98,7 @@ def _read_jsonl(files: list[Path], where: list[str]) -> list[dict[str, Any]]:
                     raise MoeforgeError(f"{f}:{lineno} is a JSON {type(rec).__name__}, expected an object.")
                 records.append(rec)
                 where.append(f"{f}:{lineno}")
-    return records
+    return records, where
 
 
 def _read_datasets(source, files: list[Path]) -> list[dict[str, Any]]:
@@ -191,7 +191,7 @@ def _records(source, path: str) -> tuple[str, list]:
         raw: list = _read_text(files)
         raw = [d for d in raw if d.strip()]
     elif fmt == "jsonl":
-        raw = _read_jsonl(files, where_each)
+        raw, where_each = _read_jsonl(files)
     else:
         raw = _read_datasets(source, files)
         where_each = [f"{path} record {i}" for i in range(1, len(raw) + 1)]

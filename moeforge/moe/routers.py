@@ -232,20 +232,20 @@ class SwitchRouter(Router):
         probs = logits.softmax(dim=-1)
         gate, expert = probs.max(dim=-1)
         tokens, e = probs.shape
-        one_hot = F.one_hot(expert, e)
         capacity = self.capacity(tokens)
-        if capacity is None:
-            position = torch.zeros_like(expert)
-            capacity = 1
-        elif self.config.drop_policy == "probability":
-            order = torch.argsort(gate.detach(), descending=True, stable=True)
-            rank = torch.empty_like(order)
-            rank[order] = torch.arange(tokens, device=order.device)
-            position_sorted = torch.cumsum(one_hot[order], dim=0)
-            position = (position_sorted * one_hot[order]).sum(-1)[rank] - 1
+        if capacity is None:  # eval without a capacity: every token is routed
+            keep = torch.ones_like(expert, dtype=torch.bool)
         else:
-            position = (torch.cumsum(one_hot, dim=0) * one_hot).sum(-1) - 1
-        keep = position < capacity
+            one_hot = F.one_hot(expert, e)
+            if self.config.drop_policy == "probability":
+                order = torch.argsort(gate.detach(), descending=True, stable=True)
+                rank = torch.empty_like(order)
+                rank[order] = torch.arange(tokens, device=order.device)
+                position_sorted = torch.cumsum(one_hot[order], dim=0)
+                position = (position_sorted * one_hot[order]).sum(-1)[rank] - 1
+            else:
+                position = (torch.cumsum(one_hot, dim=0) * one_hot).sum(-1) - 1
+            keep = position < capacity
         kept = keep.nonzero(as_tuple=True)[0]
         losses: dict[str, Tensor] = {}
         if self.training and self.aux_loss_coef > 0:

@@ -19,7 +19,6 @@ key                                               shape                  method
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import MoeforgeError
+from ..utils.fingerprint import sampled_digest
 from ..utils.io import atomic_write_json, check_safetensors, save_safetensors, temp_file
 from .config import MoVConfig, config_from_dict
 
@@ -151,16 +151,7 @@ def base_fingerprint(model: nn.Module, skip_ids: set[int] = frozenset()) -> str:
     """A short hash of a base model's weights: shapes and 64 evenly spaced values (rounded to
     bfloat16) of every parameter in module order, adapter parameters (``skip_ids``) left out, so
     the wrapped and the unwrapped model agree and a float32 / bfloat16 copy of one model match."""
-    h = hashlib.sha256()
-    for p in model.parameters():
-        if id(p) in skip_ids:
-            continue
-        flat = p.detach().reshape(-1)
-        h.update(repr(tuple(p.shape)).encode())
-        if flat.numel():
-            idx = torch.linspace(0, flat.numel() - 1, steps=min(flat.numel(), 64)).long()
-            h.update(flat[idx.to(flat.device)].cpu().float().to(torch.bfloat16).view(torch.int16).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return sampled_digest((None, p) for p in model.parameters() if id(p) not in skip_ids)
 
 
 def load_adapter(base_model: nn.Module, directory: str | os.PathLike, *, allow_other_base: bool = False) -> AdaptedModel:

@@ -65,9 +65,7 @@ def check_writable_dir(path: str | os.PathLike, what: str = "output directory") 
     if not probe.is_dir():
         raise MoeforgeError(f"{what} {final} cannot be created: {probe} is a file; choose another path.")
     try:
-        fd, name = tempfile.mkstemp(prefix=".moeforge-probe-", dir=probe)
-        os.close(fd)
-        os.unlink(name)
+        os.unlink(temp_file(probe, prefix=".moeforge-probe-"))
     except OSError as err:
         raise MoeforgeError(
             f"{what} {final} is not writable ({probe}: {err.strerror or err}); choose a directory you can write to."
@@ -85,13 +83,11 @@ def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> It
     if not str(path).strip():
         raise MoeforgeError("the output directory is empty (''); pass a path such as runs/my-moe.")
     final = Path(path).expanduser().resolve()
-    if final.exists() and not final.is_dir():
-        raise MoeforgeError(f"output path {final} exists and is not a directory; choose another path.")
+    check_writable_dir(final)  # first: a file at ``path`` is "not a directory", not "already exists"
     if final.exists() and not overwrite:
         raise MoeforgeError(
             f"output directory {final} already exists; choose another path or pass --overwrite to replace it."
         )
-    check_writable_dir(final)
     created = [p for p in final.parents if not p.exists()]  # innermost first
     try:
         final.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,29 @@
+"""Short hashes that identify a model's weights without reading all of them."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+import torch
+
+
+def sampled_digest(tensors: Iterable[tuple[str | None, torch.Tensor]], samples: int = 64) -> str:
+    """16 hex digits of SHA-256 over each tensor's name (when given), shape and ``samples`` evenly
+    spaced values, floating values rounded to bfloat16 first, so a float32 and a bfloat16 copy of
+    the same weights agree while other weights (or shapes, or names) do not."""
+    h = hashlib.sha256()
+    for name, tensor in tensors:
+        t = tensor.detach()
+        if name is not None:
+            h.update(name.encode())
+        h.update(repr(tuple(t.shape)).encode())
+        flat = t.reshape(-1)
+        if flat.numel() == 0:
+            continue
+        idx = torch.linspace(0, flat.numel() - 1, steps=min(flat.numel(), samples)).long()
+        sample = flat[idx.to(flat.device)].cpu()
+        if sample.is_floating_point():
+            sample = sample.float().to(torch.bfloat16).view(torch.int16)
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
