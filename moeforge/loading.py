@@ -94,10 +94,22 @@ def resolve(path_or_alias: str | os.PathLike) -> ModelSource:
         return ModelSource("gguf", ggufs[0].resolve(), name)
     if len(ggufs) > 1:
         raise MoeforgeError(f"{path} holds several GGUF files ({', '.join(g.name for g in ggufs)}); pass one of them.")
-    raise MoeforgeError(
-        f"{path} holds no model: expected config.json with safetensors weights, or a .gguf file "
-        f"(or the alias 'smollm2')."
-    )
+    raise MoeforgeError(f"{path} holds no model: expected config.json with safetensors weights, or a .gguf file "
+                        f"(or the alias 'smollm2').{_trained_parts_hint(path)}")
+
+
+def _trained_parts_hint(path: Path) -> str:
+    """What to do with a directory of adapter or composition weights (which need their base models)."""
+    from .compose.checkpoint import META_FILE
+    from .peft.saving import ADAPTER_CONFIG
+
+    if (path / ADAPTER_CONFIG).is_file():
+        return (" It holds a moeforge adapter, which needs its base model: "
+                "moeforge.peft.load_adapter(moeforge.load(BASE), DIR).")
+    if (path / META_FILE).is_file():
+        return (" It holds CALM composition weights, which need their two models: "
+                "moeforge.compose.load_composition(DIR).")
+    return ""
 
 
 # ---------------------------------------------------------------------------------------- GGUF
@@ -252,7 +264,7 @@ def load(
         if cached is None:
             check_gguf_architecture(source.path)
             model, _ = _load_gguf_direct(source.path, torch.float32 if torch_dtype == "auto" else torch_dtype)
-            return _finish(model, device)
+            return _finish(model, device, source)
         directory = cached
     else:
         directory = source.path
@@ -264,7 +276,7 @@ def load(
     loader = IMPORTERS.get(model_type)
     if loader is not None:
         model = loader(directory, cfg, dtype=torch.float32 if torch_dtype == "auto" else torch_dtype)
-        return _finish(model, device)
+        return _finish(model, device, source)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(directory),
@@ -282,10 +294,13 @@ def load(
         raise MoeforgeError(f"transformers cannot open {directory} (model_type {model_type!r}): {err}") from None
     except OSError as err:
         raise MoeforgeError(f"cannot read checkpoint {directory}: {err}") from None
-    return _finish(model, device)
+    return _finish(model, device, source)
 
 
-def _finish(model, device):
+def _finish(model, device, source: ModelSource | None = None):
+    if source is not None and source.kind == "gguf":
+        # records (adapters, compositions, conversions) name the alias or the GGUF file, not the cache
+        model.config.name_or_path = source.name if source.name in ALIASES else str(source.path)
     if device is not None:
         try:
             target = torch.device(device)
@@ -311,7 +326,10 @@ def load_tokenizer(path_or_alias: str | os.PathLike):
     try:
         tok = AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)
     except (OSError, ValueError) as err:
-        raise MoeforgeError(f"{source.path} has no usable tokenizer ({err}); copy the base model's tokenizer files there.") from None
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise MoeforgeError(
+            f"{source.path} has no usable tokenizer ({first}); copy the base model's tokenizer files there."
+        ) from None
     if not tok("The quick brown fox.", add_special_tokens=False).input_ids:
         # transformers may build a tokenizer class from config.json alone, with an empty vocabulary
         raise MoeforgeError(

@@ -117,6 +117,7 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
 def test_smollm2_alias_loads_generates_and_saves(tmp_path):
     model, tok = moeforge.load_with_tokenizer("smollm2")
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    assert model.config.name_or_path == "smollm2"  # what adapters and compositions record, not the cache path
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 3
@@ -154,3 +155,14 @@ def test_cli_reports_file_system_errors_in_one_line(monkeypatch, capsys):
     stderr = capsys.readouterr().err
     assert stderr.startswith("moeforge: error: No space left on device (/some/file); free disk space")
     assert stderr.count("\n") == 1 and "Traceback" not in stderr
+
+
+def test_adapter_and_composition_folders_say_how_to_open_them(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(MoeforgeError, match=r"holds no model.*a moeforge adapter.*moeforge\.peft\.load_adapter"):
+        moeforge.load(tmp_path / "adapter")
+    (tmp_path / "calm").mkdir()
+    (tmp_path / "calm" / "composition.json").write_text("{}")
+    with pytest.raises(MoeforgeError, match=r"CALM composition weights.*moeforge\.compose\.load_composition"):
+        moeforge.load(tmp_path / "calm")

@@ -40,10 +40,13 @@ def _open(role: str, model: ModelLike, tokenizer, dtype) -> tuple[nn.Module, Any
         raise MoeforgeError(f"the {role} model must be a causal LM or a path/alias, got {type(model).__name__}.")
     try:
         opened = load(model, dtype=dtype)
-        if tokenizer is None:
-            tokenizer = load_tokenizer(model)
     except MoeforgeError as err:
         raise MoeforgeError(f"{role} model: {err}") from None
+    if tokenizer is None:
+        try:
+            tokenizer = load_tokenizer(model)
+        except MoeforgeError:  # no tokenizer files beside it: the vocabulary sizes are compared instead
+            tokenizer = None
     _check_causal_lm(role, opened)
     from ..loading import ALIASES
 

@@ -21,10 +21,10 @@ def embedding_size(model) -> int:
 
 def find_tokenizer(model):
     """The tokenizer saved beside ``model``'s checkpoint (its ``name_or_path``), or None."""
-    from ..loading import load_tokenizer
+    from ..loading import ALIASES, load_tokenizer
 
     name = getattr(model.config, "_name_or_path", None) or getattr(model.config, "name_or_path", None)
-    if not name or not Path(str(name)).expanduser().exists():
+    if not name or (name not in ALIASES and not Path(str(name)).expanduser().exists()):
         return None
     try:
         return load_tokenizer(name)

@@ -38,6 +38,8 @@ class MoVLayer(AdapterLayer):
     """
 
     adapter_parameter_names = ("vectors",)
+    # weight decay would pull the vectors toward 0 (an activation scaled away), not to the identity 1
+    no_weight_decay = ("vectors",)
 
     def __init__(
         self,
@@ -89,7 +91,7 @@ class MoVLayer(AdapterLayer):
             per_head = activation.unflatten(-1, (self.heads, -1))  # (..., h, d_h)
             probs = self.router(per_head)  # (..., h, E)
             self.context.record(self.module_name, probs)
-            offsets = (self.vectors - 1.0).view(self.num_experts, self.heads, -1)  # (E, h, d_h)
+            offsets = (self.vectors.float() - 1.0).view(self.num_experts, self.heads, -1)  # (E, h, d_h)
             merged = 1.0 + torch.einsum("...he,ehd->...hd", probs, offsets).flatten(-2)
             return merged.to(activation.dtype)
         if self.router_input == "activation":
@@ -105,7 +107,7 @@ class MoVLayer(AdapterLayer):
             source = self.context.sentence_for(activation)
         probs = self.router(source)  # (..., E)
         self.context.record(self.module_name, probs)
-        return (1.0 + torch.matmul(probs, self.vectors - 1.0)).to(activation.dtype)
+        return (1.0 + torch.matmul(probs, self.vectors.float() - 1.0)).to(activation.dtype)
 
     def merged_linear(self) -> nn.Linear:
         if self.router is not None:

@@ -32,6 +32,12 @@ class AdapterRouter(nn.Module):
         return torch.matmul(x.float(), self.weight.float().t())
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # autocast would run the matmul in bf16/fp16
+            with torch.autocast(x.device.type, enabled=False):
+                return self._probs(x)
+        return self._probs(x)
+
+    def _probs(self, x: Tensor) -> Tensor:
         probs = torch.softmax(self.logits(x), dim=-1)
         if self.top_k is None or self.top_k >= self.num_experts:
             return probs

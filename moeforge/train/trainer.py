@@ -302,11 +302,13 @@ class Trainer:
         # adapters with top-k routing can leave experts without gradient in a step
         unused = cfg.find_unused_parameters or cfg.peft is not None or cfg.compose is not None
         self.wrapped = wrap_model(model, ctx, strategy=cfg.parallel, find_unused_parameters=unused)
-        # optimizer over trainable parameters; weight decay on matrices only
+        # optimizer over trainable parameters; weight decay on matrices only, and never on parameters
+        # whose neutral value is not zero (modules list them in ``no_weight_decay``: (IA)^3/MoV vectors)
+        exempt = {id(getattr(m, name)) for m in self.model.modules() for name in getattr(m, "no_weight_decay", ())}
         decay, no_decay = [], []
         for _, p in self.model.named_parameters():
             if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
+                (decay if p.ndim >= 2 and id(p) not in exempt else no_decay).append(p)
         self.params = decay + no_decay
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
@@ -407,8 +409,7 @@ class Trainer:
     def _resume(self, path: Path) -> None:
         data = ckpt.load_checkpoint(path, self.ctx.rank)
         state = data["state"]
-        ckpt.check_fingerprint(state["fingerprint"], self.fingerprint, path)
-        if state.get("config") is not None:
+        if state.get("config") is not None:  # first: a changed setting explains a changed model
             changes = config_changes(state["config"], self.config.to_dict())
             if changes:
                 raise MoeforgeError(
@@ -416,6 +417,7 @@ class Trainer:
                     f"config: {'; '.join(changes)}. Resuming would splice two runs together; rerun with the "
                     "original values, choose a new output_dir, or pass --overwrite true to start over."
                 )
+        ckpt.check_fingerprint(state["fingerprint"], self.fingerprint, path)
         if int(state["step"]) > self.config.steps:
             raise MoeforgeError(
                 f"output_dir {self.output_dir} already holds a run at step {state['step']}, past steps="
@@ -811,12 +813,13 @@ class Trainer:
         error = ""
         if self.ctx.is_main:
             try:
-                if hasattr(model, "save_trained"):
-                    model.save_trained(final)
-                    if hasattr(self.tokenizer, "save_pretrained"):
-                        self.tokenizer.save_pretrained(str(final))
-                else:
-                    with atomic_output_dir(final, overwrite=True) as tmp:
+                # written aside and renamed: a final/ that exists is complete (a rerun relies on it)
+                with atomic_output_dir(final, overwrite=True) as tmp:
+                    if hasattr(model, "save_trained"):  # adapters, compositions: their own files only
+                        model.save_trained(tmp)
+                        if hasattr(self.tokenizer, "save_pretrained"):
+                            self.tokenizer.save_pretrained(str(tmp))
+                    else:
                         if full is not None:
                             model.save_pretrained(str(tmp), state_dict=full)
                         else:

@@ -8,6 +8,15 @@ from collections.abc import Iterable
 import torch
 
 
+def _positions(numel: int, samples: int) -> torch.Tensor:
+    """``min(numel, samples)`` evenly spaced indices from 0 to numel - 1, in exact integer arithmetic
+    (a float32 ``linspace`` rounds its last position up to ``numel`` once numel passes 2**24)."""
+    steps = min(numel, samples)
+    if steps == 1:
+        return torch.zeros(1, dtype=torch.long)
+    return torch.arange(steps, dtype=torch.long) * (numel - 1) // (steps - 1)
+
+
 def sampled_digest(tensors: Iterable[tuple[str | None, torch.Tensor]], samples: int = 64) -> str:
     """16 hex digits of SHA-256 over each tensor's name (when given), shape and ``samples`` evenly
     spaced values, floating values rounded to bfloat16 first, so a float32 and a bfloat16 copy of
@@ -21,8 +30,7 @@ def sampled_digest(tensors: Iterable[tuple[str | None, torch.Tensor]], samples: 
         flat = t.reshape(-1)
         if flat.numel() == 0:
             continue
-        idx = torch.linspace(0, flat.numel() - 1, steps=min(flat.numel(), samples)).long()
-        sample = flat[idx.to(flat.device)].cpu()
+        sample = flat[_positions(flat.numel(), samples).to(flat.device)].cpu()
         if sample.is_floating_point():
             sample = sample.float().to(torch.bfloat16).view(torch.int16)
         h.update(sample.numpy().tobytes())

@@ -53,6 +53,16 @@ def test_compose_from_paths(saved_models):
         assert torch.equal(composed(ids).logits, composed.anchor(ids).logits)
 
 
+def test_paths_without_tokenizer_files_fall_back_to_the_vocabulary_sizes(tmp_path):
+    for name, model in (("anchor", llama()), ("augmenting", moe())):
+        model.save_pretrained(tmp_path / name)  # weights and config only
+    composed = compose(tmp_path / "anchor", tmp_path / "augmenting", num_connections=1)
+    assert composed.sources["augmenting"] == str((tmp_path / "augmenting").resolve())
+    moe(vocab=300).save_pretrained(tmp_path / "wide")
+    with pytest.raises(MoeforgeError, match="a 300-token one"):
+        compose(tmp_path / "anchor", tmp_path / "wide", num_connections=1)
+
+
 def test_missing_model(saved_models, tmp_path):
     with pytest.raises(MoeforgeError, match=r"^augmenting model: model '.*nowhere' not found"):
         compose(saved_models["anchor"], tmp_path / "nowhere", num_connections=1)
