@@ -126,17 +126,27 @@ def test_full_disk_while_saving_keeps_previous_checkpoint(tmp_path, make_cfg, mo
 
 
 def test_checkpoint_from_a_different_model_is_refused(tmp_path, make_cfg, tokenizer):
-    train(make_cfg(steps=2))
+    import shutil
+
+    own = save_tiny(tmp_path / "own", tokenizer)
+    train(make_cfg(steps=2, model=str(own)))
     wider = save_tiny(tmp_path / "wider", tokenizer, hidden=48)
-    with pytest.raises(MoeforgeError, match="written for a different model.*parameter names/shapes"):
+    with pytest.raises(MoeforgeError, match=r"different config: model '.*own' -> '.*wider'"):
         train(make_cfg(steps=4, model=str(wider)))
+    # another model at the same path: caught by the model fingerprint
+    shutil.rmtree(own)
+    shutil.copytree(wider, own)
+    with pytest.raises(MoeforgeError, match="written for a different model.*parameter names/shapes"):
+        train(make_cfg(steps=4, model=str(own)))
     # same architecture, other frozen weights: caught by the frozen-value digest
-    train(make_cfg(steps=2, train_params="router", output_dir=str(tmp_path / "r")))
-    other = save_tiny(tmp_path / "other", tokenizer, seed=9)
+    base = save_tiny(tmp_path / "base", tokenizer)
+    train(make_cfg(steps=2, train_params="router", model=str(base), output_dir=str(tmp_path / "r")))
+    shutil.rmtree(base)
+    save_tiny(base, tokenizer, seed=9)
     with pytest.raises(MoeforgeError, match="frozen weights have different values"):
-        train(make_cfg(steps=4, train_params="router", model=str(other), output_dir=str(tmp_path / "r")))
+        train(make_cfg(steps=4, train_params="router", model=str(base), output_dir=str(tmp_path / "r")))
     with pytest.raises(MoeforgeError, match="resume is off"):
-        train(make_cfg(steps=4, resume=False))
+        train(make_cfg(steps=4, model=str(base), train_params="router", output_dir=str(tmp_path / "r"), resume=False))
 
 
 def test_stale_temporary_checkpoint_is_ignored(tmp_path, make_cfg):

@@ -138,7 +138,7 @@ def test_peft_and_compose_sections_call_the_wrappers(tmp_path, make_cfg, tokeniz
         model.model.layers[0].mlp.router.weight.requires_grad_(True)
 
         def save_trained(directory):
-            directory.mkdir(parents=True)
+            directory.mkdir(parents=True, exist_ok=True)  # the trainer hands an empty temporary folder
             (directory / "adapter.json").write_text(json.dumps(section))
 
         model.save_trained = save_trained
