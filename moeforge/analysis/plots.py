@@ -30,14 +30,17 @@ from .stats import RoutingStats, domain_expert_mutual_information  # noqa: E402
 def _save(fig, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_file(path.parent, prefix=f".{path.name}.", suffix=".png")
     try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        tmp = temp_file(path.parent, prefix=f".{path.name}.", suffix=".png")
+        try:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+    except OSError as err:  # name the plot, not the temporary file beside it
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from None
     finally:
         plt.close(fig)
     return path
@@ -99,13 +102,17 @@ def plot_domain_usage(
     experts = max(per_domain[domains[0]].load(layers[0]).numel(), 1)
     fig, axes = plt.subplots(rows, cols, figsize=(1.2 + cols * (1.4 + 0.32 * experts), 0.8 + rows * (0.9 + 0.32 * len(domains))),
                              squeeze=False)
-    ims = []
-    for k, layer in enumerate(layers):
-        ax = axes[k // cols][k % cols]
+    panels = []
+    for layer in layers:
         loads = {d: per_domain[d].load(layer).double() for d in domains if layer in per_domain[d].moe_layers}
         matrix = [(v * v.numel() / v.sum()).tolist() if v.sum() > 0 else [0.0] * v.numel() for v in loads.values()]
-        vmax = max(max(r) for r in matrix)
-        ims.append(ax.imshow(matrix, aspect="auto", cmap="RdBu_r", norm=_relative_norm(vmax), interpolation="nearest"))
+        panels.append((layer, loads, matrix))
+    # one colour scale for every panel, so equal colours mean equal loads and the one colour bar is right
+    norm = _relative_norm(max(max(max(r) for r in matrix) for _, _, matrix in panels))
+    ims = []
+    for k, (layer, loads, matrix) in enumerate(panels):
+        ax = axes[k // cols][k % cols]
+        ims.append(ax.imshow(matrix, aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest"))
         mi = domain_expert_mutual_information(loads)
         ax.set_title(f"layer {layer}  (I = {mi:.3f} nats)", fontsize=9)
         ax.set_yticks(range(len(loads)))

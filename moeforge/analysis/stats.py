@@ -234,13 +234,15 @@ class RoutingStats:
         return torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.float64)
 
     def summary(self) -> dict:
-        """Means over layers of CV, load entropy, router entropy; total dropped fraction."""
+        """Means over layers of CV, load entropy, router entropy; routed experts per token (pairs over
+        tokens: k for dropless top-k, less with dropping, variable under expert choice); total dropped fraction."""
         stats = self.layers()
         if not stats:
             return {}
         tokens = sum(s.tokens for s in stats)
         return {
             "layers": len(stats),
+            "experts_per_token": sum(s.pairs for s in stats) / tokens if tokens else float("nan"),
             "mean_cv": sum(s.cv for s in stats) / len(stats),
             "mean_load_entropy": sum(s.load_entropy for s in stats) / len(stats),
             "mean_router_entropy": sum(s.router_entropy for s in stats) / len(stats),

@@ -24,6 +24,8 @@ def print_report(report) -> None:
     for name, r in report.corpora.items():
         print(f"{name:<{width}}  {r.perplexity:>10.2f}  {r.tokens:>7,}  {r.tokens_per_second:>8,.0f}  {r.source}")
     print(f"overall forward throughput: {report.tokens_per_second:,.0f} tokens/s")
+    for note in report.notes:
+        print(f"note: {note}")
     if not report.is_moe:
         print("\ndense model: no routing statistics")
         return
@@ -38,7 +40,8 @@ def print_report(report) -> None:
               f"{_fmt(s.max_over_mean):>8}  {s.dropped_fraction:>7.1%}  {_fmt(spec.get(s.layer, float('nan')), '.4f'):>10}  {load}")
     summary = report.routing.summary()
     print(f"mean over layers: CV {summary['mean_cv']:.3f}, normalised load entropy {summary['mean_load_entropy']:.3f}, "
-          f"router entropy {summary['mean_router_entropy']:.3f} nats, dropped {summary['dropped_fraction']:.2%}")
+          f"router entropy {summary['mean_router_entropy']:.3f} nats, {summary['experts_per_token']:.2f} experts per "
+          f"token, dropped {summary['dropped_fraction']:.2%}")
 
 
 def register(app: typer.Typer) -> None:
@@ -61,28 +64,36 @@ def register(app: typer.Typer) -> None:
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run custom model code from the checkpoint."),
     ) -> None:
         """Perplexity of MODEL per corpus, tokens/s, parameters and FLOPs per token, and routing per layer."""
+        from ..errors import MoeforgeError
         from ..eval.corpora import resolve_corpus
-        from ..eval.evaluate import evaluate, write_analysis
+        from ..eval.evaluate import evaluate, unique_names, write_analysis
         from ..loading import load, load_tokenizer
 
-        corpora = [resolve_corpus(d) for d in data] if data else None  # bad names fail before loading
+        corpora = unique_names([resolve_corpus(d) for d in data]) if data else None  # bad names fail before loading
         if plots:
             from ..utils.io import check_writable_dir
 
             check_writable_dir(plots, "--plots directory")  # before the evaluation, not after it
+        tok = load_tokenizer(model)  # the cheap half first: a missing tokenizer fails before the weights load
         m = load(model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-        tok = load_tokenizer(model)
         log = None if as_json else (lambda msg: print(msg, file=sys.stderr, flush=True))
         report = evaluate(m, tok, corpora, name=model, max_tokens=max_tokens, seq_len=seq_len,
                           batch_size=batch_size, progress=log)
-        files = write_analysis(report, plots, model=m, tokenizer=tok, html_tokens=html_tokens) if plots else []
+        files, plot_error = [], None
+        if plots:
+            try:
+                files = write_analysis(report, plots, model=m, tokenizer=tok, html_tokens=html_tokens)
+            except OSError as err:  # the measurements are printed all the same, then the error
+                plot_error = f"could not write the plots to {plots}: {err.strerror or err}"
         if as_json:
             out = report.to_dict()
             out["files"] = [str(f) for f in files]
             print(json.dumps(out))
-            return
-        print_report(report)
-        if plots and not files:
-            print(f"\n(no plots written to {plots}: the model has no MoE layers)")
-        for f in files:
-            print(f"wrote {f}")
+        else:
+            print_report(report)
+            if plots and not files and plot_error is None:
+                print(f"\n(no plots written to {plots}: the model has no MoE layers)")
+            for f in files:
+                print(f"wrote {f}")
+        if plot_error:
+            raise MoeforgeError(plot_error)

@@ -94,6 +94,8 @@ def read_corpus_file(path: Path, name: str | None = None) -> EvalCorpus:
     """Read a text or JSON(L) file as an :class:`EvalCorpus`; empty or unreadable files raise."""
     path = Path(path).expanduser()
     name = name or path.stem
+    if path.is_dir():
+        raise MoeforgeError(f"corpus {path} is a directory; pass a .txt or .jsonl file inside it, or a corpus name.")
     if not path.is_file():
         raise MoeforgeError(f"corpus file {path} does not exist; pass an existing .txt or .jsonl file or a corpus name.")
     try:

@@ -6,6 +6,7 @@ token-level HTML view. Neither prints: progress goes to an optional callback.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..analysis.stats import RoutingStats, specialisation
+from ..errors import MoeforgeError
 from .corpora import EvalCorpus, default_corpora, resolve_corpus, tokenize_corpus
 from .cost import flops_per_token, parameter_counts
 from .perplexity import NLLResult, evaluate_nll
@@ -51,10 +53,13 @@ class EvalReport:
     parameters: dict[str, int]
     flops_per_token: int
     seq_len: int
+    """The longest window actually scored (``seq_len`` unless every corpus is shorter); FLOPs use it."""
     routing: RoutingStats = field(default_factory=RoutingStats)
     routing_per_corpus: dict[str, RoutingStats] = field(default_factory=dict)
     snippets: dict[str, str] = field(default_factory=dict)
     """The start of each corpus's text (for the HTML token view)."""
+    notes: list[str] = field(default_factory=list)
+    """Caveats about what the numbers mean for this model (e.g. expert-choice routing)."""
 
     @property
     def perplexity(self) -> dict[str, float]:
@@ -79,6 +84,7 @@ class EvalReport:
             "flops_per_token": self.flops_per_token,
             "seq_len": self.seq_len,
             "tokens_per_second": self.tokens_per_second,
+            "notes": list(self.notes),
             "routing": None,
         }
         if self.is_moe:
@@ -118,27 +124,30 @@ def evaluate(
     WikiText-2 / GSM8K when the benchmark data folder exists). Each corpus is cut to
     ``max_tokens`` tokens and scored in non-overlapping ``seq_len`` windows.
     """
-    resolved = [c if isinstance(c, EvalCorpus) else resolve_corpus(c) for c in (corpora or default_corpora())]
-    names = [c.name for c in resolved]
-    dupes = {n for n in names if names.count(n) > 1}
-    if dupes:
-        from ..errors import MoeforgeError
-
-        raise MoeforgeError(f"corpus name(s) {', '.join(sorted(dupes))} given twice; name each corpus once.")
+    check_evaluable(model)
+    resolved = unique_names([c if isinstance(c, EvalCorpus) else resolve_corpus(c) for c in (corpora or default_corpora())])
+    # every corpus is tokenised and checked before the first forward pass
+    token_ids = {}
+    for corpus in resolved:
+        ids = tokenize_corpus(tokenizer, corpus, max_tokens)
+        if ids.numel() < 2:
+            raise MoeforgeError(f"corpus {corpus.name!r} ({corpus.source}) has fewer than two tokens; give it more text.")
+        token_ids[corpus.name] = ids
+    window = max(min(seq_len, ids.numel()) for ids in token_ids.values())
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and window > context:
+        raise MoeforgeError(
+            f"windows of {window} tokens exceed the model's context ({context} positions, max_position_embeddings); "
+            f"use --seq-len {context} or less."
+        )
     results: dict[str, CorpusResult] = {}
     snippets: dict[str, str] = {}
     overall = RoutingStats()
     per_corpus: dict[str, RoutingStats] = {}
-    warmed = False
+    first = next(iter(token_ids.values()))
+    evaluate_nll(model, first[: min(64, first.numel())], seq_len=seq_len)  # first-call overheads stay out of tokens/s
     for corpus in resolved:
-        ids = tokenize_corpus(tokenizer, corpus, max_tokens)
-        if not warmed and ids.numel() >= 2:  # first-call overheads stay out of tokens/s
-            evaluate_nll(model, ids[: min(64, ids.numel())], seq_len=seq_len)
-            warmed = True
-        if ids.numel() < 2:
-            from ..errors import MoeforgeError
-
-            raise MoeforgeError(f"corpus {corpus.name!r} ({corpus.source}) has fewer than two tokens; give it more text.")
+        ids = token_ids[corpus.name]
         stats = RoutingStats()
         res: NLLResult = evaluate_nll(
             model, ids, seq_len=seq_len, batch_size=batch_size, on_routing=lambda r, _b: stats.update(r)
@@ -154,12 +163,65 @@ def evaluate(
         model=name,
         corpora=results,
         parameters=parameter_counts(model),
-        flops_per_token=flops_per_token(model, seq_len=seq_len),
-        seq_len=seq_len,
+        flops_per_token=flops_per_token(model, seq_len=window),
+        seq_len=window,
         routing=overall,
         routing_per_corpus=per_corpus,
         snippets=snippets,
+        notes=routing_notes(model, batch_size),
     )
+
+
+def unique_names(corpora: list[EvalCorpus]) -> list[EvalCorpus]:
+    """Corpora with distinct names: files that share a stem are named ``folder/stem``; a name still
+    given twice (the same corpus twice) is refused."""
+    names = [c.name for c in corpora]
+    out = []
+    for c in corpora:
+        path = Path(c.source)
+        if names.count(c.name) > 1 and path.is_file():
+            c = dataclasses.replace(c, name=f"{path.parent.name}/{c.name}")
+        out.append(c)
+    names = [c.name for c in out]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise MoeforgeError(f"corpus {', '.join(dupes)} given twice; name each corpus once.")
+    return out
+
+
+def check_evaluable(model) -> None:
+    """Refuse a transformers MoE model that moeforge would count and score as dense."""
+    from ..models import MoeforgeForCausalLM
+
+    cfg = getattr(model, "config", None)
+    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+    if not isinstance(model, MoeforgeForCausalLM) and isinstance(experts, int) and experts > 1 \
+            and getattr(cfg, "num_experts_per_tok", None):
+        raise MoeforgeError(
+            f"{type(model).__name__} is a transformers MoE model: moeforge would count all its experts as active "
+            "and record no routing. Open it with moeforge.load(PATH) (save_pretrained it first if it is only in "
+            "memory), which runs it on moeforge's MoE layer."
+        )
+
+
+def routing_notes(model, batch_size: int) -> list[str]:
+    """Caveats for routers whose results are not per-token functions of the text."""
+    from ..moe.layer import MoELayer
+
+    configs = [m.config for m in model.modules() if isinstance(m, MoELayer)]
+    notes = []
+    if any(c.router == "expert_choice" and not c.expert_choice_causal for c in configs):
+        notes.append(
+            "expert-choice routing over whole sequences (allow_future_tokens): a token's experts depend on "
+            "later tokens, so this perplexity is not that of a left-to-right language model."
+        )
+    elif any(c.router == "expert_choice" for c in configs):
+        notes.append(
+            f"causal expert-choice routing: at each position every expert picks among the windows of one batch, so "
+            f"the perplexity, the experts per token and the routing statistics depend on the batch size (here "
+            f"{batch_size}, the last batch may be smaller); compare such models at one --batch-size."
+        )
+    return notes
 
 
 def write_analysis(

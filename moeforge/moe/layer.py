@@ -98,19 +98,22 @@ class MoELayer(nn.Module):
 
     # ------------------------------------------------------------------ accounting
     def num_parameters(self) -> tuple[int, int]:
-        """(total, active per token) parameter counts of this layer (router included)."""
+        """(total, active per token) parameter counts of this layer (router included; the active count
+        leaves out noisy top-k's noise weights, which only training uses)."""
         c = self.config
         mats = 3 if c.glu else 2
         expert = mats * c.hidden_size * c.expert_size
         shared = mats * c.hidden_size * c.shared_size * c.num_shared_experts + (c.hidden_size if c.shared_expert_gate else 0)
         router = sum(p.numel() for p in self.router.parameters())
+        # noisy top-k's noise weights shape training-time noise only; no token uses them at inference
+        router_active = sum(p.numel() for name, p in self.router.named_parameters() if name != "noise")
         total = c.num_experts * expert + shared + router
         active_k = c.top_k
         if c.router == "expert_choice":
             active_k = c.num_experts * min(1.0, (c.capacity_factor or 2.0) / c.num_experts)
         elif c.router == "switch":
             active_k = 1
-        active = int(active_k * expert) + shared + router
+        active = int(active_k * expert) + shared + router_active
         return total, active
 
     def flops_per_token(self) -> int:

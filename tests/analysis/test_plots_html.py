@@ -80,3 +80,16 @@ def test_html_rejects_mismatched_rows():
         TokenRouting("x", ["a", "b"], [0], [[[(0, 1.0)]]])
     with pytest.raises(ValueError):
         routing_html([])
+
+
+def test_domain_usage_panels_share_one_colour_scale(tmp_path, monkeypatch):
+    import moeforge.analysis.plots as plots
+
+    made = []
+    real = plots._relative_norm
+    monkeypatch.setattr(plots, "_relative_norm", lambda vmax: made.append(vmax) or real(vmax))
+    model = tiny_moe()
+    per_domain = {"prose": routed_stats(model, 0), "code": routed_stats(model, 1)}
+    plot_domain_usage(per_domain, tmp_path / "d.png", layers=[0, 2])
+    loads = [per_domain[d].load(layer).double() for layer in (0, 2) for d in per_domain]
+    assert made == [pytest.approx(max(float((v * v.numel() / v.sum()).max()) for v in loads))]

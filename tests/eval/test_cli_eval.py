@@ -90,3 +90,14 @@ def test_unwritable_plots_directory_fails_before_evaluating(moe_dir, tmp_path, c
         code, out, err = run(["eval", str(moe_dir), "--data", "prose", "--plots", str(plots)], capsys)
         assert code == 2 and err.startswith("moeforge: error: --plots directory") and message in err
         assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_a_plot_that_cannot_be_written_still_prints_the_report(moe_dir, tmp_path, capsys):
+    plots = tmp_path / "p"
+    (plots / "expert_load.png").mkdir(parents=True)  # a directory where the plot goes
+    code, out, err = run(["eval", str(moe_dir), "-d", "code", "--max-tokens", "128", "--seq-len", "64",
+                          "--plots", str(plots)], capsys)
+    assert code == 2 and "perplexity" in out and "routing per MoE layer" in out
+    last = err.strip().splitlines()[-1]  # (progress lines come first on stderr)
+    assert last.startswith("moeforge: error: could not write the plots") and last.endswith("expert_load.png: Is a directory")
+    assert ".expert_load.png." not in err and "Traceback" not in err

@@ -1,0 +1,75 @@
+"""evaluate(): corpora checked before any forward pass, honest cost at the window that ran, caveats."""
+
+import pytest
+
+from moeforge.errors import MoeforgeError
+from moeforge.eval.corpora import EvalCorpus
+from moeforge.eval.cost import flops_per_token, parameter_counts
+from moeforge.eval.evaluate import evaluate, unique_names
+
+from .tiny import tiny_llama, tiny_moe, tiny_tokenizer
+
+
+def test_a_bad_corpus_is_refused_before_any_corpus_is_scored():
+    seen = []
+    bad = EvalCorpus("tiny", ("a",), "inline")
+    with pytest.raises(MoeforgeError, match="'tiny' .* fewer than two tokens"):
+        evaluate(tiny_moe(), tiny_tokenizer(), ["prose", bad], max_tokens=64, seq_len=32, progress=seen.append)
+    assert seen == []  # prose (first) was not evaluated either
+
+
+def test_same_stem_files_get_folder_names_and_a_repeated_corpus_is_refused(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "mine.txt").write_text("some text to score " * 30)
+    report = evaluate(tiny_llama(), tiny_tokenizer(), [str(tmp_path / "a" / "mine.txt"), str(tmp_path / "b" / "mine.txt")],
+                      max_tokens=64, seq_len=32)
+    assert set(report.perplexity) == {"a/mine", "b/mine"}
+    with pytest.raises(MoeforgeError, match="corpus prose given twice"):
+        unique_names([EvalCorpus("prose", ("x y",), "builtin"), EvalCorpus("prose", ("x y",), "builtin")])
+
+
+def test_flops_are_those_of_the_window_that_ran_and_windows_past_the_context_are_refused():
+    model = tiny_moe()  # max_position_embeddings 256
+    report = evaluate(model, tiny_tokenizer(), ["arithmetic"], max_tokens=48, seq_len=512)
+    assert report.seq_len == 48 and report.flops_per_token == flops_per_token(model, seq_len=48)
+    with pytest.raises(MoeforgeError, match=r"windows of 300 tokens exceed the model's context \(256 .*--seq-len 256"):
+        evaluate(model, tiny_tokenizer(), ["prose"], max_tokens=600, seq_len=300)
+
+
+def test_a_transformers_moe_model_is_not_scored_as_dense():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(vocab_size=300, hidden_size=32, intermediate_size=16, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    with pytest.raises(MoeforgeError, match="MixtralForCausalLM is a transformers MoE model.*moeforge.load"):
+        evaluate(MixtralForCausalLM(cfg).eval(), tiny_tokenizer(), ["prose"], max_tokens=64, seq_len=32)
+
+
+def test_experts_per_token_and_the_expert_choice_caveat():
+    topk = evaluate(tiny_moe(), tiny_tokenizer(), ["prose"], max_tokens=128, seq_len=32)
+    assert topk.routing.summary()["experts_per_token"] == pytest.approx(2.0) and topk.notes == []
+    ec = tiny_moe(router="expert_choice", expert_choice_causal=True)
+    reports = {b: evaluate(ec, tiny_tokenizer(), ["prose"], max_tokens=128, seq_len=32, batch_size=b) for b in (1, 4)}
+    assert "depend on the batch size (here 4" in reports[4].notes[0]
+    # the caveat is real: one window per batch gives every token to every expert
+    assert reports[1].routing.summary()["experts_per_token"] == pytest.approx(4.0)
+    assert reports[4].routing.summary()["experts_per_token"] < 4.0
+    leak = tiny_moe(router="expert_choice", allow_future_tokens=True)
+    assert "not that of a left-to-right language model" in evaluate(leak, tiny_tokenizer(), ["prose"], max_tokens=64,
+                                                                     seq_len=32).notes[0]
+
+
+def test_noisy_topk_noise_weights_are_not_active_parameters():
+    noisy, plain = tiny_moe(router="noisy_topk"), tiny_moe(router="topk")
+    counts, base = parameter_counts(noisy), parameter_counts(plain)
+    noise = sum(m.router.noise.numel() for m in noisy.modules() if hasattr(m, "router") and hasattr(m.router, "noise"))
+    assert noise > 0
+    assert counts["total"] == base["total"] + noise and counts["active"] == base["active"]
+
+
+def test_a_directory_is_not_a_missing_corpus(tmp_path):
+    from moeforge.eval.corpora import resolve_corpus
+
+    with pytest.raises(MoeforgeError, match="is a directory"):
+        resolve_corpus(str(tmp_path))
