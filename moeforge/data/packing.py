@@ -189,6 +189,14 @@ def holdout(blocks: Blocks, fraction: float, name: str) -> tuple[Blocks, Blocks 
     return blocks.subset(np.flatnonzero(~is_valid)), blocks.subset(np.flatnonzero(is_valid))
 
 
+def padding_mask(picks: list[tuple[Blocks, int]], width: int) -> torch.Tensor | None:
+    """(B, width) bool, False on the right padding of each picked block; None when nothing is padded."""
+    lengths = torch.tensor([int(blocks.lengths[i]) for blocks, i in picks])
+    if bool((lengths >= width).all()):
+        return None
+    return torch.arange(width)[None, :] < lengths[:, None]
+
+
 def collate(picks: list[tuple[Blocks, int]], *, trim: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack single blocks from possibly different domains into ``(input_ids, labels)`` (B, L').
 

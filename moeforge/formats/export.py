@@ -92,6 +92,14 @@ class ExportSpec:
     def num_layers(self) -> int:
         return self.config.num_hidden_layers
 
+    def hf_aux_loss_coef(self) -> float:
+        """transformers' ``router_aux_loss_coef`` with this model's balance-loss strength: moeforge
+        sums one loss per MoE layer, transformers computes one loss over all layers' tokens, so
+        its coefficient is ours times the number of MoE layers (see :func:`moeforge_aux_loss_coef`)."""
+        coef = self.moe.get("aux_loss_coef")
+        layers = sum(self.is_moe(i) for i in range(self.num_layers))
+        return (1e-3 if coef is None else float(coef)) * max(1, layers)
+
     def is_moe(self, i: int) -> bool:
         return self.config.is_moe_layer(i)
 
@@ -224,3 +232,10 @@ def config_to_dict(config_obj, dtype: torch.dtype, architecture: str) -> dict[st
     out["architectures"] = [architecture]
     out["dtype"] = dtype_name(dtype)
     return out
+
+
+def moeforge_aux_loss_coef(hf_coef: float | None, moe_layers: int) -> float:
+    """The per-layer ``aux_loss_coef`` that gives a transformers checkpoint's ``router_aux_loss_coef``
+    its strength in moeforge, which sums the balance loss over MoE layers (transformers computes one
+    loss over all layers' tokens, about the mean of the per-layer losses)."""
+    return (1e-3 if hf_coef is None else float(hf_coef)) / max(1, moe_layers)

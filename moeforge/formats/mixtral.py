@@ -29,7 +29,7 @@ from ..models.configuration_moeforge import MoeforgeConfig
 from ..models.build import model_from_state
 from ..models.modeling_moeforge import MoeforgeForCausalLM
 from ..convert.streaming import PlanEntry
-from .export import LLAMA_FIELDS, Exporter, ExportSpec, MoELayerWeights, config_to_dict, llama_fields
+from .export import LLAMA_FIELDS, Exporter, ExportSpec, MoELayerWeights, config_to_dict, llama_fields, moeforge_aux_loss_coef
 from .registry import EXPORTERS, register_importer
 
 ROUTER = "model.layers.{i}.block_sparse_moe.gate.weight"
@@ -59,7 +59,7 @@ def moeforge_config_from_mixtral(cfg: dict[str, Any]) -> MoeforgeConfig:
         "expert_size": cfg["intermediate_size"],
         "router": "topk",
         "normalize_weights": True,
-        "aux_loss_coef": cfg.get("router_aux_loss_coef", 1e-3),
+        "aux_loss_coef": moeforge_aux_loss_coef(cfg.get("router_aux_loss_coef"), cfg["num_hidden_layers"]),
     }
     return MoeforgeConfig(**fields)
 
@@ -192,7 +192,7 @@ class MixtralExporter(Exporter):
             intermediate_size=spec.expert_size,
             num_local_experts=spec.num_experts,
             num_experts_per_tok=spec.moe["top_k"],
-            router_aux_loss_coef=spec.moe.get("aux_loss_coef") or 1e-3,
+            router_aux_loss_coef=spec.hf_aux_loss_coef(),
             sliding_window=spec.config.sliding_window,
         )
         return config_to_dict(MixtralConfig(**fields), spec.dtype, "MixtralForCausalLM")

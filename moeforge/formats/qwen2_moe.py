@@ -43,7 +43,7 @@ from ..errors import MoeforgeError
 from ..models.build import model_from_state
 from ..models.configuration_moeforge import MoeforgeConfig
 from ..models.modeling_moeforge import MoeforgeForCausalLM
-from .export import DenseLayerWeights, Exporter, ExportSpec, MoELayerWeights, config_to_dict, llama_fields
+from .export import DenseLayerWeights, Exporter, ExportSpec, MoELayerWeights, config_to_dict, llama_fields, moeforge_aux_loss_coef
 from .registry import EXPORTERS, register_importer
 
 GATE = "model.layers.{i}.mlp.gate.weight"
@@ -138,7 +138,7 @@ class Qwen2MoeExporter(Exporter):
             decoder_sparse_step=1,
             mlp_only_layers=dense_layers,
             qkv_bias=spec.qkv_bias,
-            router_aux_loss_coef=spec.moe.get("aux_loss_coef") or 1e-3,
+            router_aux_loss_coef=spec.hf_aux_loss_coef(),
         )
         if c.sliding_window:
             fields.update(use_sliding_window=True, sliding_window=c.sliding_window, max_window_layers=spec.num_layers,
@@ -183,7 +183,7 @@ def moeforge_config_from_qwen2_moe(cfg: dict[str, Any]) -> MoeforgeConfig:
         "normalize_weights": bool(qc.norm_topk_prob),
         "num_shared_experts": 1 if shared else 0,
         "shared_expert_size": shared or None,
-        "aux_loss_coef": qc.router_aux_loss_coef,
+        "aux_loss_coef": moeforge_aux_loss_coef(qc.router_aux_loss_coef, len(moe_layers)),
     }
     fields["moe_layers"] = None if len(moe_layers) == n else moe_layers
     return MoeforgeConfig(**fields)

@@ -46,7 +46,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from ..moe.experts import StackedExperts
 from ..moe.layer import MoELayer, MoEOutput
-from ..moe.routers import NoisyTopKRouter, Router, SigmoidBiasRouter, SwitchRouter
+from ..moe.routers import NoisyTopKRouter, Router, SigmoidBiasRouter, SwitchRouter, switch_router_init_
 from ..moe.routing import Routing
 from .configuration_moeforge import MoeforgeConfig
 
@@ -75,6 +75,7 @@ class MoeforgeDecoderLayer(GradientCheckpointingLayer):
         past_key_values: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[Tensor, Tensor] | None = None,
+        token_mask: Tensor | None = None,
         **kwargs,
     ) -> tuple[Tensor, MoEOutput | None]:
         residual = hidden_states
@@ -93,11 +94,20 @@ class MoeforgeDecoderLayer(GradientCheckpointingLayer):
         hidden_states = self.post_attention_layernorm(hidden_states)
         moe_out = None
         if self.is_moe:
-            moe_out = self.mlp(hidden_states)
+            moe_out = self.mlp(hidden_states, token_mask=token_mask)
             hidden_states = moe_out.hidden_states
         else:
             hidden_states = self.mlp(hidden_states)
         return residual + hidden_states, moe_out
+
+
+def padding_mask(attention_mask: Tensor | None, batch_seq: tuple[int, int]) -> Tensor | None:
+    """(B, S) bool, False for padding, from a (B, past + S) 0/1 attention mask; None when there is
+    no padding among these S tokens (the MoE layers then route every token)."""
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape[0] != batch_seq[0]:
+        return None
+    mask = attention_mask[:, -batch_seq[1]:].to(torch.bool)
+    return None if bool(mask.all()) else mask
 
 
 class MoeforgePreTrainedModel(PreTrainedModel):
@@ -128,8 +138,7 @@ class MoeforgePreTrainedModel(PreTrainedModel):
         elif isinstance(module, Router):
             rstd = module.config.router_init_std
             if isinstance(module, SwitchRouter) and rstd is None:
-                rstd = (0.1 / module.config.hidden_size) ** 0.5
-                init.trunc_normal_(module.weight, mean=0.0, std=rstd, a=-2 * rstd, b=2 * rstd)
+                switch_router_init_(module.weight)
             else:
                 init.normal_(module.weight, mean=0.0, std=std if rstd is None else rstd)
             if isinstance(module, NoisyTopKRouter):
@@ -222,6 +231,7 @@ class MoeforgeModel(MoeforgePreTrainedModel):
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        token_mask = padding_mask(attention_mask, inputs_embeds.shape[:2])
         aux_total = None
         aux_losses: dict[str, Tensor] = {}
         routing: list[Routing | None] = []
@@ -233,6 +243,7 @@ class MoeforgeModel(MoeforgePreTrainedModel):
                 position_ids=position_ids,
                 past_key_values=past_key_values,
                 use_cache=use_cache,
+                token_mask=token_mask,
                 **kwargs,
             )
             if moe_out is not None:

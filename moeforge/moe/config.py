@@ -50,7 +50,8 @@ class MoEConfig:
     jitter_eps: float | None = None
     """Switch: multiplicative input jitter U(1-eps, 1+eps) in training (default 0.01)."""
     aux_loss_coef: float | None = None
-    """Load-balancing loss weight (switch/topk default 1e-2; noisy_topk CV^2 weight 1e-2)."""
+    """Load-balancing loss weight per MoE layer (defaults: switch 1e-2, topk and sigmoid_bias 1e-3,
+    noisy_topk CV^2 weight 1e-2); the model sums the layers' losses."""
     z_loss_coef: float = 0.0
     """Router z-loss weight (ST-MoE uses 1e-3); 0 disables it."""
     noise_floor: float = 1e-2

@@ -22,7 +22,8 @@ class MoEOutput:
         hidden_states: same shape as the input, (..., H).
         aux_loss: scalar sum of the router's weighted auxiliary losses (0 when there are none).
         aux_losses: name -> weighted scalar loss.
-        routing: the router's decisions (tensors attached to the graph; call ``.detach()`` to keep).
+        routing: the router's decisions (tensors attached to the graph; call ``.detach()`` to keep);
+            with a ``token_mask``, token-choice routing covers the unmasked tokens only, in order.
     """
 
     hidden_states: Tensor
@@ -73,7 +74,17 @@ class MoELayer(nn.Module):
         else:
             self.shared_expert_gate = None
 
-    def forward(self, hidden_states: Tensor) -> MoEOutput:
+    def forward(self, hidden_states: Tensor, token_mask: Tensor | None = None) -> MoEOutput:
+        """Route and run the experts.
+
+        Args:
+            hidden_states: (B, S, H) or (T, H).
+            token_mask: optional bool, shape (B, S) or (T,), False for padding. Padding is not
+                routed: it gets no routed output, no expert capacity or choice, and no share in
+                the aux losses or loads (as transformers' Mixtral loss with an attention mask).
+                Token-choice routers then see the valid tokens only, so ``routing`` indexes them
+                in order; expert choice keeps the full grid and never picks padding.
+        """
         shape = hidden_states.shape
         if hidden_states.dim() == 0 or shape[-1] != self.config.hidden_size:
             raise MoeforgeError(
@@ -81,8 +92,24 @@ class MoELayer(nn.Module):
             )
         x = hidden_states.reshape(-1, shape[-1])
         batch_shape = tuple(shape[:-1]) if hidden_states.dim() == 3 else None
-        routing = self.router(x, batch_shape)
-        y = self.experts(x, routing)
+        valid = None
+        if token_mask is not None:
+            valid = token_mask.reshape(-1).to(device=x.device, dtype=torch.bool)
+            if valid.numel() != x.shape[0]:
+                raise MoeforgeError(
+                    f"token_mask has {valid.numel()} entries for {x.shape[0]} tokens; give one per token ({tuple(shape[:-1])})."
+                )
+        if valid is None:
+            routing = self.router(x, batch_shape)
+            y = self.experts(x, routing)
+        elif self.router.handles_token_mask:
+            routing = self.router(x, batch_shape, token_mask=valid)
+            y = self.experts(x, routing)
+        else:
+            keep = valid.nonzero().squeeze(1)
+            xs = x.index_select(0, keep)
+            routing = self.router(xs, None)
+            y = x.new_zeros(x.shape).index_copy(0, keep, self.experts(xs, routing).to(x.dtype))
         if self.config.output_scale != 1.0:
             y = y * self.config.output_scale
         if self.shared_experts is not None:

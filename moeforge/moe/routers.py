@@ -46,6 +46,21 @@ def build_router(config: MoEConfig) -> Router:
     return ROUTERS[config.router](config)
 
 
+# std of a standard normal truncated to (-2, 2): TF's VarianceScaling divides by it so that the
+# truncated draw has the intended std
+_TRUNCATED_STD = 0.87962566103423978
+
+
+def switch_router_init_(weight: Tensor, std: float | None = None) -> Tensor:
+    """Switch Transformer's router init (Fedus et al. 2021, sec. 2.4): a normal truncated at two
+    standard deviations whose std after truncation is sqrt(0.1 / H) (TF's VarianceScaling with
+    scale 0.1, fan-in H), or ``std`` when given (then used as is)."""
+    if std is None:
+        std = math.sqrt(0.1 / weight.shape[-1]) / _TRUNCATED_STD
+    with torch.no_grad():
+        return nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+
+
 class Router(nn.Module):
     """Base router: a bias-free linear gate W (E, H) applied in float32.
 
@@ -55,6 +70,8 @@ class Router(nn.Module):
 
     name = "base"
     default_aux_loss_coef = 0.0
+    handles_token_mask = False
+    """Whether :meth:`route` takes a ``token_mask``; other routers are given the valid tokens only."""
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
@@ -81,16 +98,22 @@ class Router(nn.Module):
         """(T, H) -> (T, E) float32 logits."""
         return F.linear(x.float(), self.weight.float())
 
-    def forward(self, x: Tensor, batch_shape: tuple[int, ...] | None = None) -> Routing:
-        """Route ``x`` (T, H); ``batch_shape`` is the (B, S) the T tokens came from, if any.
+    def forward(self, x: Tensor, batch_shape: tuple[int, ...] | None = None, token_mask: Tensor | None = None) -> Routing:
+        """Route ``x`` (T, H); ``batch_shape`` is the (B, S) the T tokens came from, if any;
+        ``token_mask`` (T,) bool marks real tokens (routers with ``handles_token_mask`` only).
 
         Under autocast (bf16 training) the router still computes in float32: autocast would
         otherwise run its matmuls in the low precision whatever the operands' dtype.
         """
+        kw = {}
+        if token_mask is not None:
+            if not self.handles_token_mask:
+                raise MoeforgeError(f"the {self.name} router takes no token_mask; route the unmasked tokens only.")
+            kw["token_mask"] = token_mask
         if torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
-                return self.route(x, batch_shape)
-        return self.route(x, batch_shape)
+                return self.route(x, batch_shape, **kw)
+        return self.route(x, batch_shape, **kw)
 
     def route(self, x: Tensor, batch_shape: tuple[int, ...] | None) -> Routing:  # pragma: no cover
         raise NotImplementedError
@@ -109,9 +132,11 @@ class TopKRouter(Router):
 
     p = softmax(W x) in float32; the k largest p are kept; with ``normalize_weights`` they are
     renormalised to sum to 1 (Mixtral), otherwise the raw probabilities are used (Qwen-MoE with
-    ``norm_topk_prob=False``). Aux loss: alpha * E * sum_i f_i P_i (Mixtral's
-    ``load_balancing_loss_func``, default alpha 1e-3 as ``router_aux_loss_coef``) plus optional
-    z-loss.
+    ``norm_topk_prob=False``). Aux loss: alpha * E * sum_i f_i P_i per layer (Mixtral's
+    ``load_balancing_loss_func`` on this layer's tokens; padding left out), default alpha 1e-3,
+    plus optional z-loss. The model sums the layers' losses, where transformers computes one loss
+    over all layers' tokens (about their mean): importing or exporting a Mixtral/Qwen2-MoE
+    checkpoint divides or multiplies ``router_aux_loss_coef`` by the number of MoE layers.
     """
 
     default_aux_loss_coef = 1e-3
@@ -136,7 +161,7 @@ class NoisyTopKRouter(Router):
     H(x) = clean(x) + eps * (softplus(W_noise x) + floor), eps ~ N(0, 1) in training only;
     G(x) = softmax over the k kept logits of H (the rest are -inf, i.e. weight 0).
     clean(x) = W_g x, or Linear(H, E) -> tanh -> Linear(E, E) with ``router_mlp`` (LLaMA-MoE).
-    W_noise starts at zero, so the initial noise std is the floor (1e-2).
+    W_noise starts at zero, so the initial noise std is softplus(0) + floor = log 2 + 1e-2 ≈ 0.70.
     Aux loss (training only): w * (CV^2(importance) + CV^2(load)), importance_i = sum_x G_i(x),
     load_i the smooth Normal-CDF estimate (:func:`~moeforge.moe.losses.noisy_topk_load`); w 1e-2.
     """
@@ -198,17 +223,14 @@ class SwitchRouter(Router):
     batch-prioritized routing). In eval mode every token is routed unless
     ``eval_capacity_factor`` sets a capacity (a decoder's output must not depend on the batch or
     on the KV cache). Aux: alpha * E * sum_i f_i P_i with alpha 1e-2, f_i the fraction
-    of tokens whose argmax is i; optional z-loss. Init: truncated normal with
-    std sqrt(0.1 / H) (scale 0.1).
+    of tokens whose argmax is i; optional z-loss. Init: :func:`switch_router_init_` (std
+    sqrt(0.1 / H) after truncation, scale 0.1).
     """
 
     default_aux_loss_coef = 1e-2
 
     def reset_parameters(self) -> None:
-        std = self.config.router_init_std
-        if std is None:
-            std = math.sqrt(0.1 / self.config.hidden_size)
-        nn.init.trunc_normal_(self.weight, std=std, a=-2 * std, b=2 * std)
+        switch_router_init_(self.weight, self.config.router_init_std)
 
     @property
     def capacity_factor(self) -> float:
@@ -294,14 +316,17 @@ class ExpertChoiceRouter(Router):
         c = self.config.capacity_factor
         return 2.0 if c is None else c
 
-    def route(self, x: Tensor, batch_shape: tuple[int, ...] | None) -> Routing:
+    handles_token_mask = True
+
+    def route(self, x: Tensor, batch_shape: tuple[int, ...] | None, token_mask: Tensor | None = None) -> Routing:
         logits = self.logits(x)
         probs = logits.softmax(dim=-1)
         tokens, e = probs.shape
         if batch_shape is None or len(batch_shape) != 2:
             batch_shape = (1, tokens)
         b, s = batch_shape
-        grid = probs.view(b, s, e)
+        # padding scores below every real token's (probabilities are >= 0), and its picks are dropped below
+        grid = (probs if token_mask is None else probs.masked_fill(~token_mask[:, None], -1.0)).view(b, s, e)
         if self.config.expert_choice_causal:
             # (S, E, B): at each position, experts choose among the batch.
             scores = grid.permute(1, 2, 0)
@@ -318,15 +343,20 @@ class ExpertChoiceRouter(Router):
         else:
             token = outer * s + choice  # outer is a batch row, choice a position
         expert = torch.arange(e, device=x.device).view(1, -1, 1).expand_as(token)
-        token_index = token.reshape(-1)
+        token_index, expert_index, weight = token.reshape(-1), expert.reshape(-1), weight.reshape(-1)
+        if token_mask is not None:  # pairs that picked padding (groups with fewer real tokens than C)
+            real = token_mask[token_index]
+            token_index, expert_index, weight = token_index[real], expert_index[real], weight[real]
         chosen = torch.zeros(tokens, dtype=torch.bool, device=x.device)
         chosen[token_index] = True
+        if token_mask is not None:
+            chosen |= ~token_mask  # padding is not a dropped token
         losses: dict[str, Tensor] = {}
-        self._z_loss(logits, losses)
+        self._z_loss(logits if token_mask is None else logits[token_mask], losses)
         return Routing(
             token_index=token_index,
-            expert_index=expert.reshape(-1),
-            weight=weight.reshape(-1),
+            expert_index=expert_index,
+            weight=weight,
             logits=logits,
             probs=probs,
             num_experts=e,

@@ -33,6 +33,9 @@ from typing import Any
 
 from ..errors import MoeforgeError, closest, require
 
+#: the names routers give their aux losses (``Routing.aux_losses``), the keys of ``aux_loss_scales``
+AUX_LOSS_NAMES = ("balance_loss", "z_loss")
+
 FORMATS = ("auto", "text", "jsonl", "datasets")
 KINDS = ("auto", "text", "chat")
 MIXTURES = ("static", "dynamic")
@@ -306,6 +309,8 @@ class TrainConfig:
         _choice("parallel", self.parallel, PARALLEL)
         require(self.aux_loss_scale >= 0, f"aux_loss_scale must be >= 0, got {self.aux_loss_scale}.")
         for k, v in self.aux_loss_scales.items():
+            require(k in AUX_LOSS_NAMES, f"aux_loss_scales has no loss {k!r}; the routers' losses are "
+                    f"{', '.join(AUX_LOSS_NAMES)}.{closest(str(k), AUX_LOSS_NAMES)}")
             require(isinstance(v, (int, float)) and v >= 0, f"aux_loss_scales.{k} must be a number >= 0, got {v!r}.")
         if self.peft is not None and self.compose is not None:
             raise MoeforgeError("a config may have a `peft` section or a `compose` section, not both.")

@@ -410,7 +410,7 @@ class Trainer:
         data = ckpt.load_checkpoint(path, self.ctx.rank)
         state = data["state"]
         if state.get("config") is not None:  # first: a changed setting explains a changed model
-            changes = config_changes(state["config"], self.config.to_dict())
+            changes = config_changes(state["config"], self.config.to_dict(), moe=self._routes_tokens)
             if changes:
                 raise MoeforgeError(
                     f"output_dir {self.output_dir} holds a run (checkpoint {path.name}) trained with a different "
@@ -581,16 +581,26 @@ class Trainer:
         return rec
 
     # ============================================================================ step
-    def _forward(self, model, ids: torch.Tensor):
+    def _forward(self, model, ids: torch.Tensor, mask: torch.Tensor | None = None):
+        kw = {} if mask is None else {"attention_mask": mask.long()}
         with self._autocast():
             if self.routing_kw:
                 try:
-                    return model(input_ids=ids, output_routing=True)
+                    return model(input_ids=ids, output_routing=True, **kw)
                 except TypeError as err:
                     if "output_routing" not in str(err):
                         raise
                     self.routing_kw = False  # a wrapper that does not pass it through
-            return model(input_ids=ids)
+            return model(input_ids=ids, **kw)
+
+    @property
+    def _routes_tokens(self) -> bool:
+        """Whether the trained model has MoE layers (which must not route padding)."""
+        from ..moe.layer import MoELayer
+
+        if not hasattr(self, "_has_moe"):
+            self._has_moe = any(isinstance(m, MoELayer) for m in self.model.modules())
+        return self._has_moe
 
     def _use_fused_ce(self) -> bool:
         """Whether the LM head + loss run fused (:mod:`moeforge.train.fused_ce`) for this run."""
@@ -610,10 +620,11 @@ class Trainer:
             )
         return self._fused_ce
 
-    def _fused_forward(self, ids: torch.Tensor, labels: torch.Tensor, scale: float):
+    def _fused_forward(self, ids: torch.Tensor, labels: torch.Tensor, scale: float, mask: torch.Tensor | None = None):
         """Base model forward, then the fused LM head + cross-entropy; returns (out, ce, count, loss)."""
         base = self.model.model
-        out = base(input_ids=ids, output_routing=True) if self.routing_kw else base(input_ids=ids)
+        kw = {} if mask is None else {"attention_mask": mask.long()}
+        out = base(input_ids=ids, output_routing=True, **kw) if self.routing_kw else base(input_ids=ids, **kw)
         hidden = out.last_hidden_state
         b, s, h = hidden.shape
         targets = shifted_targets(labels)
@@ -631,15 +642,18 @@ class Trainer:
         t0 = time.perf_counter()
         picks = self.sampler.draw(self.mixture.weights, cfg.batch_size)
         mine = picks[ctx.rank * self.per_rank : (ctx.rank + 1) * self.per_rank]
-        from ..data.packing import collate
+        from ..data.packing import collate, padding_mask
 
         micro_batches = []
         for j in range(self.accum):
             chunk = mine[j * self.micro : (j + 1) * self.micro]
-            ids, labels = collate([(self.domains[d].train, i) for d, i in chunk])
-            micro_batches.append((ids, labels, torch.tensor([d for d, _ in chunk])))
+            picked = [(self.domains[d].train, i) for d, i in chunk]
+            ids, labels = collate(picked)
+            # padding (SFT rows, short documents) is kept out of the MoE routing: aux losses, loads, capacity
+            mask = padding_mask(picked, ids.shape[1]) if self._routes_tokens else None
+            micro_batches.append((ids, labels, torch.tensor([d for d, _ in chunk]), mask))
         counts = torch.tensor(
-            [sum(int((lab[:, 1:] != -100).sum()) for _, lab, _ in micro_batches),
+            [sum(int((lab[:, 1:] != -100).sum()) for _, lab, _, _ in micro_batches),
              sum(int(self.domains[d].train.lengths[i]) for d, i in mine)],
             dtype=torch.float64,
         )
@@ -655,13 +669,14 @@ class Trainer:
         step_kl = 0.0
         finite_flags: list[torch.Tensor] = []
         loads: dict[int, torch.Tensor] = {}
-        for j, (ids, labels, dom) in enumerate(micro_batches):
+        for j, (ids, labels, dom, mask) in enumerate(micro_batches):
             ids, labels = ids.to(dev), labels.to(dev)
+            mask = None if mask is None else mask.to(dev)
             with no_sync(self.wrapped, skip=j < self.accum - 1):
                 if self._use_fused_ce():
-                    out, ce, count, loss = self._fused_forward(ids, labels, (1.0 - alpha) * lm_scale)
+                    out, ce, count, loss = self._fused_forward(ids, labels, (1.0 - alpha) * lm_scale, mask)
                 else:
-                    out = self._forward(self.wrapped, ids)
+                    out = self._forward(self.wrapped, ids, mask)
                     ce, count = token_cross_entropy(out.logits, labels)
                     loss = (1.0 - alpha) * ce.sum() * lm_scale
                 if self.teacher is not None:
@@ -669,7 +684,7 @@ class Trainer:
                         t_logits = self.teacher(input_ids=ids).logits
                     kl = distillation_kl(out.logits, t_logits, labels, cfg.distill.temperature)
                     loss = loss + alpha * kl.sum() * lm_scale
-                    step_kl += float(kl.sum().item()) / global_targets * ctx.world_size
+                    step_kl += float(kl.sum().item()) / global_targets  # summed over processes below
                 aux, aux_named = weighted_aux_loss(out, cfg.aux_loss_scale, cfg.aux_loss_scales)
                 if aux is not None and cfg.aux_loss_scale > 0:
                     loss = loss + aux / self.accum
@@ -955,9 +970,11 @@ RESUMABLE_CHANGES = frozenset({
 })
 
 
-def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def config_changes(saved: dict[str, Any], current: dict[str, Any], *, moe: bool = False) -> list[str]:
     """``key: old -> new`` for every value that differs outside :data:`RESUMABLE_CHANGES`
-    (nested sections as dotted keys, data sources by name)."""
+    (nested sections as dotted keys, data sources by name). With ``moe`` (the model has MoE
+    layers) ``micro_batch_size`` is not resumable either: the routers' aux losses, Switch capacity
+    and expert choice are computed per micro-batch, so it changes the objective."""
 
     def flat(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, dict):
@@ -973,8 +990,9 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
 
     old, new = flat(saved, "", {}), flat(current, "", {})
     changes = []
+    resumable = RESUMABLE_CHANGES - ({"micro_batch_size"} if moe else set())
     for key in sorted(set(old) | set(new)):
-        if key.split(".")[0].split(" ")[0] in RESUMABLE_CHANGES:
+        if key.split(".")[0].split(" ")[0] in resumable:
             continue
         a, b = old.get(key, "unset"), new.get(key, "unset")
         if a != b:

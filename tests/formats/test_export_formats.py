@@ -184,3 +184,15 @@ def test_moeforge_format_is_what_save_pretrained_writes(sources, tmp_path):
     a = json.loads((tmp_path / "a" / "config.json").read_text())
     b = json.loads((tmp_path / "b" / "config.json").read_text())
     assert a["moe"] == b["moe"] and a["model_type"] == b["model_type"] == "moeforge"
+
+
+@pytest.mark.parametrize("fmt", ["mixtral", "qwen2_moe"])
+def test_balance_loss_strength_round_trips_with_transformers(sources, tmp_path, fmt):
+    # moeforge sums one balance loss per MoE layer; transformers computes one over all layers' tokens
+    for coef in (0.005, 0.0):
+        out = tmp_path / f"{fmt}-{coef}"
+        moeforge.convert(sources / "llama", out, method="random", experts=4, top_k=2, eval_tokens=0, format=fmt,
+                         router_options={"aux_loss_coef": coef})
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["router_aux_loss_coef"] == pytest.approx(coef * cfg["num_hidden_layers"])  # 0 stays 0
+        assert moeforge.load(out).config.moe["aux_loss_coef"] == pytest.approx(coef)

@@ -263,3 +263,53 @@ def test_layer_takes_a_dict_and_checks_the_input_width():
         layer(torch.randn(3, 15))
     with pytest.raises(MoeforgeError, match="unknown MoE setting 'topk'"):
         MoELayer(dict(hidden_size=16, expert_size=8, num_experts=4, topk=2))
+
+
+@pytest.mark.parametrize("router", ["topk", "noisy_topk", "switch", "sigmoid_bias"])
+def test_padding_is_not_routed(router):
+    # padded tokens get no routed output and no share of capacity, aux losses or loads:
+    # the layer on a padded batch equals the layer on the real tokens alone
+    torch.manual_seed(0)
+    kw = {"capacity_factor": 1.0} if router == "switch" else {}
+    layer = make_layer(router=router, num_experts=4, top_k=1 if router == "switch" else 2, z_loss_coef=1e-3, **kw).train()
+    x = torch.randn(2, 6, 16)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    torch.manual_seed(1)
+    padded = layer(x, token_mask=mask)
+    torch.manual_seed(1)
+    alone = layer(x[mask])
+    torch.testing.assert_close(padded.hidden_states[mask], alone.hidden_states)
+    assert torch.equal(padded.hidden_states[~mask], torch.zeros(2, 16))
+    assert padded.aux_losses.keys() == alone.aux_losses.keys() and padded.aux_losses
+    for name in padded.aux_losses:
+        torch.testing.assert_close(padded.aux_losses[name], alone.aux_losses[name])
+    assert torch.equal(padded.routing.expert_load(), alone.routing.expert_load())
+    if router != "switch":  # (switch drops overflow at capacity factor 1)
+        assert padded.routing.expert_load().sum() == mask.sum() * layer.config.top_k
+
+
+def test_topk_balance_loss_with_padding_equals_transformers_with_an_attention_mask():
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    torch.manual_seed(0)
+    layer = make_layer(num_experts=4, top_k=2, aux_loss_coef=1.0).train()
+    x = torch.randn(2, 6, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    ours = layer(x, token_mask=mask.bool()).aux_losses["balance_loss"]
+    logits = layer.router.logits(x.reshape(-1, 16))
+    theirs = load_balancing_loss_func((logits,), num_experts=4, top_k=2, attention_mask=mask)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_expert_choice_never_picks_padding():
+    torch.manual_seed(0)
+    layer = make_layer(router="expert_choice", expert_choice_causal=True, num_experts=4, capacity_factor=2.0).eval()
+    x = torch.randn(3, 5, 16)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[0, 2:] = False
+    mask[2, 4] = False
+    out = layer(x, token_mask=mask)
+    picked = out.routing.token_index
+    assert bool(mask.reshape(-1)[picked].all()) and picked.numel() > 0
+    assert torch.equal(out.hidden_states[~mask], torch.zeros(int((~mask).sum()), 16))
+    assert not bool(out.routing.dropped[~mask.reshape(-1)].any())  # padding is not counted as dropped

@@ -105,3 +105,12 @@ def test_cross_field_checks():
         load_config({**BASE, "peft": {"method": "mov"}, "train_params": "router"})
     with pytest.raises(MoeforgeError, match="not both"):
         load_config({**BASE, "peft": {}, "compose": {}})
+
+
+def test_aux_loss_scales_names_are_checked():
+    from moeforge.train.config import load_config
+
+    base = {"model": "m", "output_dir": "o", "data": [{"name": "p", "builtin": "prose"}]}
+    assert load_config({**base, "aux_loss_scales": {"z_loss": 0.5}}).aux_loss_scales == {"z_loss": 0.5}
+    with pytest.raises(MoeforgeError, match="aux_loss_scales has no loss 'balance'.*Did you mean 'balance_loss'"):
+        load_config({**base, "aux_loss_scales": {"balance": 0.0}})

@@ -25,6 +25,7 @@ def test_two_process_gloo_equals_one_process(tmp_path, make_cfg, tokenizer, para
     model_dir = save_tiny(
         tmp_path / "m", tokenizer, moe={"num_experts": 4, "top_k": 2, "expert_size": 16, "router": "sigmoid_bias", "bias_update_rate": 0.01}
     )
+    teacher = save_tiny(tmp_path / "t", tokenizer, seed=3)  # distillation: its logged KL must not depend on the processes
     chat = tmp_path / "chat.jsonl"
     chat.write_text("".join(json.dumps({"q": f"{a} times 3?", "a": f"{3 * a}" * (1 + a % 4)}) + "\n" for a in range(30)))
     cfg = make_cfg(
@@ -38,6 +39,7 @@ def test_two_process_gloo_equals_one_process(tmp_path, make_cfg, tokenizer, para
         ],
         mixture={"type": "dynamic", "update_every": 2, "eval_tokens": 256},
         parallel=parallel,
+        distill={"teacher": str(teacher), "weight": 0.3},
     )
     train({**cfg, "output_dir": str(tmp_path / "one")})
 
@@ -55,6 +57,7 @@ def test_two_process_gloo_equals_one_process(tmp_path, make_cfg, tokenizer, para
     assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3, 4]
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b["kl"] == pytest.approx(a["kl"], abs=1e-6) and a["kl"] > 0
         assert b["tokens"] == a["tokens"]
         assert list(b["weights"].values()) == pytest.approx(list(a["weights"].values()), abs=1e-6)
         for layer in a["expert_load"]:

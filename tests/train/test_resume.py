@@ -161,3 +161,15 @@ def test_stale_temporary_checkpoint_is_ignored(tmp_path, make_cfg):
     assert not stale.exists()
     state = json.loads((out / "checkpoints" / "step-000004" / "state.json").read_text())
     assert state["step"] == 4
+
+
+def test_micro_batch_size_change_is_refused_for_moe_models(tmp_path, make_cfg):
+    # the routers' aux losses, Switch capacity and expert choice are per micro-batch
+    from moeforge.train.trainer import config_changes
+
+    train(make_cfg(steps=2, batch_size=4, micro_batch_size=2))
+    with pytest.raises(MoeforgeError, match=r"micro_batch_size 2 -> 4"):
+        train(make_cfg(steps=4, batch_size=4, micro_batch_size=4))
+    old, new = {"micro_batch_size": 2, "lr": 1e-3}, {"micro_batch_size": 4, "lr": 1e-3}
+    assert config_changes(old, new) == []  # a dense model: accumulation gives the same gradient
+    assert config_changes(old, new, moe=True) == ["micro_batch_size 2 -> 4"]

@@ -189,3 +189,30 @@ def test_gradient_checkpointing_same_losses_and_bf16_autocast_runs(tmp_path, mak
     c = [r["loss"] for r in bf16.history if r["kind"] == "train"]
     assert c == pytest.approx(a, abs=0.05) and c != a  # autocast really ran in bfloat16
     assert all(p.dtype == torch.float32 for p in bf16.model.parameters())  # master weights stay fp32
+
+
+def test_sft_padding_reaches_the_moe_layers_as_a_token_mask(tmp_path, make_cfg, monkeypatch):
+    # right-padded chat rows: the trainer passes the padding to the MoE layers, which do not route it
+    from moeforge.moe.layer import MoELayer
+
+    seen = []
+    real_forward = MoELayer.forward
+
+    def spy(self, hidden_states, token_mask=None):
+        seen.append(None if token_mask is None else token_mask.detach().clone())
+        return real_forward(self, hidden_states, token_mask=token_mask)
+
+    monkeypatch.setattr(MoELayer, "forward", spy)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"q": f"{a} times 3?", "a": f"{3 * a}" * (1 + a % 5)}) + "\n" for a in range(30)))
+    cfg = make_cfg(steps=2, batch_size=4, data=[{"name": "chat", "path": str(chat), "prompt_field": "q",
+                                                   "response_field": "a", "valid_fraction": 0.0}])
+    train(cfg)
+    masks = [m for m in seen if m is not None]
+    assert masks and any(not bool(m.all()) for m in masks)
+    for m in masks:  # right padding: each row is real tokens, then padding
+        lengths = m.sum(1)
+        assert torch.equal(m, torch.arange(m.shape[1])[None, :] < lengths[:, None])
+    seen.clear()
+    train(make_cfg(steps=1, output_dir=str(tmp_path / "cpt")))  # packed full blocks: nothing to mask
+    assert seen and all(m is None for m in seen)
