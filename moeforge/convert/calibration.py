@@ -88,6 +88,11 @@ def calibration_windows(tokenizer, spec, total_tokens: int, seq_len: int) -> Ten
         if len(ids) >= total_tokens:
             break
     n = min(len(ids), total_tokens) // seq_len
+    if n == 0 and total_tokens < seq_len:
+        raise MoeforgeError(
+            f"calibration_tokens (--calibration-tokens) {total_tokens} is less than one calibration window of "
+            f"{seq_len} tokens; use at least {seq_len}."
+        )
     if n == 0:
         raise MoeforgeError(
             f"the calibration text has {len(ids)} tokens, fewer than one window of {seq_len}; give more text."

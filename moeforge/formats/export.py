@@ -92,6 +92,20 @@ class ExportSpec:
     def num_layers(self) -> int:
         return self.config.num_hidden_layers
 
+    def grouped_mm_problem(self) -> str | None:
+        """Why transformers' default experts implementation (``grouped_mm``) cannot run these
+        experts, or None: it needs expert rows of a multiple of 16 bytes, in the dtype written and
+        in float32 (the usual ways to open a checkpoint)."""
+        for dtype in dict.fromkeys((self.dtype, torch.float32)):
+            size = torch.empty((), dtype=dtype).element_size()
+            for what, width in (("expert width", self.expert_size), ("hidden size", self.hidden)):
+                if (width * size) % 16:
+                    name = str(dtype).removeprefix("torch.")
+                    return (f"transformers runs its experts with grouped_mm, which needs rows of a multiple of 16 "
+                            f"bytes, and the {what} {width} in {name} is {width * size} bytes (choose --experts so "
+                            f"that the width is a multiple of {16 // min(size, 4) if what == 'expert width' else 8})")
+        return None
+
     def hf_aux_loss_coef(self) -> float:
         """transformers' ``router_aux_loss_coef`` with this model's balance-loss strength: moeforge
         sums one loss per MoE layer, transformers computes one loss over all layers' tokens, so

@@ -161,7 +161,7 @@ class MixtralExporter(Exporter):
         for field_name in ("router_mlp",):
             if moe.get(field_name):
                 return f"Mixtral's router is linear; {field_name} is set"
-        return None
+        return spec.grouped_mm_problem()
 
     def ffn_plan(self, spec: ExportSpec, i: int) -> list[PlanEntry]:
         e, m, h, dt = spec.num_experts, spec.expert_size, spec.hidden, spec.dtype

@@ -79,7 +79,7 @@ class Qwen2MoeExporter(Exporter):
             return "Qwen2-MoE's router is linear; router_mlp is set"
         if moe.get("shared_expert_gate"):
             return "conversions write ungated shared experts; a gated model is saved with save_pretrained"
-        return None
+        return spec.grouped_mm_problem()
 
     def attention_biases(self, spec: ExportSpec) -> tuple[bool, bool]:
         return spec.qkv_bias, False

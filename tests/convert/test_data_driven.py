@@ -148,3 +148,12 @@ def test_calibration_sources(tiny_llama, tmp_path):
     assert calibration_windows(tok, ["abc " * 100], 128, 64).shape == (2, 64)
     with pytest.raises(moeforge.MoeforgeError, match="neither a built-in domain"):
         calibration_windows(tok, "no-such-domain", 128, 64)
+
+
+def test_too_few_calibration_tokens_names_the_option(tiny_llama):
+    from moeforge.errors import MoeforgeError
+
+    tok = load_tokenizer(tiny_llama)
+    with pytest.raises(MoeforgeError, match=r"calibration_tokens \(--calibration-tokens\) 10 is less than one calibration window of 64"):
+        calibration_windows(tok, "prose", 10, 64)
+    assert calibration_windows(tok, "prose", 128, 64).shape == (2, 64)

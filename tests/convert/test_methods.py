@@ -86,11 +86,27 @@ def test_sharing_inner_and_inter_selection():
     imp = torch.tensor([[9.0, 8, 7, 1, 0, 0], [9, 0, 1, 8, 7, 0], [9, 0, 0, 1, 8, 7]])
     routed, shared = select_neurons(imp, 2, 0)
     assert [g.tolist() for g in routed] == [[0, 1], [0, 3], [0, 4]]  # overlap allowed (neuron 0)
+    # SharingInter: 8 neurons = (3 routed + 1 shared) x 2
+    imp = torch.tensor([[9.0, 8, 7, 1, 0, 0, 3, 2], [9, 0, 1, 8, 7, 0, 2, 3], [9, 0, 0, 1, 8, 7, 1, 1]])
     routed, shared = select_neurons(imp, 2, 1)
-    # neuron 0 is wanted by all three clusters, neuron 4 by two: they become the shared expert
+    # neuron 0 is nominated by all three clusters; 1, 3 and 4 by one each, 4 with the largest total
     assert [g.tolist() for g in shared] == [[0, 4]]
-    assert all(0 not in g.tolist() and 4 not in g.tolist() for g in routed)
-    assert [g.tolist() for g in routed] == [[1, 2], [2, 3], [3, 5]]
+    # the rest is dealt without overlap, highest score first: (0,1) 8, (1,3) 8, (0,2) 7, (2,5) 7,
+    # (1,7) 3 (expert 0 is full), then (2,6) 1
+    assert [g.tolist() for g in routed] == [[1, 2], [3, 7], [5, 6]]
+
+
+def test_sharing_inter_partitions_the_ffn_and_all_experts_sum_to_it():
+    ffn = _ffn(inter=64)
+    ctx = _ctx(ffn, method="importance", experts=3, shared_experts=1, top_k=1)
+    g = torch.Generator().manual_seed(3)
+    ctx.calib.importance = torch.rand(3, 64, generator=g)
+    ex = get_method("importance").build(ffn, ctx)
+    allidx = torch.cat(list(ex.groups) + [ex.shared_neurons]).sort().values
+    assert torch.equal(allidx, torch.arange(64))  # every neuron exactly once
+    assert ex.info["neuron_coverage"] == 1.0
+    x = torch.randn(5, 16)
+    assert torch.allclose(ex.expert_outputs(x).sum(1) + ex.shared_output(x), ffn(x), atol=1e-4)
 
 
 def test_importance_method_uses_per_cluster_scores():

@@ -196,3 +196,19 @@ def test_balance_loss_strength_round_trips_with_transformers(sources, tmp_path, 
         cfg = json.loads((out / "config.json").read_text())
         assert cfg["router_aux_loss_coef"] == pytest.approx(coef * cfg["num_hidden_layers"])  # 0 stays 0
         assert moeforge.load(out).config.moe["aux_loss_coef"] == pytest.approx(coef)
+
+
+def test_expert_widths_transformers_cannot_run_go_to_the_moeforge_format(sources, tmp_path):
+    # transformers' default grouped_mm experts need 16-byte rows: FFN 64 / 16 experts = 4 neurons
+    # are 16 bytes in float32 but 8 in bfloat16
+    report = moeforge.convert(sources / "llama", tmp_path / "f32", method="random", experts=16, top_k=2, eval_tokens=0)
+    assert report.format == "mixtral"
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "f32"), dtype=torch.float32)(IDS)  # runs
+    report = moeforge.convert(sources / "llama", tmp_path / "bf16", method="random", experts=16, top_k=2,
+                              eval_tokens=0, dtype="bfloat16")
+    assert report.format == "moeforge" and "grouped_mm" in report.format_notes["mixtral"]
+    assert "expert width 4 in bfloat16 is 8 bytes" in report.format_notes["qwen2_moe"]
+    with pytest.raises(moeforge.MoeforgeError, match="--format mixtral cannot hold this model exactly: transformers runs"):
+        moeforge.convert(sources / "llama", tmp_path / "x", method="random", experts=16, top_k=2, eval_tokens=0,
+                         dtype="bfloat16", format="mixtral")
+    run(moeforge.load(tmp_path / "bf16"))

@@ -10,7 +10,10 @@ vector is the mean over the windows of cluster i.
   cluster i; experts may share neurons.
 * SharingInter (``shared_experts = S``): every cluster nominates its top m neurons (m = I/(E+S));
   the S*m neurons nominated by the most clusters (ties: larger total importance) become the
-  always-on shared experts; each routed expert then takes the m most important of the others.
+  always-on shared experts; the other E*m neurons are then dealt to the routed experts without
+  overlap, greedily by importance (the highest remaining (expert, neuron) score first, m per
+  expert), so the E + S experts partition the FFN (LLaMA-MoE's residual split without neuron
+  sharing). LLaMA-MoE picks the shared neurons in several voting rounds; here one round votes.
 """
 
 from __future__ import annotations
@@ -38,12 +41,31 @@ def select_neurons(importance: torch.Tensor, m: int, shared: int) -> tuple[list[
     shared_idx = key.topk(shared * m).indices
     available = torch.ones(n, dtype=torch.bool)
     available[shared_idx] = False
-    routed = []
-    for i in range(c):
-        scores = importance[i].masked_fill(~available, float("-inf"))
-        routed.append(scores.topk(m).indices.sort().values)
+    rest = available.nonzero().squeeze(1)
+    if rest.numel() != c * m:
+        raise ValueError(f"{n} neurons do not split into {c} routed and {shared} shared groups of {m}")
+    owner = deal_without_overlap(importance[:, rest], m)
+    routed = [rest[owner == i].sort().values for i in range(c)]
     shared_groups = [g.sort().values for g in shared_idx.sort().values.chunk(shared)]
     return routed, shared_groups
+
+
+def deal_without_overlap(scores: torch.Tensor, m: int) -> torch.Tensor:
+    """(N,) owner of each of N items given (C, N) scores, C * m = N: repeatedly the highest
+    remaining (owner, item) score wins, while the owner has room for fewer than m items."""
+    c, n = scores.shape
+    owner = torch.full((n,), -1, dtype=torch.long)
+    room = [m] * c
+    left = n
+    for flat in scores.flatten().argsort(descending=True, stable=True).tolist():
+        i, j = divmod(flat, n)
+        if room[i] and owner[j] < 0:
+            owner[j] = i
+            room[i] -= 1
+            left -= 1
+            if not left:
+                break
+    return owner
 
 
 @register_method("importance", needs_importance=True)
