@@ -48,6 +48,12 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
         if i == 0:
             raise MoeforgeError("a conversation starts with an assistant message; start it with a user (or system) turn.")
         before = _render(tokenizer, messages[:i], generation_prompt=True)
+        if before == _render(tokenizer, messages[:i]):
+            raise MoeforgeError(
+                "the chat template adds no generation prompt (add_generation_prompt changes nothing), so the "
+                "assistant's role header cannot be told from its reply and would be trained on; use a template "
+                "with an add_generation_prompt branch, such as ChatML (`chat_template: chatml`)."
+            )
         through = _render(tokenizer, messages[: i + 1])
         if not (through.startswith(before) and full.startswith(through)):
             raise MoeforgeError(
@@ -67,6 +73,8 @@ def tokenize_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]
     offsets = enc["offset_mapping"]
     labels = []
     for tok, (start, end) in zip(ids, offsets):
-        inside = any(s <= start < e for s, e in spans) and end > start
+        # any overlap: a byte-level BPE merges a prompt's trailing space with the reply's first
+        # word (" Hello"), a token that starts just before the span but is the reply's
+        inside = any(start < e and end > s for s, e in spans) and end > start
         labels.append(tok if inside else IGNORE_INDEX)
     return ids, labels

@@ -255,15 +255,27 @@ def read_source(source) -> tuple[str, list, list | None]:
 
 
 def source_fingerprint(source) -> list:
-    """What identifies a source's content cheaply: file paths with size and mtime, or the built-in's name."""
+    """What identifies a source's content: each file's path, size and SHA-256 (far cheaper than
+    tokenising it again), or the built-in's name with the Python (its text comes from the standard
+    library) and moeforge versions."""
+    import hashlib
     import sys
 
+    from .. import __version__
+
+    def digest(f: Path) -> str:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
     def files_id(path: str) -> list:
-        return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in resolve_files(source.name, path)]
+        return [[str(f.resolve()), f.stat().st_size, digest(f)] for f in resolve_files(source.name, path)]
 
     out: list = []
     if source.builtin is not None:
-        out.append(["builtin", source.builtin, sys.version_info[:2]])
+        out.append(["builtin", source.builtin, list(sys.version_info[:3]), __version__])
     else:
         out.append(files_id(source.path))
     if source.valid_path:

@@ -157,6 +157,8 @@ class MoeforgeModelOutput(BaseModelOutputWithPast):
     aux_loss: scalar, sum over MoE layers of the weighted router losses.
     aux_losses: name -> scalar, summed over layers.
     routing: per layer, the detached :class:`Routing` (None for dense layers), when requested.
+        With padding in ``attention_mask``, token-choice routing covers the real tokens only (in
+        order; ``token_index`` counts them), expert choice the full (B, S) grid.
     """
 
     aux_loss: Tensor | None = None

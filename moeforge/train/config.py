@@ -75,7 +75,9 @@ class DataSource:
     valid_path: str | None = None
     """Separate validation data; when unset, every round(1/valid_fraction)-th block is held out."""
     valid_fraction: float = 0.05
-    """Fraction of blocks held out for validation when ``valid_path`` is unset (0 disables)."""
+    """Fraction of blocks held out for validation when ``valid_path`` is unset (0 disables).
+    Built-in domains have a fixed split instead (every fifth document held out); for them only 0
+    (no validation) differs from the default."""
     max_tokens: int | None = None
     """Read documents until this many tokens (train split); None reads everything."""
     pack: bool | None = None

@@ -494,8 +494,15 @@ class Trainer:
                 dummy = r >= len(mine)
                 idx = batches[0] if dummy else mine[r]
                 ids, labels = dom.valid.batch(idx)
+                kw = {}
+                if self._routes_tokens:  # padding is not routed, as in training
+                    from ..data.packing import padding_mask
+
+                    mask = padding_mask([(dom.valid, i) for i in idx], ids.shape[1])
+                    if mask is not None:
+                        kw["attention_mask"] = mask.long().to(self.ctx.device)
                 with self._autocast():
-                    out = model(input_ids=ids.to(self.ctx.device))
+                    out = model(input_ids=ids.to(self.ctx.device), **kw)
                 if dummy:
                     continue
                 ce, count = token_cross_entropy(out.logits, labels.to(self.ctx.device))

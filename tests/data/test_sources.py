@@ -151,6 +151,14 @@ def test_token_cache_hit_and_invalidation(tmp_path, tokenizer):
     assert not d.cached and d.train.seq_len == 32
     off = build_domain(src, tokenizer, seq_len=16, cache_dir="off")
     assert not off.cached
+    # other text of the same size with the old modification time: the content hash still tells
+    before = build_domain(src, tokenizer, seq_len=16, cache_dir=cache)
+    stat = f.stat()
+    f.write_text("6 * 7 = 42\n" * 300)
+    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert f.stat().st_size == stat.st_size
+    e = build_domain(src, tokenizer, seq_len=16, cache_dir=cache)
+    assert not e.cached and not np.array_equal(e.train.input_ids, before.train.input_ids)
 
 
 def test_sampler_tracks_weights_and_resumes():

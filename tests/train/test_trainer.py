@@ -198,18 +198,22 @@ def test_sft_padding_reaches_the_moe_layers_as_a_token_mask(tmp_path, make_cfg, 
     seen = []
     real_forward = MoELayer.forward
 
+    evaluated = []
+
     def spy(self, hidden_states, token_mask=None):
-        seen.append(None if token_mask is None else token_mask.detach().clone())
+        mask = None if token_mask is None else token_mask.detach().clone()
+        (seen if torch.is_grad_enabled() else evaluated).append(mask)  # validation runs without grad
         return real_forward(self, hidden_states, token_mask=token_mask)
 
     monkeypatch.setattr(MoELayer, "forward", spy)
     chat = tmp_path / "chat.jsonl"
     chat.write_text("".join(json.dumps({"q": f"{a} times 3?", "a": f"{3 * a}" * (1 + a % 5)}) + "\n" for a in range(30)))
-    cfg = make_cfg(steps=2, batch_size=4, data=[{"name": "chat", "path": str(chat), "prompt_field": "q",
-                                                   "response_field": "a", "valid_fraction": 0.0}])
+    cfg = make_cfg(steps=2, batch_size=4, micro_batch_size=4, eval_tokens=4096, seq_len=48, data=[{"name": "chat", "path": str(chat), "prompt_field": "q",
+                                                   "response_field": "a", "valid_fraction": 0.2}])
     train(cfg)
     masks = [m for m in seen if m is not None]
     assert masks and any(not bool(m.all()) for m in masks)
+    assert any(m is not None and not bool(m.all()) for m in evaluated)  # validation: the same
     for m in masks:  # right padding: each row is real tokens, then padding
         lengths = m.sum(1)
         assert torch.equal(m, torch.arange(m.shape[1])[None, :] < lengths[:, None])
