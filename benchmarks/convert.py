@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from _args import positive_int  # noqa: E402  (benchmarks/ is on sys.path when run)
 
 HIDDEN, FFN, HEADS, VOCAB = 4096, 11008, 32, 32000
 
@@ -154,7 +155,7 @@ def run_convert(src: Path, out: Path, method: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", type=int, default=8, help="decoder layers of the synthetic checkpoint (LLaMA-2-7B has 32)")
+    ap.add_argument("--layers", type=positive_int, default=8, help="decoder layers of the synthetic checkpoint (LLaMA-2-7B has 32)")
     ap.add_argument("--methods", default="random,cluster")
     ap.add_argument("--workdir", default="/tmp/moeforge-bench-convert")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints afterwards")

@@ -9,7 +9,9 @@ memory with ``moeforge.convert`` and measures perplexity with no training at all
 (b) WikiText-2 test, first 8,192 tokens in 512-token windows (the protocol of the reference
 figure 29.6; needs the benchmark data folder, skipped without it).
 It prints one table and writes it to docs/results.md (section ``convert-quality``). Finished
-presets are cached in runs/convert_quality/results.json, so a rerun resumes.
+presets are cached in runs/convert_quality/results.json with the options they were measured
+under, so a rerun resumes; a rerun with other --model / token options refuses to mix the two
+(``--fresh`` starts over), and ``--redo NAMES`` measures presets again after a code change.
 """
 
 from __future__ import annotations
@@ -62,10 +64,28 @@ def main() -> None:
     ap.add_argument("--wiki-tokens", type=int, default=8192)
     ap.add_argument("--calibration-tokens", type=int, default=8192)
     ap.add_argument("--no-report", action="store_true")
+    ap.add_argument("--redo", default="", help="comma-separated presets to measure again (e.g. after a code change)")
+    ap.add_argument("--fresh", action="store_true", help="discard every cached result")
     args = ap.parse_args()
     names = args.only.split(",") if args.only else list(PRESETS)
+    redo = [n for n in args.redo.split(",") if n]
+    unknown = [n for n in names + redo if n not in PRESETS]
+    if unknown:
+        ap.error(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
+    if any(v <= 0 for v in (args.prose_tokens, args.wiki_tokens, args.calibration_tokens)):
+        ap.error("token counts must be positive")
+    setup = {"model": args.model, "prose_tokens": args.prose_tokens, "wiki_tokens": args.wiki_tokens,
+             "calibration_tokens": args.calibration_tokens}
     cache_path = REPO / "runs" / "convert_quality" / "results.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() and not args.fresh else {}
+    # (a cache written before the setup was recorded was measured with the defaults)
+    cached_setup = cache.pop("setup", {"model": "smollm2", "prose_tokens": 4096, "wiki_tokens": 8192,
+                                       "calibration_tokens": 8192} if cache else setup)
+    if cached_setup != setup:
+        ap.error(f"{cache_path} holds results measured with {cached_setup}, not {setup}; rerun with those options "
+                 "or pass --fresh to start over")
+    for name in redo:
+        cache.pop(name, None)
 
     dense, tok = moeforge.load_with_tokenizer(args.model)
     corpora = {"prose": tokenize_corpus(tok, resolve_corpus("prose"), args.prose_tokens)}
@@ -97,11 +117,11 @@ def main() -> None:
         }
         cache[name] = row
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        cache_path.write_text(json.dumps(cache, indent=2))
+        cache_path.write_text(json.dumps({"setup": setup, **cache}, indent=2))
         print(name, json.dumps(row["ppl"]), f"{seconds:.0f}s", flush=True)
         del report
         gc.collect()
-    text = table(cache, names, corpora)
+    text = table(cache, names, corpora, args.model)
     print(text)
     if not args.no_report:
         from moeforge.eval.report import device_description, update_section
@@ -109,6 +129,8 @@ def main() -> None:
         cmd = "OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/convert_quality.py"
         if args.only:
             cmd += f" --only {args.only}"
+        if redo:
+            cmd += f" --redo {','.join(redo)}"
         missing = [n for n in PRESETS if n not in names]
         note = (f" Presets not run yet (the command without `--only` runs them): {', '.join(missing)}."
                 if missing else "")
@@ -121,13 +143,14 @@ def main() -> None:
         )
 
 
-def table(cache: dict, names: list[str], corpora: dict) -> str:
+def table(cache: dict, names: list[str], corpora: dict, model: str) -> str:
     cols = list(corpora)
     head = ("| preset | what | active params | " + " | ".join(f"{c} ppl" for c in cols)
             + " | mean layer error | convert s | of which refine s |")
     lines = [head, "|" + "---|" * (len(cols) + 6)]
     d = cache["dense"]
-    lines.append(f"| dense | SmolLM2-135M-Instruct | {d['params']['active']:,} | "
+    label = "SmolLM2-135M-Instruct" if model == "smollm2" else model
+    lines.append(f"| dense | {label} | {d['params']['active']:,} | "
                  + " | ".join(f"{d['ppl'][c]:.2f}" for c in cols) + " | - | - | - |")
     for name in names:
         if name not in cache:

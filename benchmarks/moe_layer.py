@@ -30,6 +30,7 @@ from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from moeforge.moe import MoEConfig, MoELayer
+from _args import positive_int  # noqa: E402  (benchmarks/ is on sys.path when run)
 
 SHAPES = [(8, 2, 192), (16, 4, 96), (64, 8, 24)]
 HF_IMPLS = ["eager", "batched_mm", "grouped_mm"]
@@ -119,9 +120,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=";".join(",".join(map(str, s)) for s in SHAPES),
                     help="experts,top-k,expert-size triples separated by ';' (default: the issue's three)")
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--hidden", type=int, default=576)
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--tokens", type=positive_int, default=4096)
+    ap.add_argument("--hidden", type=positive_int, default=576)
+    ap.add_argument("--repeats", type=positive_int, default=15)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--max-gib", type=float, default=4.0,

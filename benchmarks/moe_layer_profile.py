@@ -20,19 +20,22 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from moeforge.moe import MoEConfig, MoELayer
+from _args import int_tuple, positive_int  # noqa: E402  (benchmarks/ is on sys.path when run)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    ap.add_argument("--tokens", type=int, default=32768)
-    ap.add_argument("--hidden", type=int, default=576)
-    ap.add_argument("--shape", default="8,2,192", help="experts,top-k,expert size")
-    ap.add_argument("--steps", type=int, default=10, help="profiled calls")
+    ap.add_argument("--tokens", type=positive_int, default=32768)
+    ap.add_argument("--hidden", type=positive_int, default=576)
+    ap.add_argument("--shape", type=int_tuple(3), default=(8, 2, 192), help="experts,top-k,expert size")
+    ap.add_argument("--steps", type=positive_int, default=10, help="profiled calls")
     ap.add_argument("--rows", type=int, default=30)
     args = ap.parse_args()
-    experts, top_k, size = (int(v) for v in args.shape.split(","))
+    experts, top_k, size = args.shape
+    if top_k > experts:
+        ap.error(f"--shape: top-k {top_k} exceeds the {experts} experts")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.manual_seed(0)
     layer = MoELayer(MoEConfig(hidden_size=args.hidden, expert_size=size, num_experts=experts, top_k=top_k))
@@ -58,7 +61,7 @@ def main() -> None:
             call()
         sync()
     key = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"{args.steps} calls of forward+backward, {args.tokens} tokens, shape {args.shape}, {args.dtype} on {device}")
+    print(f"{args.steps} calls of forward+backward, {args.tokens} tokens, shape {','.join(map(str, args.shape))}, {args.dtype} on {device}")
     print(prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=60))
     sync()
     t0 = time.perf_counter()

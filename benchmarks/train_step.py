@@ -9,8 +9,9 @@ Compares, in one run and on the same batch shape:
   experts implementation transformers offers (eager, batched_mm, grouped_mm); the best counts;
 * ``dense``: the dense SmolLM2 through the same moeforge step.
 
-Prints one table and the ratios the training issue sets as goals: moeforge / best transformers
-(goal >= 1.3) and the MoE's speed-up over dense next to its active-FLOPs ratio.
+Prints one table and the ratios the training issue sets as goals: moeforge's speed-up over the
+best transformers implementation (its step time / moeforge's, goal >= 1.3) and the MoE's speed-up
+over dense next to its active-FLOPs ratio.
 
     .venv/bin/python benchmarks/train_step.py                                   # converts smollm2 in memory
     .venv/bin/python benchmarks/train_step.py --moe runs/smollm2-moe-8x2 --threads 1 --batch 2 --seq-len 256
@@ -35,6 +36,7 @@ import torch
 
 import moeforge
 from moeforge.eval.cost import flops_per_token, parameter_counts
+from _args import positive_int  # noqa: E402  (benchmarks/ is on sys.path when run)
 
 
 def dense_model(args):
@@ -83,7 +85,8 @@ def to_mixtral(moe, impl: str):
         tie_word_embeddings=c.tie_word_embeddings,
         num_local_experts=m["num_experts"],
         num_experts_per_tok=m["top_k"],
-        router_aux_loss_coef=m.get("aux_loss_coef") or 1e-3,
+        # transformers' one loss over all layers = moeforge's per-layer sum / layers (see formats.export)
+        router_aux_loss_coef=(1e-3 if m.get("aux_loss_coef") is None else m["aux_loss_coef"]) * c.num_hidden_layers,
         output_router_logits=True,
         experts_implementation=impl,
     )
@@ -199,11 +202,11 @@ def time_moeforge_step(model, tokenizer, args, steps: int, warmup: int) -> list[
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--moe", help="converted MoE checkpoint (default: convert smollm2 in memory)")
-    ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per variant (median reported)")
+    ap.add_argument("--experts", type=positive_int, default=8)
+    ap.add_argument("--top-k", type=positive_int, default=2)
+    ap.add_argument("--batch", type=positive_int, default=2)
+    ap.add_argument("--seq-len", type=positive_int, default=256)
+    ap.add_argument("--steps", type=positive_int, default=3, help="timed steps per variant (median reported)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--force", action="store_true", help="run batched_mm even when it would not fit in memory")
@@ -214,6 +217,9 @@ def main() -> None:
     ap.add_argument("--dense-config", help="directory with config.json + tokenizer: random weights of that shape, no GGUF")
     ap.add_argument("--save-dense-config", metavar="DIR", help="write SmolLM2's config and tokenizer to DIR and exit")
     args = ap.parse_args()
+    unknown = [i for i in args.impls.split(",") if i and i not in ("eager", "batched_mm", "grouped_mm")]
+    if unknown:
+        ap.error(f"--impls: unknown experts implementation(s) {', '.join(unknown)}; choose from eager, batched_mm, grouped_mm")
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     device = torch.device(args.device)
     if args.save_dense_config:
@@ -295,7 +301,8 @@ def main() -> None:
     ours, dense_row = rows[0], rows[-2]
     print("\nsummary")
     if best is not None:
-        print(f"  moeforge / best transformers Mixtral ({best['name']}): {best['s'] / ours['s']:.2f}x  (goal >= 1.3x)")
+        print(f"  speed-up over the best transformers Mixtral ({best['name']}; its time / moeforge's): "
+              f"{best['s'] / ours['s']:.2f}x  (goal >= 1.3x)")
     print(f"  MoE step speed-up over dense (same trainer step): {dense_row['s'] / ours['s']:.2f}x; "
           f"dense / MoE FLOPs per token: {dense_row['flops'] / ours['flops']:.2f}x "
           f"(active parameters {ours['active']:,} vs {dense_row['active']:,})")

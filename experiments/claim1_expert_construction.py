@@ -76,7 +76,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--testbed", choices=("testbed", "smollm2"), required=True)
     ap.add_argument("--shapes", default="8x2,16x4", help="experts x top-k, comma-separated")
-    ap.add_argument("--cpt-steps", type=int, default=None, help="CPT steps per run (default: 40 testbed, 10 smollm2)")
+    ap.add_argument("--cpt-steps", type=int, default=None, help="CPT steps per run (default: 25 testbed, 8 smollm2)")
     ap.add_argument("--cpt-shapes", default=None, help="shapes that get CPT runs (default: all for testbed, 8x2 for smollm2)")
     ap.add_argument("--cpt-runs", choices=("full", "minimal"), default=None,
                     help="full: every split method with rescale on/off (random router) and with its best router init; "
@@ -99,7 +99,9 @@ def main() -> None:
     if args.eval_tokens:
         tb = dataclasses.replace(tb, eval_tokens=args.eval_tokens)
     shapes = parse_shapes(args.shapes)
-    cpt_steps = args.cpt_steps or (25 if tb.name == "testbed" else 8)
+    if args.cpt_steps is not None and args.cpt_steps < 1:
+        ap.error("--cpt-steps must be at least 1")
+    cpt_steps = args.cpt_steps if args.cpt_steps is not None else (25 if tb.name == "testbed" else 8)
     cpt_shapes = parse_shapes(args.cpt_shapes) if args.cpt_shapes else (shapes if tb.name == "testbed" else shapes[:1])
     out = args.out or REPO / "runs" / "claim1" / tb.name
     store = ResultStore(out / "results.json")

@@ -70,8 +70,12 @@ def main() -> None:
     tb = get_testbed(args.testbed) if not args.model else dataclasses.replace(TESTBEDS[args.testbed], model=args.model)
     if args.eval_tokens:
         tb = dataclasses.replace(tb, eval_tokens=args.eval_tokens)
-    steps = args.steps or (100 if tb.name == "testbed" else 16)
-    points = eval_points(steps, args.points or (6 if tb.name == "testbed" else 3))
+    if args.steps is not None and args.steps < 1:
+        ap.error("--steps must be at least 1")
+    if args.points is not None and args.points < 2:
+        ap.error("--points must be at least 2 (step 0 and the end)")
+    steps = args.steps if args.steps is not None else (100 if tb.name == "testbed" else 16)
+    points = eval_points(steps, args.points if args.points is not None else (6 if tb.name == "testbed" else 3))
     update_every = args.update_every or (max(1, steps // 10) if tb.name == "testbed" else 4)
     # smollm2: the domain losses driving the update are the training losses since the last update (as LLaMA-MoE
     # does), because evaluating four domains at every update would cost as much as the training itself here
@@ -184,14 +188,14 @@ def write_report(tb, store, runs, steps, update_every, conversion, wall, signal=
     secs = sum(store[n]["train_s"] for n in names)
     md = f"""Testbed: **{tb.name}** ({tb.description}). Metric: {tb.primary_label}.
 Conversion (each run starts from the same MoE): `moeforge.convert` with {", ".join(f"{k}={v}" for k, v in conversion.items() if k != "eval_tokens")}
-(LLaMA-MoE's IndependentRandom with rescale E/k). CPT: `moeforge.train`, {steps} steps x {tb.cpt_batch} x {tb.cpt_seq_len} tokens = **{tokens:,} tokens per run**,
+(LLaMA-MoE's IndependentRandom with rescale E/k). CPT: `moeforge.train`, {steps} steps x {tb.cpt_batch} x {tb.cpt_seq_len} tokens = {steps * tb.cpt_batch * tb.cpt_seq_len:,} token slots per run (**{tokens:,} of them non-padding**),
 lr {tb.cpt_lr:g}, warmup {max(1, steps // 10)}, cosine to 0.1x, AdamW (0.9, 0.95), wd 0.1, clip 1.0, fp32; mixture
 {", ".join(f"{d['name']} {d['weight']}" for d in tb.cpt_data)}; dynamic: Sheared-LLaMA update every {update_every} steps (eta 1, c 1e-4) driven by each domain's
 {'validation loss' if signal == 'valid' else 'training loss since the last update (as LLaMA-MoE)'}, with the dense model's per-domain validation loss as reference; distillation: KL to the dense model, weight 0.5, T 1.
 
 * Command: `{command_line()}`
 * Device: {device_description()} (shared with other jobs; no GPU).
-* Budget: {len(names)} runs x {tokens:,} tokens; {secs / 60:.0f} min of training wall time in total (evaluations included).
+* Budget: {len(names)} runs x {tokens:,} non-padding tokens; {secs / 60:.0f} min of training wall time in total (evaluations included).
 
 ![CPT recovery]({img.relative_to(REPO / 'docs').as_posix()})
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import re
 import sys
 import time
@@ -45,8 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moeforge.data.builtin import arithmetic_lines  # noqa: E402
+from moeforge.eval.corpora import data_root  # noqa: E402
 
-GSM8K = Path(os.environ.get("MOEFORGE_SHARED_DATA", ROOT.parent / "shared" / "data")) / "gsm8k"
+GSM8K = data_root() / "gsm8k"  # $MOEFORGE_DATA, else ../shared/data (as moeforge eval)
 OUT = ROOT / "runs" / "peft_moe"
 FIGURES = ROOT / "docs" / "figures"
 
@@ -367,6 +367,8 @@ def report(args) -> str:
     comparisons = [line for line in (delta(a, b) for a, b in pairs) if line]
     any_r = next(r for r in results.values() if r["steps"])
     cfg = any_r["config"]
+    counts = sorted({r.get("torch_threads") for r in results.values() if r.get("torch_threads")})
+    threads = ("one thread" if counts == [1] else f"{'/'.join(map(str, counts))} threads") if counts else "threads unrecorded"
     body = [
         "Claim (Zadouri et al. 2023): a mixture of lightweight experts (MoV, MoLoRA) beats the single adapter it "
         "is made of ((IA)³, LoRA), at a fraction of a percent of trainable parameters.",
@@ -390,16 +392,19 @@ def report(args) -> str:
         "Expert usage per task: " + ", ".join(f"[{n}]({Path(r['usage_plot']).relative_to('docs')})"
                                             for n, r in results.items() if r.get("usage_plot")) + ".",
         "",
-        f"Device: {any_r['device']}, one thread per run (`OMP_NUM_THREADS=1`), shared with other jobs. "
+        f"Device: {any_r['device']}, {threads} per run, shared with other jobs. "
         f"Date: {any_r['date']}.",
         "",
         "Command:",
         "```",
-        "# processes side by side (defaults: --steps 24 --batch-size 4 --seq-len 128 --n-loss 24 --n-em 10)",
+        f"# processes side by side (each with --steps {cfg['steps']} --batch-size {cfg['batch_size']} "
+        f"--seq-len {cfg['seq_len']} --n-loss {cfg['n_loss']} --n-em {cfg['n_em']})",
         "OMP_NUM_THREADS=1 nice -n 10 python experiments/peft_moe.py --runs mov10,ia3",
         "OMP_NUM_THREADS=1 nice -n 10 python experiments/peft_moe.py --runs molora10,lora40",
         "OMP_NUM_THREADS=1 nice -n 10 python experiments/peft_moe.py --runs mov10-sentence,base",
         "OMP_NUM_THREADS=1 nice -n 10 python experiments/peft_moe.py --runs lora4",
+        "# the bracketed (init) values of the JS column: the same routers untrained",
+        "python experiments/peft_moe.py --init-usage mov10,mov10-sentence,molora10",
         "python experiments/peft_moe.py --report --verdict experiments/peft_moe_verdict.md",
         "```",
     ]

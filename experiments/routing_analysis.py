@@ -26,6 +26,7 @@ import time
 from common import REPO, command_line, fmt, set_threads, table
 
 CORPORA = ("prose", "code", "arithmetic")
+MODELS = ("testbed-cpt", "testbed-converted", "smollm2-cluster")
 
 
 def models(which: list[str]):
@@ -38,7 +39,9 @@ def models(which: list[str]):
             yield "testbed-cpt", "testbed MoE 8/2 (random split, E/k) after claim 2's static CPT", *moeforge.load_with_tokenizer(cpt)
         else:
             print(f"skipping testbed-cpt: {cpt} is missing (run experiments/claim2_cpt_recovery.py --testbed testbed)")
-    if "testbed-converted" in which and (testbed / "config.json").is_file():
+    if "testbed-converted" in which and not (testbed / "config.json").is_file():
+        print(f"skipping testbed-converted: {testbed} is missing (run experiments/testbed.py)")
+    elif "testbed-converted" in which:
         tok = moeforge.load_tokenizer(testbed)
         r = moeforge.convert(testbed, None, tokenizer=tok, method="random", experts=8, top_k=2, rescale="auto",
                              gate_init="random", seed=0, calibration_tokens=2048, eval_tokens=0)
@@ -52,10 +55,16 @@ def models(which: list[str]):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="testbed-cpt,testbed-converted,smollm2-cluster")
+    ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--max-tokens", type=int, default=1024, help="tokens per domain")
     ap.add_argument("--no-report", action="store_true")
     args = ap.parse_args()
+    chosen = args.models.split(",")
+    unknown = [m for m in chosen if m not in MODELS]
+    if unknown:
+        ap.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    if set(chosen) != set(MODELS) and not args.no_report:
+        ap.error("the docs section lists every model, so a subset cannot rewrite it: run all of them, or add --no-report")
     set_threads()
     from moeforge.analysis.stats import specialisation
     from moeforge.eval.evaluate import evaluate, write_analysis
@@ -99,6 +108,9 @@ Token view: [{rel(out / 'routing.html')}]({rel(out / 'routing.html')}) (self-con
 """)
         del model
     if args.no_report or not parts:
+        return
+    if len(parts) < len(chosen):
+        print("docs section not rewritten: some models were skipped (see above)")
         return
     md = f"""What the routers do, measured with `moeforge.eval.evaluate` / `write_analysis` (the code behind
 `moeforge eval MODEL --plots DIR`) on the built-in domains' held-out text. Load = share of (token, expert) pairs per expert;

@@ -202,7 +202,7 @@ def build_domain(
 def build_domains(config, tokenizer, *, valid_max_tokens: int | None = None) -> list[DomainData]:
     """Every domain of a :class:`~moeforge.train.config.TrainConfig`, in config order."""
     digest = tokenizer_fingerprint(tokenizer)
-    return [
+    domains = [
         build_domain(
             src,
             tokenizer,
@@ -214,3 +214,11 @@ def build_domains(config, tokenizer, *, valid_max_tokens: int | None = None) -> 
         )
         for src in config.data
     ]
+    for dom in domains:
+        if dom.skipped:
+            logger.warning(
+                "data source %r: %d chat examples had no assistant token within seq_len=%d and were left out "
+                "(%d training blocks remain); raise seq_len to keep them.", dom.name, dom.skipped, config.seq_len,
+                len(dom.train),
+            )
+    return domains

@@ -167,3 +167,22 @@ def test_real_smollm2_template_gsm8k_record():
     ids, labels = tokenize_chat(tok, msgs)
     assert _target_text(tok, ids, labels) == answer + "<|im_end|>\n"
     assert "You are a helpful AI assistant" in tok.decode(ids)
+
+
+def test_chat_examples_cut_away_by_seq_len_are_reported(tmp_path, tokenizer, caplog):
+    import json
+    import logging
+
+    from moeforge.data.dataset import build_domains
+    from moeforge.train.config import load_config
+
+    f = tmp_path / "qa.jsonl"
+    rows = [{"q": "short?", "a": "yes"}] * 6 + [{"q": "a very long question " * 20, "a": "no"}] * 4
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config({"model": "m", "output_dir": str(tmp_path / "o"), "seq_len": 48, "cache_dir": "off",
+                       "data": [{"name": "qa", "path": str(f), "prompt_field": "q", "response_field": "a",
+                                 "valid_fraction": 0.0}]})
+    with caplog.at_level(logging.WARNING, logger="moeforge.data.dataset"):
+        (dom,) = build_domains(cfg, tokenizer)
+    assert dom.skipped == 4
+    assert "data source 'qa': 4 chat examples had no assistant token within seq_len=48" in caplog.text
