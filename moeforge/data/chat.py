@@ -48,13 +48,15 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
         if i == 0:
             raise MoeforgeError("a conversation starts with an assistant message; start it with a user (or system) turn.")
         before = _render(tokenizer, messages[:i], generation_prompt=True)
-        if before == _render(tokenizer, messages[:i]):
-            raise MoeforgeError(
-                "the chat template adds no generation prompt (add_generation_prompt changes nothing), so the "
-                "assistant's role header cannot be told from its reply and would be trained on; use a template "
-                "with an add_generation_prompt branch, such as ChatML (`chat_template: chatml`)."
-            )
         through = _render(tokenizer, messages[: i + 1])
+        content = str(m.get("content") or "").strip()
+        if before == _render(tokenizer, messages[:i]) and not through[len(before):].lstrip().startswith(content):
+            # no generation prompt, and the assistant turn starts with something other than the reply
+            raise MoeforgeError(
+                "the chat template adds no generation prompt (add_generation_prompt changes nothing) and puts text "
+                "before the assistant's reply, so that role header cannot be told from the reply and would be "
+                "trained on; use a template with an add_generation_prompt branch, such as ChatML (`chat_template: chatml`)."
+            )
         if not (through.startswith(before) and full.startswith(through)):
             raise MoeforgeError(
                 "the chat template does not render conversations incrementally (rendering a prefix of a "

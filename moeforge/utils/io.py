@@ -86,7 +86,7 @@ def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> It
     check_writable_dir(final)  # first: a file at ``path`` is "not a directory", not "already exists"
     if final.exists() and not overwrite:
         raise MoeforgeError(
-            f"output directory {final} already exists; choose another path or pass --overwrite to replace it."
+            f"output directory {final} already exists; choose another path or pass --overwrite (overwrite=True in Python) to replace it."
         )
     created = [p for p in final.parents if not p.exists()]  # innermost first
     try:

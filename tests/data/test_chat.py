@@ -186,3 +186,14 @@ def test_chat_examples_cut_away_by_seq_len_are_reported(tmp_path, tokenizer, cap
         (dom,) = build_domains(cfg, tokenizer)
     assert dom.skipped == 4
     assert "data source 'qa': 4 chat examples had no assistant token within seq_len=48" in caplog.text
+
+
+def test_template_without_a_header_needs_no_generation_prompt():
+    # CALM's key-value task: a character tokenizer whose template writes the reply right after the
+    # question (no role header, so there is nothing a generation prompt would have to mark)
+    from moeforge.compose.kv_task import char_tokenizer
+
+    tok = char_tokenizer()
+    ids, labels = tokenize_chat(tok, [{"role": "user", "content": "ab=3;ab?"}, {"role": "assistant", "content": "3"}])
+    targets = [i for i, lab in zip(ids, labels) if lab != -100]
+    assert tok.decode(targets, skip_special_tokens=True) == "3" and len(targets) == 2  # "3" and the EOS
