@@ -6,8 +6,10 @@ stderr, without a traceback, and the process exits with status 2.
 
 from __future__ import annotations
 
+import faulthandler
 import importlib
 import os
+import signal
 import sys
 
 import typer
@@ -45,6 +47,8 @@ def fail(message: str, code: int = 2) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if hasattr(signal, "SIGUSR1") and argv is None:  # `kill -USR1 PID` prints every thread's stack (a stuck run)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # transformers' per-load bars; moeforge reports its own progress

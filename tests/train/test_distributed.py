@@ -18,6 +18,39 @@ from .tiny import save_tiny
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _run_stuck_aware(cmd: list[str], env: dict, marker: str, timeout: float) -> tuple[int, str]:
+    """Run torchrun; if it hangs, make its workers print their stacks (moeforge's CLI dumps them on
+    SIGUSR1), kill them all, and return the output, so a hang fails with a diagnosis, not a bare timeout."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        pids = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+        pids = [pid for pid in pids if pid not in (proc.pid, os.getpid())]
+        for pid in pids:
+            os.kill(pid, signal.SIGUSR1)
+        time.sleep(3)
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        out, _ = proc.communicate()
+        return -1, f"torchrun did not finish in {timeout:.0f} s; worker stacks and output:\n{out}"
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_process_gloo_equals_one_process(tmp_path, make_cfg, tokenizer, parallel):
     # sigmoid_bias routers: their bias updates need the expert loads summed over processes;
@@ -47,8 +80,8 @@ def test_two_process_gloo_equals_one_process(tmp_path, make_cfg, tokenizer, para
     cfg_file.write_text(yaml.safe_dump({**cfg, "output_dir": str(tmp_path / "two")}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "moeforge", "train", str(cfg_file)]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    code, stderr = _run_stuck_aware(cmd, env, str(cfg_file), timeout=240)
+    assert code == 0, stderr[-3000:]
 
     def recs(out, kind):
         return [r for r in read_metrics(out) if r["kind"] == kind]
