@@ -242,6 +242,17 @@ def main(argv: list[str] | None = None) -> int:
             out.append((other, other.get("argv") or _argv_from(other["args"], ap)))
         return out
 
+    if args.report_only and not (Path(args.out) / "results.json").is_file():
+        ap.error(f"--report-only: {Path(args.out) / 'results.json'} does not exist; run the experiment first")
+    connections = args.num_connections
+    if connections is None and Path(args.config).is_file():
+        import yaml
+
+        connections = ((yaml.safe_load(Path(args.config).read_text()) or {}).get("compose") or {}).get("num_connections")
+    if not args.report_only and connections is not None and connections > min(args.layers_a, args.layers_b):
+        # checked here, before m_A and m_B are trained, not when they are composed
+        ap.error(f"{connections} connections need at least {connections} layers in both models "
+                 f"(--layers-a {args.layers_a}, --layers-b {args.layers_b})")
     if args.report_only:
         summary = json.loads((Path(args.out) / "results.json").read_text())
         write_report(summary, summary.get("argv") or _argv_from(summary["args"], ap), args.report, extras())
