@@ -251,7 +251,9 @@ def load(
 
     Dense checkpoints come back as the transformers class of their ``model_type``; Mixtral and
     moeforge checkpoints as :class:`~moeforge.models.MoeforgeForCausalLM`, whose MoE layers are
-    moeforge's. The model is in eval mode, float32 unless ``dtype`` says otherwise.
+    moeforge's. The model is in eval mode, float32 unless ``dtype`` says otherwise; ``dtype="auto"``
+    keeps a dense checkpoint's own dtype, while MoE checkpoints (Mixtral, Qwen2-MoE, moeforge) and
+    GGUF files open in float32 under "auto" (name the dtype to get another).
     """
     from transformers import AutoModelForCausalLM
 
@@ -274,6 +276,12 @@ def load(
     from .formats import IMPORTERS
 
     loader = IMPORTERS.get(model_type)
+    if loader is not None and not any(directory.glob("*.safetensors")):
+        raise MoeforgeError(
+            f"{directory} holds a {model_type} checkpoint in pickle (.bin) files only; moeforge's {model_type} importer "
+            "reads safetensors. Convert it once with transformers (from_pretrained, then save_pretrained), which "
+            "writes safetensors, and load that."
+        )
     if loader is not None:
         model = loader(directory, cfg, dtype=torch.float32 if torch_dtype == "auto" else torch_dtype)
         return _finish(model, device, source)

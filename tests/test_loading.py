@@ -35,6 +35,27 @@ def test_native_mixtral_checkpoint_gives_transformers_logits(tmp_path, tie):
     assert model.generate(ids[:1], max_new_tokens=4, do_sample=False).shape == (1, 15)
 
 
+def test_mixtral_config_in_transformers_v4_form_and_with_absent_fields(tmp_path):
+    # older files: rope_theta + rope_scaling instead of rope_parameters; absent fields take
+    # Mixtral's defaults (rope theta 1e6, rms eps 1e-5), not LLaMA's
+    ref = tiny_mixtral(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0})
+    ref.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.pop("rope_parameters")
+    cfg.update(rope_theta=5000.0, rope_scaling={"type": "linear", "factor": 2.0})
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ids = torch.randint(0, 100, (1, 60))
+    torch.testing.assert_close(moeforge.load(tmp_path)(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+    cfg.pop("rope_theta"), cfg.pop("rope_scaling"), cfg.pop("rms_norm_eps")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    default = tiny_mixtral()  # the same weights (seed 0) under Mixtral's defaults
+    torch.testing.assert_close(moeforge.load(tmp_path)(ids).logits, default(ids).logits, atol=1e-5, rtol=1e-5)
+    cfg["hidden_size"] = 30  # not divisible by the 4 heads: one clear error
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MoeforgeError, match="the Mixtral config.json is not valid|cannot be represented"):
+        moeforge.load(tmp_path)
+
+
 def test_dense_checkpoint_and_roundtrip(tmp_path):
     ref = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                        num_attention_heads=4)).eval()
@@ -64,6 +85,12 @@ def test_pickle_checkpoint_refused_unless_opted_in(tmp_path):
     model = moeforge.load(tmp_path, allow_pickle=True)
     ids = torch.randint(0, 100, (1, 5))
     torch.testing.assert_close(model(ids).logits, ref(ids).logits)
+    # an MoE checkpoint goes through moeforge's own importer, which reads safetensors: said so
+    mix = tiny_mixtral()
+    mix.config.save_pretrained(tmp_path / "mix")
+    torch.save(mix.state_dict(), tmp_path / "mix" / "pytorch_model.bin")
+    with pytest.raises(MoeforgeError, match="mixtral checkpoint in pickle .* files only.*save_pretrained"):
+        moeforge.load(tmp_path / "mix", allow_pickle=True)
 
 
 def test_truncated_safetensors_refused(tmp_path):

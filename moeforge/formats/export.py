@@ -253,3 +253,29 @@ def moeforge_aux_loss_coef(hf_coef: float | None, moe_layers: int) -> float:
     its strength in moeforge, which sums the balance loss over MoE layers (transformers computes one
     loss over all layers' tokens, about the mean of the per-layer losses)."""
     return (1e-3 if hf_coef is None else float(hf_coef)) / max(1, moe_layers)
+
+
+def parse_hf_config(config_class, cfg: dict[str, Any], family: str):
+    """``config_class(**cfg)`` (transformers' defaults and legacy-field handling), with any refusal
+    turned into one :class:`MoeforgeError` that names the family and the problem."""
+    from ..errors import MoeforgeError
+
+    try:
+        return config_class(**{k: v for k, v in cfg.items() if k not in ("model_type", "architectures", "transformers_version")})
+    except Exception as err:  # noqa: BLE001 - transformers raises KeyError, ValueError and its strict-validation errors
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise MoeforgeError(f"the {family} config.json is not valid ({type(err).__name__}: {first}); fix the file.") from None
+
+
+def checked_moeforge_config(fields: dict[str, Any], family: str):
+    """``MoeforgeConfig(**fields)`` built from an imported checkpoint, refusals as one :class:`MoeforgeError`."""
+    from ..errors import MoeforgeError
+    from ..models.configuration_moeforge import MoeforgeConfig
+
+    try:
+        return MoeforgeConfig(**fields)
+    except MoeforgeError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise MoeforgeError(f"the {family} checkpoint's config cannot be represented ({type(err).__name__}: {first}).") from None

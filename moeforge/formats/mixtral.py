@@ -30,6 +30,7 @@ from ..models.build import model_from_state
 from ..models.modeling_moeforge import MoeforgeForCausalLM
 from ..convert.streaming import PlanEntry
 from .export import LLAMA_FIELDS, Exporter, ExportSpec, MoELayerWeights, config_to_dict, llama_fields, moeforge_aux_loss_coef
+from .export import checked_moeforge_config, parse_hf_config
 from .registry import EXPORTERS, register_importer
 
 ROUTER = "model.layers.{i}.block_sparse_moe.gate.weight"
@@ -46,22 +47,29 @@ _LLAMA_FIELDS = LLAMA_FIELDS + ("sliding_window",)
 
 
 def moeforge_config_from_mixtral(cfg: dict[str, Any]) -> MoeforgeConfig:
-    """Map a Mixtral ``config.json`` dict onto :class:`MoeforgeConfig` (top-k softmax, renormalised)."""
+    """Map a Mixtral ``config.json`` dict onto :class:`MoeforgeConfig` (top-k softmax, renormalised).
+
+    The dict is parsed by transformers' ``MixtralConfig`` first, so Mixtral's own defaults apply
+    to absent fields and older (transformers v4) files with ``rope_theta`` / ``rope_scaling`` get
+    the same ``rope_parameters`` transformers would use.
+    """
+    from transformers import MixtralConfig
+
     if cfg.get("hidden_act", "silu") != "silu":
         raise MoeforgeError(f"Mixtral checkpoint uses hidden_act={cfg['hidden_act']!r}; only 'silu' experts are supported.")
-    fields = {k: cfg[k] for k in _LLAMA_FIELDS if k in cfg and cfg[k] is not None}
-    if "rope_parameters" not in fields and "rope_theta" in cfg:
-        fields["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg["rope_theta"]}
-    fields["intermediate_size"] = cfg["intermediate_size"]
+    mc = parse_hf_config(MixtralConfig, cfg, "Mixtral")
+    fields = {k: getattr(mc, k) for k in _LLAMA_FIELDS if getattr(mc, k, None) is not None}
+    fields["head_dim"] = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+    fields["intermediate_size"] = mc.intermediate_size
     fields["moe"] = {
-        "num_experts": cfg["num_local_experts"],
-        "top_k": cfg["num_experts_per_tok"],
-        "expert_size": cfg["intermediate_size"],
+        "num_experts": mc.num_local_experts,
+        "top_k": mc.num_experts_per_tok,
+        "expert_size": mc.intermediate_size,
         "router": "topk",
         "normalize_weights": True,
-        "aux_loss_coef": moeforge_aux_loss_coef(cfg.get("router_aux_loss_coef"), cfg["num_hidden_layers"]),
+        "aux_loss_coef": moeforge_aux_loss_coef(mc.router_aux_loss_coef, mc.num_hidden_layers),
     }
-    return MoeforgeConfig(**fields)
+    return checked_moeforge_config(fields, "Mixtral")
 
 
 def mixtral_state_to_moeforge(get, keys: set[str], config: MoeforgeConfig) -> dict[str, torch.Tensor]:

@@ -44,6 +44,7 @@ from ..models.build import model_from_state
 from ..models.configuration_moeforge import MoeforgeConfig
 from ..models.modeling_moeforge import MoeforgeForCausalLM
 from .export import DenseLayerWeights, Exporter, ExportSpec, MoELayerWeights, config_to_dict, llama_fields, moeforge_aux_loss_coef
+from .export import checked_moeforge_config, parse_hf_config
 from .registry import EXPORTERS, register_importer
 
 GATE = "model.layers.{i}.mlp.gate.weight"
@@ -156,7 +157,7 @@ def moeforge_config_from_qwen2_moe(cfg: dict[str, Any]) -> MoeforgeConfig:
 
     if cfg.get("hidden_act", "silu") != "silu":
         raise MoeforgeError(f"Qwen2-MoE checkpoint uses hidden_act={cfg['hidden_act']!r}; only 'silu' is supported.")
-    qc = Qwen2MoeConfig(**{k: v for k, v in cfg.items() if k not in ("model_type", "architectures", "transformers_version")})
+    qc = parse_hf_config(Qwen2MoeConfig, cfg, "Qwen2-MoE")
     types = set(qc.layer_types or ["full_attention"])
     if types != {"full_attention"} and types != {"sliding_attention"}:
         raise MoeforgeError("the Qwen2-MoE checkpoint mixes sliding-window and full-attention layers, which moeforge does not represent.")
@@ -186,7 +187,7 @@ def moeforge_config_from_qwen2_moe(cfg: dict[str, Any]) -> MoeforgeConfig:
         "aux_loss_coef": moeforge_aux_loss_coef(qc.router_aux_loss_coef, len(moe_layers)),
     }
     fields["moe_layers"] = None if len(moe_layers) == n else moe_layers
-    return MoeforgeConfig(**fields)
+    return checked_moeforge_config(fields, "Qwen2-MoE")
 
 
 def qwen2_moe_state_to_moeforge(get, keys: set[str], config: MoeforgeConfig) -> dict[str, torch.Tensor]:
