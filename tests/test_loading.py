@@ -35,6 +35,17 @@ def test_native_mixtral_checkpoint_gives_transformers_logits(tmp_path, tie):
     assert model.generate(ids[:1], max_new_tokens=4, do_sample=False).shape == (1, 15)
 
 
+def test_a_stray_safetensors_file_beside_model_safetensors_is_not_read(tmp_path):
+    # Mistral repositories ship consolidated.safetensors (another key layout) beside the HF file
+    from safetensors.torch import save_file
+
+    ref = tiny_mixtral()
+    ref.save_pretrained(tmp_path)
+    save_file({"layers.0.attention.wq.weight": torch.zeros(2, 2)}, str(tmp_path / "consolidated.safetensors"))
+    ids = torch.randint(0, 100, (1, 9))
+    torch.testing.assert_close(moeforge.load(tmp_path)(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_mixtral_config_in_transformers_v4_form_and_with_absent_fields(tmp_path):
     # older files: rope_theta + rope_scaling instead of rope_parameters; absent fields take
     # Mixtral's defaults (rope theta 1e6, rms eps 1e-5), not LLaMA's

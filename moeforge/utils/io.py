@@ -139,7 +139,8 @@ def atomic_write_json(path: str | os.PathLike, data) -> None:
 
 
 def safetensors_files(directory: Path) -> list[Path]:
-    """The safetensors shards of a checkpoint directory, in index order when an index exists.
+    """The safetensors shards of a checkpoint directory: the files its index names, else
+    ``model.safetensors`` alone when present (as transformers), else every ``*.safetensors``.
 
     Raises :class:`MoeforgeError` when the index names a missing shard.
     """
@@ -157,6 +158,9 @@ def safetensors_files(directory: Path) -> list[Path]:
                 f"checkpoint {directory} is incomplete: its index names {', '.join(missing)}, which are missing."
             )
         return files
+    single = directory / "model.safetensors"
+    if single.is_file():  # what transformers reads; other files (e.g. Mistral's consolidated.safetensors) are not shards
+        return [single]
     return sorted(directory.glob("*.safetensors"))
 
 
