@@ -34,3 +34,9 @@ def require(condition: bool, message: str) -> None:
     """Raise :class:`MoeforgeError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise MoeforgeError(message)
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (the exception's type when it has none),
+    for quoting a library's multi-line error inside one moeforge message."""
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)

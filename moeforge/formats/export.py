@@ -96,10 +96,12 @@ class ExportSpec:
         """Why transformers' default experts implementation (``grouped_mm``) cannot run these
         experts, or None: it needs expert rows of a multiple of 16 bytes, in the dtype written and
         in float32 (the usual ways to open a checkpoint)."""
+        from ..moe.kernels import rows_aligned
+
         for dtype in dict.fromkeys((self.dtype, torch.float32)):
             size = torch.empty((), dtype=dtype).element_size()
             for what, width in (("expert width", self.expert_size), ("hidden size", self.hidden)):
-                if (width * size) % 16:
+                if not rows_aligned(width, dtype):
                     name = str(dtype).removeprefix("torch.")
                     return (f"transformers runs its experts with grouped_mm, which needs rows of a multiple of 16 "
                             f"bytes, and the {what} {width} in {name} is {width * size} bytes (choose --experts so "
@@ -258,18 +260,18 @@ def moeforge_aux_loss_coef(hf_coef: float | None, moe_layers: int) -> float:
 def parse_hf_config(config_class, cfg: dict[str, Any], family: str):
     """``config_class(**cfg)`` (transformers' defaults and legacy-field handling), with any refusal
     turned into one :class:`MoeforgeError` that names the family and the problem."""
-    from ..errors import MoeforgeError
+    from ..errors import MoeforgeError, first_line
 
     try:
         return config_class(**{k: v for k, v in cfg.items() if k not in ("model_type", "architectures", "transformers_version")})
     except Exception as err:  # noqa: BLE001 - transformers raises KeyError, ValueError and its strict-validation errors
-        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        first = first_line(err)
         raise MoeforgeError(f"the {family} config.json is not valid ({type(err).__name__}: {first}); fix the file.") from None
 
 
 def checked_moeforge_config(fields: dict[str, Any], family: str):
     """``MoeforgeConfig(**fields)`` built from an imported checkpoint, refusals as one :class:`MoeforgeError`."""
-    from ..errors import MoeforgeError
+    from ..errors import MoeforgeError, first_line
     from ..models.configuration_moeforge import MoeforgeConfig
 
     try:
@@ -277,5 +279,5 @@ def checked_moeforge_config(fields: dict[str, Any], family: str):
     except MoeforgeError:
         raise
     except Exception as err:  # noqa: BLE001
-        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        first = first_line(err)
         raise MoeforgeError(f"the {family} checkpoint's config cannot be represented ({type(err).__name__}: {first}).") from None

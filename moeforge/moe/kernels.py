@@ -18,7 +18,8 @@ from torch import Tensor
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _aligned(n: int, dtype: torch.dtype) -> bool:
+def rows_aligned(n: int, dtype: torch.dtype) -> bool:
+    """Whether rows of ``n`` elements of ``dtype`` span a multiple of 16 bytes (``grouped_mm``'s stride rule)."""
     return (n * torch.empty((), dtype=dtype).element_size()) % 16 == 0
 
 
@@ -31,7 +32,7 @@ def can_use_grouped_mm(x: Tensor, weight: Tensor) -> bool:
         if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
             return False
     _, n, k = weight.shape
-    return _aligned(n, x.dtype) and _aligned(k, x.dtype)
+    return rows_aligned(n, x.dtype) and rows_aligned(k, x.dtype)
 
 
 def _split_counts(offsets: Tensor) -> list[int]:

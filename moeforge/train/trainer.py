@@ -266,6 +266,10 @@ class Trainer:
         self.model = model  # unwrapped
         self.autocast_dtype = self._autocast_dtype()
         self.routing_kw = _accepts_output_routing(model)
+        from ..moe.layer import MoELayer
+
+        # a model with MoE layers is told where the padding is, so its routers leave it out
+        self._routes_tokens = any(isinstance(m, MoELayer) for m in model.modules())
 
         # data: the main process fills the token cache first
         from ..data.dataset import build_domains
@@ -599,15 +603,6 @@ class Trainer:
                         raise
                     self.routing_kw = False  # a wrapper that does not pass it through
             return model(input_ids=ids, **kw)
-
-    @property
-    def _routes_tokens(self) -> bool:
-        """Whether the trained model has MoE layers (which must not route padding)."""
-        from ..moe.layer import MoELayer
-
-        if not hasattr(self, "_has_moe"):
-            self._has_moe = any(isinstance(m, MoELayer) for m in self.model.modules())
-        return self._has_moe
 
     def _use_fused_ce(self) -> bool:
         """Whether the LM head + loss run fused (:mod:`moeforge.train.fused_ce`) for this run."""
