@@ -859,6 +859,10 @@ class Trainer:
             return self._run(latest, start)
         finally:
             if hasattr(self, "ctx"):
+                # the DDP wrapper (its reducer holds the process group) goes first, while the group is
+                # alive: a stuck fresh-clone run showed a worker hung after run() returned, with no
+                # Python frame, as the trainer was freed after the group was destroyed
+                self.wrapped = None
                 teardown(self.ctx)
 
     def _run(self, latest: Path | None, start: float) -> TrainResult:
