@@ -54,7 +54,7 @@ def layer_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + index)
 
 
-def router_extra_state(moe: MoEConfig, weight: Tensor, seed: int, index: int) -> dict[str, Tensor]:
+def router_extra_state(moe: MoEConfig, seed: int, index: int) -> dict[str, Tensor]:
     """The router's other parameters and persistent buffers at their initial values (noise, bias...)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 100_003 + index + 7)
@@ -84,11 +84,14 @@ class LayerConverter:
         ctx = LayerContext(index=index, config=cfg, generator=layer_generator(cfg.seed, index), calib=calib)
         experts: LayerExperts = self.method.build(ffn, ctx)
         expert_out = experts.expert_outputs(calib.x) if calib is not None else None
+        # the router's other state (e.g. noisy top-k's router_mlp matrix) is fixed up front, so the
+        # calibration below evaluates the router the export will hold
+        extra = router_extra_state(self.moe, cfg.seed, index)
         router = init_router(cfg.gate_init, experts, ffn, ctx, norm_weight=norm_weight, expert_out=expert_out)
         scale = fixed_scale(cfg, experts.default_scale)
         report = LayerReport(index=index, output_scale=scale if scale is not None else 1.0, info=dict(experts.info))
         if calib is not None:
-            router, scale = self._calibrate(router, scale, experts, expert_out, calib, report, ctx)
+            router, scale = self._calibrate(router, scale, experts, expert_out, calib, report, ctx, extra)
             report.output_scale = scale
         weights = MoELayerWeights(
             router=router.float().contiguous(),
@@ -98,7 +101,7 @@ class LayerConverter:
             shared_up=experts.shared_up,
             shared_down=experts.shared_down,
             output_scale=float(report.output_scale),
-            router_extra=router_extra_state(self.moe, router, cfg.seed, index),
+            router_extra=extra,
         )
         return weights, report
 
@@ -111,24 +114,26 @@ class LayerConverter:
 
     @torch.no_grad()
     def _error(self, router: Tensor, scale: float | None, expert_out: Tensor, shared_out: Tensor | None,
-               calib: LayerCalibration) -> tuple[float, float]:
-        routed = routed_sum(self.moe, router, calib.x, expert_out)
+               calib: LayerCalibration, extra: dict[str, Tensor]) -> tuple[float, float]:
+        routed = routed_sum(self.moe, router, calib.x, expert_out, extra=extra)
         s = self._scale_for(routed, calib, shared_out, scale)
         out = s * routed + (shared_out if shared_out is not None else 0.0)
         return relative_error(calib.y, out), s
 
     def _calibrate(self, router: Tensor, scale: float | None, experts: LayerExperts, expert_out: Tensor,
-                   calib: LayerCalibration, report: LayerReport, ctx: LayerContext) -> tuple[Tensor, float]:
+                   calib: LayerCalibration, report: LayerReport, ctx: LayerContext,
+                   extra: dict[str, Tensor]) -> tuple[Tensor, float]:
         """Temperature, data-fitted scale and refinement; fills the report's errors.
 
         expert_out: (T, E, H) every routed expert's output on the calibration inputs.
+        extra: the router's state besides its weight, as exported (:func:`router_extra_state`).
         """
         cfg = self.cfg
         shared_out = experts.shared_output(calib.x)
         temps = TEMPERATURES if cfg.gate_init in ("centroid", "activation") else (1.0,)
         best = None
         for t in temps:
-            err, s = self._error(router * t, scale, expert_out, shared_out, calib)
+            err, s = self._error(router * t, scale, expert_out, shared_out, calib, extra)
             if best is None or err < best[0]:
                 best = (err, s, t)
         err, s, t = best
@@ -144,16 +149,17 @@ class LayerConverter:
         held_before = None
         if cfg.refine in ("router", "router+down"):
             res = refine_router(self.moe, router, s, calib.x, calib.y, expert_out, shared_out,
-                                steps=cfg.refine_steps, lr=cfg.refine_lr or 3e-3, train_scale=trainable_scale)
+                                steps=cfg.refine_steps, lr=cfg.refine_lr or 3e-3, train_scale=trainable_scale,
+                                extra=extra)
             router, s, held_before = res.router, res.scale, res.error_before
         if cfg.refine in ("down", "router+down"):
-            res, refined = refine_down(self.moe, experts, router, s, calib.x, calib.y)
+            res, refined = refine_down(self.moe, experts, router, s, calib.x, calib.y, extra=extra)
             held_before = res.error_before if held_before is None else held_before
             report.info["down_ridge"] = refined.info.get("down_ridge")
             experts.down, experts.shared_down = refined.down, refined.shared_down
         if cfg.refine == "all":
             res, refined = refine_all(self.moe, experts, router, s, calib.x, calib.y, steps=cfg.refine_steps,
-                                      lr=cfg.refine_lr or 1e-4, generator=ctx.generator)
+                                      lr=cfg.refine_lr or 1e-4, generator=ctx.generator, extra=extra)
             held_before = res.error_before
             experts.gate_up, experts.down = refined.gate_up, refined.down
             experts.shared_gate, experts.shared_up, experts.shared_down = (
@@ -162,7 +168,7 @@ class LayerConverter:
             expert_out = experts.expert_outputs(calib.x)
             shared_out = experts.shared_output(calib.x)
         router, s = res.router, res.scale
-        report.error, _ = self._error(router, s, expert_out, shared_out, calib)
+        report.error, _ = self._error(router, s, expert_out, shared_out, calib, extra)
         report.refine_seconds = time.perf_counter() - t0
         report.info["refine_held_out_error"] = [held_before, res.error_after]
         return router, s

@@ -85,6 +85,7 @@ def refine_router(
     steps: int,
     lr: float = 3e-3,
     train_scale: bool = False,
+    extra: dict[str, Tensor] | None = None,
 ) -> RefineResult:
     """Train the router (and optionally the scale) on precomputed expert outputs.
 
@@ -93,13 +94,14 @@ def refine_router(
     start). The router sees standardised inputs x / rms(x) with weight W * rms(x) (identical
     logits), so one learning rate suits layers of any activation scale. Token-choice routers are
     evaluated through per-token Gram terms (:func:`quadratic_terms`), so a step costs one
-    (T, H) x (H, E) product.
+    (T, H) x (H, E) product. ``extra``: the router's other parameters and buffers as exported
+    (:func:`~moeforge.convert.routing_sim.make_router`); they stay fixed.
     """
     feat = x.float().pow(2).mean(0).sqrt().clamp_min(1e-6)
     xs = x.float() / feat
     target = y - shared_out if shared_out is not None else y
     train, held = _split(x.shape[0])
-    router = make_router(moe, router_weight.float() * feat)
+    router = make_router(moe, router_weight.float() * feat, extra)
     router.weight.requires_grad_(True)
     log_s = torch.tensor(math.log(scale), requires_grad=train_scale)
     opt = torch.optim.Adam([router.weight] + ([log_s] if train_scale else []), lr=lr)
@@ -153,17 +155,18 @@ def refine_all(
     lr: float = 1e-4,
     batch_tokens: int = 1024,
     generator: torch.Generator,
+    extra: dict[str, Tensor] | None = None,
 ) -> tuple[RefineResult, LayerExperts]:
     """Train router, experts and shared experts of one layer: mini-batch Adam on 80% of the tokens.
 
     The parameters with the lowest error on the held-out 20% (checked every 10 steps and at the
-    end) are kept.
+    end) are kept. ``extra`` (the router's other exported state) stays fixed.
     """
     from ..moe.layer import MoELayer
 
     layer = MoELayer(moe.replace(output_scale=scale)).float()
+    layer.router.load_state_dict({**layer.router.state_dict(), **(extra or {}), "weight": router_weight.float()})
     with torch.no_grad():
-        layer.router.weight.copy_(router_weight)
         layer.experts.gate_up_proj.copy_(experts.gate_up.float())
         layer.experts.down_proj.copy_(experts.down.float())
         if experts.has_shared:
@@ -223,12 +226,13 @@ def _activations(experts: LayerExperts, x: Tensor, e: int) -> Tensor:
     return torch.nn.functional.silu(x @ gu[:m].T) * (x @ gu[m:].T)
 
 
-def _down_features(moe: MoEConfig, experts: LayerExperts, router_weight: Tensor, scale: float, x: Tensor) -> Tensor:
+def _down_features(moe: MoEConfig, experts: LayerExperts, router_weight: Tensor, scale: float, x: Tensor,
+                   extra: dict[str, Tensor] | None = None) -> Tensor:
     """(T, E*m + S*m_s) inputs of the block's down projections, each routed expert's block scaled by s * w."""
     x = x.float()
     m, e_count = experts.expert_size, experts.num_experts
     with torch.no_grad():
-        routing = make_router(moe, router_weight)(x, None)
+        routing = make_router(moe, router_weight, extra)(x, None)
     width = e_count * m + (experts.shared_down.shape[1] if experts.has_shared else 0)
     z = torch.zeros(x.shape[0], width)
     for e in range(e_count):
@@ -255,6 +259,7 @@ def refine_down(
     y: Tensor,
     *,
     ridges: tuple[float, ...] = RIDGES,
+    extra: dict[str, Tensor] | None = None,
 ) -> tuple[RefineResult, LayerExperts]:
     """Closed-form least-squares refit of every down projection given the routing (``--refine down``).
 
@@ -269,7 +274,7 @@ def refine_down(
     (T, I) x (I, I) product and one I x I solve per layer.
     """
     train, held = _split(x.shape[0])
-    z = _down_features(moe, experts, router_weight, scale, x)
+    z = _down_features(moe, experts, router_weight, scale, x, extra)
     m, e_count = experts.expert_size, experts.num_experts
     d0 = torch.cat([experts.down[e].float() for e in range(e_count)], dim=1)
     if experts.has_shared:

@@ -16,15 +16,17 @@ from ..moe.config import MoEConfig
 from ..moe.routers import build_router
 
 
-def make_router(moe: MoEConfig, weight: Tensor):
-    """An eval-mode router of ``moe.router`` type with ``weight`` (E, H) (float32)."""
+def make_router(moe: MoEConfig, weight: Tensor, extra: dict[str, Tensor] | None = None):
+    """An eval-mode router of ``moe.router`` type with ``weight`` (E, H) (float32) and its other
+    parameters and buffers from ``extra`` (the state the export writes, e.g. noisy top-k's
+    ``router_mlp`` matrix; without it they take a fresh random init, unlike the exported layer)."""
     router = build_router(moe)
-    with torch.no_grad():
-        router.weight.copy_(weight.float())
+    router.load_state_dict({**router.state_dict(), **(extra or {}), "weight": weight.float()})
     return router.eval()
 
 
-def routed_sum(moe: MoEConfig, weight: Tensor, x: Tensor, expert_out: Tensor, router=None) -> Tensor:
+def routed_sum(moe: MoEConfig, weight: Tensor, x: Tensor, expert_out: Tensor, router=None,
+               extra: dict[str, Tensor] | None = None) -> Tensor:
     """sum over each token's routed pairs of w * E_e(x), unscaled.
 
     Args:
@@ -33,10 +35,11 @@ def routed_sum(moe: MoEConfig, weight: Tensor, x: Tensor, expert_out: Tensor, ro
         x: (T, H) router inputs.
         expert_out: (T, E, H) every expert's output on x.
         router: an existing router module (for gradient-based refinement).
+        extra: the router's other exported state (:func:`make_router`); ignored with ``router``.
     Returns:
         (T, H); differentiable w.r.t. the router's weight when ``router`` requires grad.
     """
-    router = router if router is not None else make_router(moe, weight)
+    router = router if router is not None else make_router(moe, weight, extra)
     routing = router(x.float(), None)
     vals = expert_out[routing.token_index, routing.expert_index] * routing.weight.unsqueeze(-1)
     out = torch.zeros(x.shape[0], expert_out.shape[-1], dtype=vals.dtype)

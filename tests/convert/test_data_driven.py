@@ -157,3 +157,24 @@ def test_too_few_calibration_tokens_names_the_option(tiny_llama):
     with pytest.raises(MoeforgeError, match=r"calibration_tokens \(--calibration-tokens\) 10 is less than one calibration window of 64"):
         calibration_windows(tok, "prose", 10, 64)
     assert calibration_windows(tok, "prose", 128, 64).shape == (2, 64)
+
+
+@pytest.mark.parametrize("router, options", [("topk", {}), ("noisy_topk", {"router_mlp": True})], ids=["topk", "noisy-mlp"])
+def test_reported_layer_error_is_the_exported_layers(tiny_llama, router, options):
+    """The calibration's simulated router is the exported one: its reported per-layer error equals the
+    error of the converted MoE layer on the same calibration tokens (noisy top-k's router_mlp matrix
+    included, which the simulation used to draw afresh)."""
+    from moeforge.convert.routing_sim import relative_error
+
+    report = moeforge.convert(tiny_llama, None, method="coactivation", experts=4, top_k=2, router=router,
+                              router_options=options, gate_init="activation", rescale="fit", refine="down", **FAST)
+    source = open_source(tiny_llama)
+    runner = DenseRunner(source)
+    h = runner.embed(calibration_windows(load_tokenizer(tiny_llama), None, FAST["calibration_tokens"],
+                                         FAST["calibration_seq_len"]))
+    model = report.model.eval()
+    for i, layer_report in enumerate(report.layers):
+        h, calib = runner.layer(i, h, DenseFFN(*source.read_ffn(i)))
+        with torch.no_grad():
+            out = model.model.layers[i].mlp(calib.x).hidden_states
+        assert relative_error(calib.y, out) == pytest.approx(layer_report.error, rel=1e-4)
