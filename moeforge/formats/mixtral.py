@@ -68,6 +68,7 @@ def moeforge_config_from_mixtral(cfg: dict[str, Any]) -> MoeforgeConfig:
         "router": "topk",
         "normalize_weights": True,
         "aux_loss_coef": moeforge_aux_loss_coef(mc.router_aux_loss_coef, mc.num_hidden_layers),
+        "input_jitter": float(mc.router_jitter_noise or 0.0),
     }
     return checked_moeforge_config(fields, "Mixtral")
 
@@ -201,6 +202,7 @@ class MixtralExporter(Exporter):
             num_local_experts=spec.num_experts,
             num_experts_per_tok=spec.moe["top_k"],
             router_aux_loss_coef=spec.hf_aux_loss_coef(),
+            router_jitter_noise=float(spec.moe.get("input_jitter", 0.0)),
             sliding_window=spec.config.sliding_window,
         )
         return config_to_dict(MixtralConfig(**fields), spec.dtype, "MixtralForCausalLM")

@@ -78,6 +78,8 @@ class Qwen2MoeExporter(Exporter):
             return "Qwen2-MoE experts are SwiGLU (silu)"
         if moe.get("router_mlp"):
             return "Qwen2-MoE's router is linear; router_mlp is set"
+        if moe.get("input_jitter"):
+            return "Qwen2-MoE has no input jitter (Mixtral's router_jitter_noise); input_jitter is set"
         if moe.get("shared_expert_gate"):
             return "conversions write ungated shared experts; a gated model is saved with save_pretrained"
         return spec.grouped_mm_problem()

@@ -48,7 +48,10 @@ class MoEConfig:
     capacity_factor: float | None = None
     """Switch: capacity = tokens/E x factor (default 1.25). Expert choice: c in n*c/E (default 2.0)."""
     jitter_eps: float | None = None
-    """Switch: multiplicative input jitter U(1-eps, 1+eps) in training (default 0.01)."""
+    """Switch: multiplicative jitter U(1-eps, 1+eps) of the router's input in training (default 0.01)."""
+    input_jitter: float = 0.0
+    """Any router: multiply the whole layer input (router, routed and shared experts) by
+    U(1-eps, 1+eps) in training (Mixtral's ``router_jitter_noise``); 0 disables it."""
     aux_loss_coef: float | None = None
     """Load-balancing loss weight per MoE layer (defaults: switch 1e-2, topk and sigmoid_bias 1e-3,
     noisy_topk CV^2 weight 1e-2); the model sums the layers' losses."""
@@ -136,6 +139,7 @@ class MoEConfig:
         )
         if self.jitter_eps is not None:
             require(0.0 <= self.jitter_eps < 1.0, f"jitter_eps must be in [0, 1), got {self.jitter_eps}.")
+        require(0.0 <= self.input_jitter < 1.0, f"input_jitter must be in [0, 1), got {self.input_jitter}.")
         require(
             self.drop_policy in ("position", "probability"),
             f"drop_policy must be 'position' or 'probability', got {self.drop_policy!r}.",

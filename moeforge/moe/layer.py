@@ -91,6 +91,9 @@ class MoELayer(nn.Module):
                 f"MoELayer expects inputs of shape (..., {self.config.hidden_size}) (hidden_size), got {tuple(shape)}."
             )
         x = hidden_states.reshape(-1, shape[-1])
+        eps = self.config.input_jitter
+        if self.training and eps > 0:  # Mixtral's router_jitter_noise: the experts see the jittered input too
+            x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
         batch_shape = tuple(shape[:-1]) if hidden_states.dim() == 3 else None
         valid = None
         if token_mask is not None:

@@ -198,6 +198,15 @@ def test_balance_loss_strength_round_trips_with_transformers(sources, tmp_path, 
         assert moeforge.load(out).config.moe["aux_loss_coef"] == pytest.approx(coef)
 
 
+def test_router_jitter_round_trips_with_mixtral(sources, tmp_path):
+    out = tmp_path / "jitter"
+    report = moeforge.convert(sources / "llama", out, method="random", experts=4, top_k=2, eval_tokens=0,
+                              router_options={"input_jitter": 0.05})
+    assert report.format == "mixtral" and "input_jitter" in report.format_notes["qwen2_moe"]
+    assert json.loads((out / "config.json").read_text())["router_jitter_noise"] == pytest.approx(0.05)
+    assert moeforge.load(out).config.moe["input_jitter"] == pytest.approx(0.05)
+
+
 def test_expert_widths_transformers_cannot_run_go_to_the_moeforge_format(sources, tmp_path):
     # transformers' default grouped_mm experts need 16-byte rows: FFN 64 / 16 experts = 4 neurons
     # are 16 bytes in float32 but 8 in bfloat16

@@ -35,6 +35,32 @@ def test_matches_transformers_mixtral_block():
     torch.testing.assert_close(layer(x).hidden_states, ref(x.clone()), atol=1e-5, rtol=1e-5)
 
 
+def test_input_jitter_matches_transformers_mixtral_block_in_training():
+    """Mixtral's router_jitter_noise: in training the whole block input (router and experts) is
+    scaled by U(1 - eps, 1 + eps); the same random draws give the same output."""
+    cfg = MixtralConfig(hidden_size=32, intermediate_size=16, num_local_experts=8, num_experts_per_tok=2,
+                        router_jitter_noise=0.2)
+    ref = MixtralSparseMoeBlock(cfg).train()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(std=0.2)
+    layer = MoELayer(MoEConfig(hidden_size=32, expert_size=16, num_experts=8, top_k=2, input_jitter=0.2)).train()
+    with torch.no_grad():
+        layer.router.weight.copy_(ref.gate.weight)
+        layer.experts.gate_up_proj.copy_(ref.experts.gate_up_proj)
+        layer.experts.down_proj.copy_(ref.experts.down_proj)
+    x = torch.randn(3, 11, 32)
+    torch.manual_seed(5)
+    ours = layer(x).hidden_states
+    torch.manual_seed(5)
+    torch.testing.assert_close(ours, ref(x.clone()), atol=1e-5, rtol=1e-5)
+    layer.eval()  # inference: no jitter
+    torch.testing.assert_close(layer(x).hidden_states, layer(x).hidden_states)
+    assert not torch.allclose(ours, layer(x).hidden_states)
+    with pytest.raises(MoeforgeError, match="input_jitter must be in"):
+        MoEConfig(hidden_size=32, expert_size=16, num_experts=8, input_jitter=1.5)
+
+
 def test_one_expert_top1_equals_dense_mlp():
     layer = make_layer(num_experts=1, top_k=1).eval()
     gu, down = layer.experts.gate_up_proj[0], layer.experts.down_proj[0]
