@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import MoeforgeError, unknown_name
+from ..utils.precision import autocast_off
 from .config import MoEConfig
 from .losses import cv_squared, load_balancing_loss, noisy_topk_load, router_z_loss
 from .routing import Routing, expert_counts, token_choice
@@ -110,10 +111,8 @@ class Router(nn.Module):
             if not self.handles_token_mask:
                 raise MoeforgeError(f"the {self.name} router takes no token_mask; route the unmasked tokens only.")
             kw["token_mask"] = token_mask
-        if torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(x.device.type, enabled=False):
-                return self.route(x, batch_shape, **kw)
-        return self.route(x, batch_shape, **kw)
+        with autocast_off(x.device.type):
+            return self.route(x, batch_shape, **kw)
 
     def route(self, x: Tensor, batch_shape: tuple[int, ...] | None) -> Routing:  # pragma: no cover
         raise NotImplementedError

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..utils.precision import autocast_off
+
 
 class AdapterRouter(nn.Module):
     """W_g (E, d), bias-free, float32. ``forward(x (..., d)) -> probs (..., E)`` float32.
@@ -32,10 +34,8 @@ class AdapterRouter(nn.Module):
         return torch.matmul(x.float(), self.weight.float().t())
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_autocast_enabled(x.device.type):  # autocast would run the matmul in bf16/fp16
-            with torch.autocast(x.device.type, enabled=False):
-                return self._probs(x)
-        return self._probs(x)
+        with autocast_off(x.device.type):  # autocast would run the matmul in bf16/fp16
+            return self._probs(x)
 
     def _probs(self, x: Tensor) -> Tensor:
         probs = torch.softmax(self.logits(x), dim=-1)
