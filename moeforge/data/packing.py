@@ -189,8 +189,8 @@ def holdout(blocks: Blocks, fraction: float, name: str) -> tuple[Blocks, Blocks 
     return blocks.subset(np.flatnonzero(~is_valid)), blocks.subset(np.flatnonzero(is_valid))
 
 
-def padding_mask(picks: list[tuple[Blocks, int]], width: int) -> torch.Tensor | None:
-    """(B, width) bool, False on the right padding of each picked block; None when nothing is padded."""
+def picks_attention_mask(picks: list[tuple[Blocks, int]], width: int) -> torch.Tensor | None:
+    """(B, width) attention mask of the picked blocks: False on each one's right padding; None when nothing is padded."""
     lengths = torch.tensor([int(blocks.lengths[i]) for blocks, i in picks])
     if bool((lengths >= width).all()):
         return None

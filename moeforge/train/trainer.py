@@ -500,9 +500,9 @@ class Trainer:
                 ids, labels = dom.valid.batch(idx)
                 kw = {}
                 if self._routes_tokens:  # padding is not routed, as in training
-                    from ..data.packing import padding_mask
+                    from ..data.packing import picks_attention_mask
 
-                    mask = padding_mask([(dom.valid, i) for i in idx], ids.shape[1])
+                    mask = picks_attention_mask([(dom.valid, i) for i in idx], ids.shape[1])
                     if mask is not None:
                         kw["attention_mask"] = mask.long().to(self.ctx.device)
                 with self._autocast():
@@ -644,7 +644,7 @@ class Trainer:
         t0 = time.perf_counter()
         picks = self.sampler.draw(self.mixture.weights, cfg.batch_size)
         mine = picks[ctx.rank * self.per_rank : (ctx.rank + 1) * self.per_rank]
-        from ..data.packing import collate, padding_mask
+        from ..data.packing import collate, picks_attention_mask
 
         micro_batches = []
         for j in range(self.accum):
@@ -652,7 +652,7 @@ class Trainer:
             picked = [(self.domains[d].train, i) for d, i in chunk]
             ids, labels = collate(picked)
             # padding (SFT rows, short documents) is kept out of the MoE routing: aux losses, loads, capacity
-            mask = padding_mask(picked, ids.shape[1]) if self._routes_tokens else None
+            mask = picks_attention_mask(picked, ids.shape[1]) if self._routes_tokens else None
             micro_batches.append((ids, labels, torch.tensor([d for d, _ in chunk]), mask))
         counts = torch.tensor(
             [sum(int((lab[:, 1:] != -100).sum()) for _, lab, _, _ in micro_batches),
