@@ -53,8 +53,9 @@ class MoEConfig:
     """Any router: multiply the whole layer input (router, routed and shared experts) by
     U(1-eps, 1+eps) in training (Mixtral's ``router_jitter_noise``); 0 disables it."""
     aux_loss_coef: float | None = None
-    """Load-balancing loss weight per MoE layer (defaults: switch 1e-2, topk and sigmoid_bias 1e-3,
-    noisy_topk CV^2 weight 1e-2); the model sums the layers' losses."""
+    """Load-balancing loss weight per MoE layer (defaults: switch 1e-2, topk 1e-3, noisy_topk CV^2
+    weight 1e-2, sigmoid_bias 0: aux-loss-free, DeepSeek-V3's optional sequence-wise loss off);
+    the model sums the layers' losses."""
     z_loss_coef: float = 0.0
     """Router z-loss weight (ST-MoE uses 1e-3); 0 disables it."""
     noise_floor: float = 1e-2
@@ -73,7 +74,8 @@ class MoEConfig:
     """expert_choice: accept that sequence-level expert choice looks at future tokens; switch: the
     same for ``drop_policy="probability"`` (encoders, analysis)."""
     drop_policy: str = "position"
-    """switch: which overflow tokens drop first: "position" (later tokens, as transformers) or
+    """switch: which overflow tokens drop first: "position" (the last of the flattened batch, row by
+    row; transformers ranks within each sequence against a per-sequence capacity) or
     "probability" (lowest router probability, flaxformer; in a decoder an earlier token's drop then
     depends on later tokens, so it needs ``allow_future_tokens``)."""
     eval_capacity_factor: float | None = None

@@ -132,6 +132,16 @@ class StackedExperts(nn.Module):
             (T, H) sum over each token's pairs of weight * expert(x); zero for dropped tokens.
         """
         tokens, hidden = x.shape
+        w = self.in_proj
+        if x.dtype != w.dtype and x.dtype.itemsize < w.dtype.itemsize:
+            if not torch.is_autocast_enabled(x.device.type):
+                raise MoeforgeError(
+                    f"the MoE layer's input is {str(x.dtype).removeprefix('torch.')} but its expert weights are "
+                    f"{str(w.dtype).removeprefix('torch.')}; cast the model (model.to(dtype)) or the input to one "
+                    "dtype, or run under torch.autocast."
+                )
+            if x.device.type == "cpu":  # CPU autocast: the fused path computes in the weights' precision
+                x = x.to(w.dtype)
         if routing.expert_index.numel() == 0:
             return x.new_zeros(tokens, hidden) + 0.0 * routing.weight.sum()
         order = torch.argsort(routing.expert_index.to(torch.int32), stable=True)  # int32 sorts ~2x faster on CPU

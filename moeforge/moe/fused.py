@@ -140,7 +140,8 @@ class FusedExpertMLP(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, w_pair, w_in, w_out, token_sorted, h, bag_index, bag_offsets = ctx.saved_tensors
         if w_in.dtype != x.dtype or w_out.dtype != x.dtype:
-            raise RuntimeError("expert weights in a lower precision than the activations are for inference only")
+            raise RuntimeError("expert weights stored in a lower precision than the activations (upcast one expert "
+                               "at a time) are for inference only; cast the model to one dtype to train it")
         counts, act, glu = ctx.counts, ctx.act, ctx.glu
         need_x, need_w, need_in, need_out = ctx.needs_input_grad[:4]
         hidden = x.shape[1]

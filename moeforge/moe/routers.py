@@ -217,9 +217,10 @@ class SwitchRouter(Router):
     as transformers' SwitchTransformers). p = softmax(W x) in float32; each token goes to
     argmax p with weight p_max. Capacity = ceil(T / E * capacity_factor) (default factor 1.25)
     tokens per expert per batch; overflow tokens are dropped (``Routing.dropped``), get zero
-    from the layer and pass through on the residual. Which tokens overflow: later positions
-    first (``drop_policy="position"``) or lowest router probability first ("probability",
-    batch-prioritized routing). In eval mode every token is routed unless
+    from the layer and pass through on the residual. Which tokens overflow: the last in the
+    flattened batch first (``drop_policy="position"``: row by row, positions in order, against
+    one batch-wide capacity; transformers' SwitchTransformers instead gives each sequence its own
+    capacity) or lowest router probability first ("probability", batch-prioritized routing). In eval mode every token is routed unless
     ``eval_capacity_factor`` sets a capacity (a decoder's output must not depend on the batch or
     on the KV cache). Aux: alpha * E * sum_i f_i P_i with alpha 1e-2, f_i the fraction
     of tokens whose argmax is i; optional z-loss. Init: :func:`switch_router_init_` (std
@@ -292,7 +293,9 @@ class ExpertChoiceRouter(Router):
 
     S = softmax(W x) over experts (float32). Default: within each sequence of S tokens, every
     expert takes its top C = ceil(S * c / E) tokens by score (c = ``capacity_factor``, default 2),
-    with weight S[token, expert]; a token may get 0..E experts; no aux loss is needed. This uses
+    with weight S[token, expert]; a token may get 0..E experts; no aux loss is needed. With a
+    ``token_mask``, S counts each group's real tokens only (padding neither is picked nor enlarges
+    the capacity, so a sequence's output does not depend on its padding). This uses
     future tokens, so in a decoder it leaks information: it must be opted into with
     ``allow_future_tokens=True``. The causal-safe variant (``expert_choice_causal=True``) makes
     each expert choose among the B tokens that share a position across the batch (capacity
@@ -334,7 +337,13 @@ class ExpertChoiceRouter(Router):
             # (B, E, S): in each sequence, experts choose among its positions.
             scores = grid.permute(0, 2, 1)
             group = s
-        capacity = min(group, max(1, math.ceil(group * self.capacity_factor / e)))
+        if token_mask is None:
+            capacity = min(group, max(1, math.ceil(group * self.capacity_factor / e)))
+            group_caps = None
+        else:  # each group's capacity counts its real tokens only, so padding never changes a choice
+            real = token_mask.view(b, s).sum(dim=0 if self.config.expert_choice_causal else 1)  # (G,)
+            group_caps = torch.ceil(real.double() * self.capacity_factor / e).clamp_min(1).long().minimum(real)
+            capacity = int(group_caps.max()) if group_caps.numel() else 0
         weight, choice = scores.topk(capacity, dim=-1)  # (G, E, C)
         outer = torch.arange(scores.shape[0], device=x.device).view(-1, 1, 1)
         if self.config.expert_choice_causal:
@@ -343,9 +352,10 @@ class ExpertChoiceRouter(Router):
             token = outer * s + choice  # outer is a batch row, choice a position
         expert = torch.arange(e, device=x.device).view(1, -1, 1).expand_as(token)
         token_index, expert_index, weight = token.reshape(-1), expert.reshape(-1), weight.reshape(-1)
-        if token_mask is not None:  # pairs that picked padding (groups with fewer real tokens than C)
-            real = token_mask[token_index]
-            token_index, expert_index, weight = token_index[real], expert_index[real], weight[real]
+        if group_caps is not None:  # ranks beyond a group's own capacity (padding scores lowest, so never picked)
+            rank = torch.arange(capacity, device=x.device).view(1, 1, -1)
+            within = (rank < group_caps.view(-1, 1, 1)).expand_as(token).reshape(-1)
+            token_index, expert_index, weight = token_index[within], expert_index[within], weight[within]
         chosen = torch.zeros(tokens, dtype=torch.bool, device=x.device)
         chosen[token_index] = True
         if token_mask is not None:
@@ -398,6 +408,20 @@ class SigmoidBiasRouter(Router):
                 losses["balance_loss"] = self.aux_loss_coef * load_balancing_loss(normed, index, self.num_experts)
         self._z_loss(logits, losses)
         return token_choice(index, weight, logits=logits, probs=scores, num_experts=self.num_experts, aux_losses=losses)
+
+    _FLOAT32_BUFFERS = ("bias", "pending_load")
+
+    def _apply(self, fn, recurse=True):
+        """Module casts (``.to(torch.bfloat16)``, ``.half()``) move the bias and the load counts but
+        keep them float32: a +-gamma step of 1e-3 is lost in bf16 once |b| >= 0.5, and fp16 counts
+        overflow at 65,504 tokens per expert."""
+        saved = {name: self._buffers[name] for name in self._FLOAT32_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, old in saved.items():
+            new = self._buffers[name]
+            if new.dtype != torch.float32:
+                self._buffers[name] = old.to(device=new.device, dtype=torch.float32)
+        return self
 
     @torch.no_grad()
     def update_bias(self) -> None:

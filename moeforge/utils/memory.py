@@ -37,7 +37,10 @@ def workspace(rows: int, cols: int, like: torch.Tensor, slot: str = "scratch") -
     buf = cache.get(key)
     need = rows * cols
     if buf is None or buf.numel() < need:
-        buf = torch.empty(need, device=like.device, dtype=like.dtype)
+        # a normal tensor even when first asked for under inference_mode: an inference tensor could
+        # not be written by a later call outside it
+        with torch.inference_mode(False):
+            buf = torch.empty(need, device=like.device, dtype=like.dtype)
         cache[key] = buf
     return buf[:need].view(rows, cols)
 

@@ -339,3 +339,33 @@ def test_expert_choice_never_picks_padding():
     assert bool(mask.reshape(-1)[picked].all()) and picked.numel() > 0
     assert torch.equal(out.hidden_states[~mask], torch.zeros(int((~mask).sum()), 16))
     assert not bool(out.routing.dropped[~mask.reshape(-1)].any())  # padding is not counted as dropped
+
+
+def test_inference_mode_then_grad_mode_calls_work():
+    """The fused CPU path's per-thread workspace, first allocated (or grown) under inference_mode,
+    stays writable by later calls outside it."""
+    layer = make_layer()
+    with torch.inference_mode():
+        layer(torch.randn(2, 5, 16))
+    with torch.no_grad():
+        layer(torch.randn(2, 5, 16))
+    with torch.inference_mode():  # grows the workspace
+        layer(torch.randn(4, 50, 16))
+    out = layer(torch.randn(4, 50, 16))
+    out.hidden_states.sum().backward()
+    assert layer.experts.down_proj.grad is not None
+
+
+@pytest.mark.parametrize("execution", ["fused", "grouped"])
+def test_lower_precision_input_than_weights(execution):
+    layer = make_layer()
+    layer.experts.execution = execution
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(MoeforgeError, match="input is bfloat16 but its expert weights are float32"):
+        layer(x)
+    if execution == "fused":  # CPU autocast: the experts compute in the weights' float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x).hidden_states
+        assert out.dtype == torch.bfloat16
+        out.float().sum().backward()
+        assert x.grad is not None and layer.experts.gate_up_proj.grad is not None

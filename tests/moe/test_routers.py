@@ -243,3 +243,44 @@ def test_router_computes_in_float32_under_bf16_autocast(name):
         routed = router(x)
     assert routed.logits.dtype == torch.float32 and routed.weight.dtype == torch.float32
     torch.testing.assert_close(routed.logits, reference, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["sequence", "causal"])
+def test_expert_choice_output_does_not_depend_on_padding(causal):
+    """Each group's capacity counts its real tokens (Zhou et al.: k = n * c / e over the tokens
+    routed), so padding a batch changes neither the choices nor the outputs of its real tokens."""
+    kw = {"expert_choice_causal": True} if causal else {"allow_future_tokens": True}
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(hidden_size=16, expert_size=8, num_experts=4, router="expert_choice",
+                               capacity_factor=1.0, **kw)).eval()
+    x = torch.randn(2, 4, 16)
+    ref = layer(x)
+    if causal:  # extra all-padding rows in the batch
+        padded, mask = torch.cat([x, torch.zeros(3, 4, 16)]), torch.zeros(5, 4, dtype=torch.bool)
+        mask[:2] = True
+        out = layer(padded, token_mask=mask)
+        real = out.hidden_states[:2]
+    else:  # right padding of every sequence
+        padded, mask = torch.cat([x, torch.zeros(2, 5, 16)], dim=1), torch.zeros(2, 9, dtype=torch.bool)
+        mask[:, :4] = True
+        out = layer(padded, token_mask=mask)
+        real = out.hidden_states[:, :4]
+    assert out.routing.token_index.numel() == ref.routing.token_index.numel()
+    torch.testing.assert_close(real, ref.hidden_states, atol=1e-6, rtol=1e-5)
+    assert bool(out.hidden_states[~mask].eq(0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sigmoid_bias_state_stays_float32_when_the_model_is_cast(dtype):
+    layer = MoELayer(MoEConfig(hidden_size=8, expert_size=4, num_experts=4, top_k=2, router="sigmoid_bias"))
+    with torch.no_grad():
+        layer.router.bias.copy_(torch.tensor([0.6, -0.6, 0.25, 0.0]))
+    layer = layer.to(dtype).train()
+    assert layer.router.bias.dtype == layer.router.pending_load.dtype == torch.float32
+    assert layer.router.bias.tolist() == pytest.approx([0.6, -0.6, 0.25, 0.0])  # not rounded through dtype
+    for _ in range(20):  # 81,920 token-slots per expert on average: fp16 counts would overflow
+        layer(torch.randn(8192, 8, dtype=dtype))
+    assert torch.isfinite(layer.router.pending_load).all() and layer.router.pending_load.sum() == 20 * 8192 * 2
+    before = layer.router.bias.clone()
+    update_router_biases(layer)
+    assert (layer.router.bias - before).abs().tolist() == pytest.approx([1e-3] * 4, rel=1e-4)  # each moved by gamma
