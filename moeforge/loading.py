@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import pickle  # noqa: S403  (its exception class only: pickle weights go through torch's weights_only loader)
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -200,10 +201,32 @@ def gguf_checkpoint(path: Path) -> Path | None:
 
 # ----------------------------------------------------------------------------------- checkpoints
 def read_config(directory: Path) -> dict:
+    path = directory / "config.json"
     try:
-        return json.loads((directory / "config.json").read_text())
-    except json.JSONDecodeError as err:
-        raise MoeforgeError(f"{directory / 'config.json'} is not valid JSON ({err}); fix or re-save the checkpoint.") from None
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MoeforgeError(f"{path} is not valid JSON ({err}); fix or re-save the checkpoint.") from None
+    if not isinstance(cfg, dict):
+        raise MoeforgeError(f"{path} holds a JSON {type(cfg).__name__}, not an object of model settings; fix or re-save the checkpoint.")
+    return cfg
+
+
+def _remote_code_error(where: Path, what: str) -> MoeforgeError:
+    return MoeforgeError(
+        f"{where} needs custom code from the checkpoint ({what}); moeforge never runs it by default. If you trust the "
+        "source, pass trust_remote_code=True to moeforge.load / load_tokenizer (or --trust-remote-code to moeforge eval)."
+    )
+
+
+def _loading_problems(info: dict) -> str:
+    """What transformers' loading report says does not match the config, or ''."""
+    parts = []
+    for key, what in (("missing_keys", "missing"), ("unexpected_keys", "not in the model"), ("mismatched_keys", "of the wrong shape")):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or ())
+        if names:
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            parts.append(f"{len(names)} tensor(s) {what} ({shown})")
+    return "; ".join(parts)
 
 
 def _check_weights(directory: Path, allow_pickle: bool) -> None:
@@ -285,23 +308,44 @@ def load(
     if loader is not None:
         model = loader(directory, cfg, dtype=torch.float32 if torch_dtype == "auto" else torch_dtype)
         return _finish(model, device, source)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report of missing/unexpected tensors: moeforge refuses those itself
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             str(directory),
             dtype=torch_dtype,
             trust_remote_code=trust_remote_code,
             use_safetensors=not allow_pickle or None,
             local_files_only=True,
+            output_loading_info=True,
         )
     except ValueError as err:
+        if isinstance(err, MoeforgeError):  # raised by moeforge's own config class
+            raise MoeforgeError(f"{directory / 'config.json'}: {err}") from None
         if "trust_remote_code" in str(err) or "auto_map" in json.dumps(cfg):
-            raise MoeforgeError(
-                f"{directory} needs custom code from the checkpoint (model_type {model_type!r}); moeforge never runs "
-                "it by default. Pass trust_remote_code=True (--trust-remote-code) if you trust the source."
-            ) from None
-        raise MoeforgeError(f"transformers cannot open {directory} (model_type {model_type!r}): {err}") from None
+            raise _remote_code_error(directory, f"model_type {model_type!r}") from None
+        raise MoeforgeError(f"transformers cannot open {directory} (model_type {model_type!r}): {first_line(err)}") from None
+    except RuntimeError as err:  # e.g. a tensor whose shape disagrees with config.json
+        detail = ("tensor shapes differ from those its settings imply" if "mismatched_sizes" in str(err)
+                  else first_line(err))
+        raise MoeforgeError(
+            f"the weights in {directory} do not fit its config.json ({detail}); the config was edited or belongs to "
+            "another model."
+        ) from None
     except OSError as err:
         raise MoeforgeError(f"cannot read checkpoint {directory}: {err}") from None
+    except (pickle.UnpicklingError, EOFError) as err:  # allow_pickle with a corrupt or truncated .bin
+        raise MoeforgeError(f"cannot read the pickle weights in {directory} ({first_line(err)}); the file is corrupt.") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    problems = _loading_problems(info)
+    if problems:
+        raise MoeforgeError(
+            f"the weights in {directory} do not match its config.json: {problems}. The checkpoint is incomplete or its "
+            "config was edited; re-save it from the model it came from."
+        )
     return _finish(model, device, source)
 
 
@@ -321,8 +365,9 @@ def _finish(model, device, source: ModelSource | None = None):
     return model
 
 
-def load_tokenizer(path_or_alias: str | os.PathLike):
-    """The tokenizer that belongs with ``load(path_or_alias)``."""
+def load_tokenizer(path_or_alias: str | os.PathLike, *, trust_remote_code: bool = False):
+    """The tokenizer that belongs with ``load(path_or_alias)``; a tokenizer that needs the
+    checkpoint's own code is refused unless ``trust_remote_code``."""
     from transformers import AutoTokenizer
 
     source = resolve(path_or_alias)
@@ -332,8 +377,10 @@ def load_tokenizer(path_or_alias: str | os.PathLike):
             return AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
         return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
     try:
-        tok = AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(source.path), local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
+        if "trust_remote_code" in str(err):
+            raise _remote_code_error(source.path, "its tokenizer or config") from None
         first = first_line(err)
         raise MoeforgeError(
             f"{source.path} has no usable tokenizer ({first}); copy the base model's tokenizer files there."
@@ -349,4 +396,5 @@ def load_tokenizer(path_or_alias: str | os.PathLike):
 
 def load_with_tokenizer(path_or_alias: str | os.PathLike, **kwargs):
     """``(load(path_or_alias, **kwargs), load_tokenizer(path_or_alias))``."""
-    return load(path_or_alias, **kwargs), load_tokenizer(path_or_alias)
+    trust = bool(kwargs.get("trust_remote_code", False))
+    return load(path_or_alias, **kwargs), load_tokenizer(path_or_alias, trust_remote_code=trust)

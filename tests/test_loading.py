@@ -142,6 +142,58 @@ def test_remote_code_never_trusted_by_default(tmp_path):
         moeforge.load(tmp_path)
 
 
+def test_tokenizer_remote_code_is_refused_without_asking(tmp_path):
+    """transformers would prompt "run the custom code? [y/N]" (and run it on "y"); moeforge never asks."""
+    from tests.convert.tiny import make_dense
+
+    make_dense(tmp_path / "m")
+    marker = tmp_path / "RAN"
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg.update(model_type="xmodel", auto_map={"AutoConfig": "configuration_x.XConfig"})
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "m" / "configuration_x.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    cmd = [sys.executable, "-c", f"import moeforge; moeforge.load_tokenizer({str(tmp_path / 'm')!r})"]
+    res = subprocess.run(cmd, input="y\n", capture_output=True, text=True, timeout=120)
+    assert "[y/N]" not in res.stdout + res.stderr and not marker.exists()  # the tokenizer files suffice here
+
+
+def _dense_dir(tmp_path):
+    ref = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4))
+    ref.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_weights_that_do_not_match_the_config_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    missing = _dense_dir(tmp_path / "missing")
+    sd = load_file(missing / "model.safetensors")
+    save_file({k: v for k, v in sd.items() if ".1.mlp." not in k}, missing / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MoeforgeError, match=r"3 tensor\(s\) missing \(model.layers.1.mlp.down_proj.weight"):
+        moeforge.load(missing)  # transformers would initialise them at random
+    fewer = _dense_dir(tmp_path / "fewer")  # config says 1 layer: layer 1's tensors are left over
+    cfg = json.loads((fewer / "config.json").read_text())
+    (fewer / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 1}))
+    with pytest.raises(MoeforgeError, match="tensor\\(s\\) not in the model"):
+        moeforge.load(fewer)
+    wider = _dense_dir(tmp_path / "wider")
+    (wider / "config.json").write_text(json.dumps({**cfg, "hidden_size": 64}))
+    with pytest.raises(MoeforgeError, match="tensor shapes differ"):
+        moeforge.load(wider)
+    (wider / "config.json").write_text("[]")
+    with pytest.raises(MoeforgeError, match="holds a JSON list"):
+        moeforge.load(wider)
+
+
+def test_moe_layers_outside_the_model_are_refused(tmp_path):
+    from moeforge.models import MoeforgeConfig
+
+    with pytest.raises(MoeforgeError, match=r"moe_layers \[5\] name no layer of this 2-layer model"):
+        MoeforgeConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       moe_layers=[0, 5])
+
+
 def test_cli_error_is_one_line_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "moeforge", "info", str(tmp_path / "missing")],
                           capture_output=True, text=True)

@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
             from ..utils.io import check_writable_dir
 
             check_writable_dir(plots, "--plots directory")  # before the evaluation, not after it
-        tok = load_tokenizer(model)  # the cheap half first: a missing tokenizer fails before the weights load
+        tok = load_tokenizer(model, trust_remote_code=trust_remote_code)  # the cheap half first: a missing tokenizer fails before the weights load
         m = load(model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         log = None if as_json else (lambda msg: print(msg, file=sys.stderr, flush=True))
         report = evaluate(m, tok, corpora, name=model, max_tokens=max_tokens, seq_len=seq_len,

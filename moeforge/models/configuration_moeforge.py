@@ -39,6 +39,13 @@ class MoeforgeConfig(LlamaConfig):
         if self.moe is None:
             self.moe = {"num_experts": 1, "top_k": 1, "expert_size": self.intermediate_size}
         super().__post_init__(**kwargs)
+        if self.moe_layers is not None:
+            bad = [i for i in self.moe_layers if not isinstance(i, int) or not 0 <= i < self.num_hidden_layers]
+            if bad:
+                raise MoeforgeError(
+                    f"moe_layers {bad} name no layer of this {self.num_hidden_layers}-layer model; use indices "
+                    f"0-{self.num_hidden_layers - 1}."
+                )
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return self.moe_layers is None or layer_idx in self.moe_layers
