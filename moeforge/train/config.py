@@ -250,7 +250,7 @@ class TrainConfig:
     resume: bool = True
     """Resume from the latest checkpoint in output_dir when there is one."""
     overwrite: bool = False
-    """Delete an existing output_dir first (start fresh)."""
+    """Start fresh, replacing the run in output_dir (kept aside until this run's first checkpoint, put back if it fails before)."""
     progress: bool = True
     """Show a progress bar (tokens/s, loss, aux loss, ETA) on stderr."""
     plots: bool = True
@@ -293,6 +293,10 @@ class TrainConfig:
             value = getattr(self, name)
             require(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}.")
         require(self.seq_len >= 2, f"seq_len must be >= 2, got {self.seq_len}.")
+        require(self.output_dir.strip() != "", "output_dir is empty; name the directory the run writes to.")
+        require(self.model.strip() != "", "model is empty; give a path or alias (e.g. smollm2).")
+        require(self.eps > 0, f"eps must be > 0 (AdamW's denominator term), got {self.eps}.")
+        require(0 <= self.seed < 2**63, f"seed must be an integer in [0, 2^63), got {self.seed}.")
         if self.micro_batch_size is not None:
             require(self.micro_batch_size > 0, f"micro_batch_size must be > 0, got {self.micro_batch_size}.")
         require(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}.")
@@ -392,12 +396,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     import yaml
 
     p = Path(path)
+    if p.is_dir():
+        raise MoeforgeError(f"{p} is a directory; pass the path of a YAML training config file (see configs/).")
     if not p.is_file():
         raise MoeforgeError(f"config file {p} not found; pass the path of a YAML training config (see configs/).")
     try:
         data = yaml.safe_load(p.read_text())
+    except UnicodeDecodeError:
+        raise MoeforgeError(f"{p} is not a text file; pass the path of a YAML training config (see configs/).") from None
     except yaml.YAMLError as err:
-        raise MoeforgeError(f"{p} is not valid YAML: {err}") from None
+        raise MoeforgeError(f"{p} is not valid YAML: {' '.join(str(err).split())}") from None
     if data is None:
         raise MoeforgeError(f"config file {p} is empty; it needs at least model, output_dir and data (see configs/).")
     if not isinstance(data, dict):
@@ -568,15 +576,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise MoeforgeError(f"config key {key!r} expects a number, got {value!r}.")
-        if isinstance(value, (int, float)):
-            return float(value)
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise MoeforgeError(f"config key {key!r} expects a number, got {value!r}.") from None
+        if not math.isfinite(number):
+            raise MoeforgeError(f"config key {key!r} expects a finite number, got {value!r}.")
+        return number
     if tp is str:
-        if isinstance(value, (dict, list)):
-            raise MoeforgeError(f"config key {key!r} expects a string, got {value!r}.")
+        if value is None or isinstance(value, (dict, list)):
+            raise MoeforgeError(f"config key {key!r} expects a string, got {'nothing' if value is None else repr(value)}.")
         return str(value)
     return value
 

@@ -145,6 +145,8 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.output_dir = Path(config.output_dir).expanduser()
+        self._replaced: Path | None = None  # an overwritten run, moved aside until this one has a checkpoint
+        self._created = False  # output_dir was absent or empty: a failure before the first checkpoint removes it
 
     # =========================================================================== setup
     def _callback(self, hook: str, *args) -> None:
@@ -164,13 +166,22 @@ class Trainer:
 
         cfg, out = self.config, self.output_dir
         check_writable_dir(out, "output_dir")
-        if cfg.overwrite and out.is_dir():
+        for what, name in self._input_paths():
+            path = Path(name).expanduser()
+            if path.exists() and _within(path, out):
+                raise MoeforgeError(
+                    f"the {what} {name} lies inside output_dir {out}, which this run writes (and --overwrite "
+                    "deletes); choose an output_dir outside it."
+                )
+        if out.is_dir():
             markers = [out / ckpt.CHECKPOINTS, out / "metrics.jsonl", out / CONFIG_FILE]
             if any(out.iterdir()) and not any(m.exists() for m in markers):
                 raise MoeforgeError(
-                    f"output_dir {out} exists and is not a moeforge training directory; refusing to delete it. "
-                    "Choose another output_dir."
+                    f"output_dir {out} holds other files and is not a moeforge training directory; "
+                    f"{'refusing to delete it' if cfg.overwrite else 'refusing to write into it'}. Choose a new or "
+                    "empty output_dir."
                 )
+        if cfg.overwrite and out.is_dir():
             return None
         latest = ckpt.latest_checkpoint(out) if out.is_dir() else None
         if latest is not None and not cfg.resume:
@@ -180,8 +191,22 @@ class Trainer:
             )
         return latest
 
+    def _input_paths(self) -> list[tuple[str, str]]:
+        """(what, path) of every model or tokenizer the config reads from disk."""
+        cfg = self.config
+        named = [("model", cfg.model), ("tokenizer", cfg.tokenizer), ("distillation teacher", cfg.distill.teacher),
+                 ("mixture reference model", cfg.mixture.reference_model)]
+        if isinstance(cfg.compose, dict):
+            named += [("augmenting model", cfg.compose.get("augmenting")), ("composition", cfg.compose.get("init_from"))]
+        return [(what, name) for what, name in named if isinstance(name, str) and name]
+
     def _claim_output_dir(self) -> None:
-        """Clear output_dir when overwriting, create it, and record this run's config (main process)."""
+        """Create output_dir and record this run's config (main process).
+
+        With ``overwrite`` the old run is moved aside, not deleted: it is deleted once this run has
+        written its first checkpoint, and put back if this run fails (or is interrupted) before
+        that (:meth:`_settle_output_dir`). A directory this run created is removed on such a failure.
+        """
         cfg, out = self.config, self.output_dir
         error = ""
         if self.ctx.is_main:
@@ -191,7 +216,12 @@ class Trainer:
 
             try:
                 if cfg.overwrite and out.exists():
-                    shutil.rmtree(out)
+                    aside = out.parent / f".{out.name}.replaced-{os.getpid()}"
+                    shutil.rmtree(aside, ignore_errors=True)
+                    out.rename(aside)
+                    self._replaced = aside
+                elif not out.exists() or not any(out.iterdir()):
+                    self._created = True  # nothing of value there: a failure before a checkpoint removes the run
                 out.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             except OSError as err:
@@ -200,6 +230,20 @@ class Trainer:
             raise MoeforgeError(
                 f"could not set up output_dir {out}: {error or 'the main process failed'}; choose a writable output_dir."
             )
+
+    def _settle_output_dir(self, succeeded: bool) -> None:
+        """Commit (the run has a checkpoint) or undo (it failed before one) :meth:`_claim_output_dir` (main process)."""
+        replaced, created = getattr(self, "_replaced", None), getattr(self, "_created", False)
+        self._replaced, self._created = None, False
+        if succeeded:
+            if replaced is not None:
+                shutil.rmtree(replaced, ignore_errors=True)
+            return
+        if replaced is not None:
+            shutil.rmtree(self.output_dir, ignore_errors=True)
+            replaced.rename(self.output_dir)
+        elif created:
+            shutil.rmtree(self.output_dir, ignore_errors=True)  # a folder the user made empty is left empty
 
     def _load_model(self):
         from ..loading import load, load_tokenizer
@@ -407,6 +451,8 @@ class Trainer:
             trainer_state=self._trainer_state() if self.ctx.is_main else None,
             keep_last=self.config.keep_last,
         )
+        if self.ctx.is_main:
+            self._settle_output_dir(succeeded=True)  # this run has a checkpoint: an overwritten run goes now
         self._callback("on_save", self.step, path)
         return path
 
@@ -856,7 +902,15 @@ class Trainer:
         start = time.perf_counter()
         try:
             latest = self._setup()
-            return self._run(latest, start)
+            result = self._run(latest, start)
+        except BaseException:  # a failure or Ctrl-C before the first checkpoint leaves output_dir as it was
+            if hasattr(self, "ctx") and self.ctx.is_main:
+                self._settle_output_dir(succeeded=False)
+            raise
+        else:
+            if self.ctx.is_main:
+                self._settle_output_dir(succeeded=True)
+            return result
         finally:
             if hasattr(self, "ctx"):
                 # the DDP wrapper (its reducer holds the process group) goes first, while the group is
@@ -966,6 +1020,12 @@ class Trainer:
 
 
 # ================================================================================== helpers
+def _within(path: Path, directory: Path) -> bool:
+    """Whether ``path`` is ``directory`` or lies inside it (symlinks resolved)."""
+    path, directory = path.resolve(), directory.resolve()
+    return path == directory or directory in path.parents
+
+
 #: config keys a resumed run may change: where and how it runs, logs and saves, and how long
 #: (more steps extend the cosine schedule from the resumed step on). Any other change (model,
 #: data, batch, sequence length, optimiser, objective, wrappers, seed) would splice two runs.

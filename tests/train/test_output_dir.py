@@ -109,3 +109,54 @@ def test_rerunning_a_finished_run_does_not_evaluate_again(make_cfg, monkeypatch)
     monkeypatch.setattr(Trainer, "evaluate", lambda *a, **k: pytest.fail("evaluated a finished run again"))
     again = train(make_cfg(steps=2))
     assert again.resumed_from == 2 and again.eval_losses == first.eval_losses
+
+
+class _Interrupt:
+    """Ctrl-C during the first step."""
+
+    def on_step_end(self, trainer, step, stats):
+        raise KeyboardInterrupt
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path, make_cfg):
+    cfg = make_cfg(steps=2)
+    train(cfg)
+    out = Path(cfg["output_dir"])
+    before = _snapshot(out)
+    # fails after output_dir was claimed: a dynamic mixture's reference model loads when training starts
+    reference = {"type": "dynamic", "update_every": 1, "eval_tokens": 64, "reference_model": str(tmp_path / "nope")}
+    with pytest.raises(MoeforgeError, match="not found"):
+        train(make_cfg(steps=2, overwrite=True, mixture=reference))
+    assert _snapshot(out) == before
+    with pytest.raises(KeyboardInterrupt):
+        train(make_cfg(steps=4, save_every=4, overwrite=True), callbacks=[_Interrupt()])
+    assert _snapshot(out) == before and not list(tmp_path.glob(".out.replaced-*"))
+    # a fresh run interrupted before its first checkpoint leaves nothing behind
+    with pytest.raises(KeyboardInterrupt):
+        train(make_cfg(steps=4, save_every=4, output_dir=str(tmp_path / "fresh")), callbacks=[_Interrupt()])
+    assert not (tmp_path / "fresh").exists()
+    # once the new run has a checkpoint, the old one is gone
+    res = train(make_cfg(steps=2, lr=1e-3, overwrite=True))
+    assert res.resumed_from is None and "lr: 0.001" in (out / CONFIG_FILE).read_text()
+    assert not list(tmp_path.glob(".out.replaced-*"))
+
+
+def test_output_dir_holding_other_files_or_the_model_is_refused(tmp_path, make_cfg, tiny_dir):
+    import shutil
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep")
+    for overwrite in (False, True):
+        with pytest.raises(MoeforgeError, match="holds other files and is not a moeforge training directory"):
+            train(make_cfg(output_dir=str(other), overwrite=overwrite))
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
+    model = tmp_path / "run" / "final"
+    shutil.copytree(tiny_dir, model)
+    with pytest.raises(MoeforgeError, match="the model .* lies inside output_dir"):
+        train(make_cfg(model=str(model), output_dir=str(tmp_path / "run"), overwrite=True))
+    assert (model / "config.json").is_file()
+    with pytest.raises(MoeforgeError, match="output_dir is empty"):
+        train(make_cfg(output_dir=""))
+    with pytest.raises(MoeforgeError, match="'output_dir' expects a string, got nothing"):
+        train(make_cfg(output_dir=None))
