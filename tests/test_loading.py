@@ -247,6 +247,20 @@ def test_cli_reports_file_system_errors_in_one_line(monkeypatch, capsys):
     assert stderr.count("\n") == 1 and "Traceback" not in stderr
 
 
+def test_cli_says_when_it_was_interrupted(monkeypatch, capsys):
+    import moeforge.loading as loading
+    from moeforge.cli import main
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loading, "load", interrupted)
+    with pytest.raises(SystemExit) as err:
+        main(["info", "anything"])
+    assert err.value.code == 130
+    assert capsys.readouterr().err.startswith("moeforge: error: interrupted; finished outputs and checkpoints are kept")
+
+
 def test_adapter_and_composition_folders_say_how_to_open_them(tmp_path):
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")

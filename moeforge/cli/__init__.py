@@ -34,6 +34,10 @@ def build_app() -> typer.Typer:
     return app
 
 
+INTERRUPTED = ("interrupted; finished outputs and checkpoints are kept and partial ones removed (rerun a training "
+               "command to resume it from its last checkpoint).")
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print ``moeforge: error: message`` to stderr and exit with ``code``.
 
@@ -61,4 +65,9 @@ def main(argv: list[str] | None = None) -> None:
         where = f" ({err.filename})" if getattr(err, "filename", None) else ""
         fail(f"{err.strerror or err}{where}; free disk space or fix the path and permissions, then rerun.")
     except KeyboardInterrupt:
-        fail("interrupted", code=130)
+        fail(INTERRUPTED, code=130)
+    except SystemExit as exit_:
+        # typer turns Ctrl-C inside a command into a silent exit 130 (Exit from KeyboardInterrupt)
+        if exit_.code == 130 and isinstance(getattr(exit_.__context__, "__cause__", None), KeyboardInterrupt):
+            fail(INTERRUPTED, code=130)
+        raise
