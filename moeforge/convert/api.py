@@ -274,8 +274,9 @@ def convert(
         name = sorted(unknown)[0]
         raise MoeforgeError(f"unknown conversion option {name!r}.{closest(name, ConvertConfig.field_names())}")
     cfg = ConvertConfig(**options)
-    if not isinstance(eval_tokens, int) or eval_tokens < 0:
-        raise MoeforgeError(f"eval_tokens (--eval-tokens) must be an integer >= 0 (0 skips the perplexity), got {eval_tokens!r}.")
+    if not isinstance(eval_tokens, int) or eval_tokens < 0 or eval_tokens == 1:
+        raise MoeforgeError(f"eval_tokens (--eval-tokens) must be 0 (skip the perplexity) or at least 2 (a perplexity "
+                            f"needs a token and its successor), got {eval_tokens!r}.")
     say = progress or (lambda _m: None)
     if out is None:
         return _convert(model_or_path, None, cfg, allow_pickle, tokenizer, verify, eval_tokens, say)

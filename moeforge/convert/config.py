@@ -7,6 +7,7 @@ dividing the FFN width, layer indices) run in :meth:`ConvertConfig.check_against
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,10 @@ def _choice(kind: str, value: str, choices: tuple[str, ...], flag: str) -> None:
         )
 
 
+#: more layers than any model has: a --layers range beyond it is a typo, not a request
+MAX_LAYERS = 100_000
+
+
 def parse_layers(spec: str | list[int] | tuple[int, ...] | None) -> list[int] | None:
     """'0-3,6,8' or [0, 1] -> sorted unique layer indices; None or 'all' -> None (every layer)."""
     if spec is None:
@@ -48,15 +53,13 @@ def parse_layers(spec: str | list[int] | tuple[int, ...] | None) -> list[int] | 
         for part in text.split(","):
             part = part.strip()
             try:
-                if "-" in part:
-                    a, b = part.split("-", 1)
-                    lo, hi = int(a), int(b)
-                    require(lo <= hi, f"--layers range {part!r} is empty; write it low-high, e.g. 0-3.")
-                    out.update(range(lo, hi + 1))
-                else:
-                    out.add(int(part))
+                lo, hi = (int(v) for v in part.split("-", 1)) if "-" in part else (int(part), int(part))
             except ValueError:
                 raise MoeforgeError(f"cannot read --layers {spec!r}; write indices and ranges like '0-3,6'.") from None
+            require(lo <= hi, f"--layers range {part!r} is empty; write it low-high, e.g. 0-3.")
+            require(hi - lo < MAX_LAYERS, f"--layers range {part!r} spans more than {MAX_LAYERS:,} layers; "
+                    "name the model's layers (e.g. 0-29).")
+            out.update(range(lo, hi + 1))
         return sorted(out)
     if isinstance(spec, int) and not isinstance(spec, bool):
         return [spec]
@@ -140,11 +143,12 @@ class ConvertConfig:
             raise MoeforgeError(
                 f"unknown router {self.router!r}.{closest(self.router, ROUTERS)} Known routers: {', '.join(sorted(ROUTERS))}."
             )
-        if self.router != "expert_choice":
-            require(
-                self.top_k <= self.experts,
-                f"--top-k {self.top_k} is greater than --experts {self.experts}; choose k <= {self.experts}.",
-            )
+        require(
+            self.top_k <= self.experts,
+            f"--top-k {self.top_k} is greater than --experts {self.experts}; choose k <= {self.experts}"
+            + (" (expert choice routing does not use k: each expert takes capacity_factor x tokens / E tokens)."
+               if self.router == "expert_choice" else "."),
+        )
         if self.router == "switch" and self.top_k != 1:
             raise MoeforgeError(f"the switch router routes each token to one expert; use --top-k 1 (got {self.top_k}).")
         self.rescale = self._parse_rescale(self.rescale)
@@ -165,9 +169,11 @@ class ConvertConfig:
                 "makes experts that are copies of each other; use --gate-init random (or uniform) with upcycling."
             )
         require(0.0 <= self.upcycle_reinit <= 1.0, f"upcycle_reinit must be in [0, 1], got {self.upcycle_reinit}.")
-        require(self.upcycle_noise >= 0.0, f"upcycle_noise must be >= 0, got {self.upcycle_noise}.")
+        require(math.isfinite(self.upcycle_noise) and self.upcycle_noise >= 0.0,
+                f"upcycle_noise must be a finite number >= 0, got {self.upcycle_noise}.")
+        require(isinstance(self.seed, int) and 0 <= self.seed < 2**63, f"seed must be an integer in [0, 2^63), got {self.seed}.")
         if self.refine_lr is not None:
-            require(self.refine_lr > 0, f"refine_lr must be > 0, got {self.refine_lr}.")
+            require(math.isfinite(self.refine_lr) and self.refine_lr > 0, f"refine_lr must be a positive number, got {self.refine_lr}.")
         self.layers = parse_layers(self.layers)
         if self.layers is not None:
             require(len(self.layers) > 0, "--layers selects no layer; name at least one or omit it to convert all.")
@@ -186,7 +192,7 @@ class ConvertConfig:
         if isinstance(value, bool):
             raise MoeforgeError(f"rescale must be auto, none, layerwise, fit or a number, got {value!r}.")
         if isinstance(value, (int, float)):
-            require(value > 0, f"--rescale must be a positive number, got {value}.")
+            require(math.isfinite(value) and value > 0, f"--rescale must be a positive number, got {value}.")
             return float(value)
         text = str(value).strip().lower()
         if text in RESCALE_NAMES:
@@ -197,13 +203,22 @@ class ConvertConfig:
             raise MoeforgeError(
                 f"unknown rescale {value!r}.{closest(text, RESCALE_NAMES)} Use auto, none, layerwise, fit or a number (e.g. 4.0)."
             ) from None
-        require(number > 0, f"--rescale must be a positive number, got {number}.")
+        require(math.isfinite(number) and number > 0, f"--rescale must be a positive number, got {value}.")
         return number
 
     # ------------------------------------------------------------------ derived
     @property
     def is_split(self) -> bool:
         return self.method in SPLIT_METHODS
+
+    @property
+    def active_experts(self) -> float:
+        """Routed experts per token on average: top_k, or expert choice's capacity factor c (each
+        expert takes c * tokens / E tokens), which ``--rescale auto`` divides E by."""
+        if self.router == "expert_choice":
+            c = self.router_options.get("capacity_factor")
+            return min(float(self.experts), 2.0 if c is None else float(c))
+        return float(self.top_k)
 
     @property
     def parts(self) -> int:

@@ -217,3 +217,28 @@ def test_option_types_are_accepted_or_refused_clearly(tiny_llama, tmp_path):
     afile.write_text("x")
     with pytest.raises(MoeforgeError, match="exists and is not a directory"):
         moeforge.convert(tiny_llama, afile, experts=2, top_k=1, eval_tokens=0)
+
+
+def test_out_of_range_numbers_are_refused_up_front():
+    C = moeforge.ConvertConfig
+    for kw, match in [
+        (dict(rescale=float("inf")), "--rescale must be a positive number"),
+        (dict(rescale="inf"), "--rescale must be a positive number"),
+        (dict(method="upcycle", upcycle_noise=float("inf")), "upcycle_noise must be a finite number"),
+        (dict(seed=10**23), r"seed must be an integer in \[0, 2\^63\)"),
+        (dict(layers="0-100000000"), "spans more than 100,000 layers"),
+        (dict(router="expert_choice", top_k=100, experts=4), "expert choice routing does not use k"),
+    ]:
+        with pytest.raises(MoeforgeError, match=match):
+            C(**kw)
+    with pytest.raises(MoeforgeError, match="must be 0 .* or at least 2"):
+        moeforge.convert("unused", None, eval_tokens=1)
+
+
+def test_expert_choice_auto_rescale_uses_the_capacity_factor(tiny_llama):
+    # each expert takes c * T / E tokens, so a token reaches c experts on average: auto rescale is E / c
+    default = moeforge.convert(tiny_llama, None, router="expert_choice", experts=4, top_k=1, eval_tokens=0, verify="off")
+    assert default.model.config.moe["output_scale"] == pytest.approx(4 / 2.0)
+    wide = moeforge.convert(tiny_llama, None, router="expert_choice", experts=4, top_k=1, eval_tokens=0, verify="off",
+                            router_options={"capacity_factor": 1.0})
+    assert wide.model.config.moe["output_scale"] == pytest.approx(4 / 1.0)

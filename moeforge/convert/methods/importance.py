@@ -77,7 +77,7 @@ def importance_sharing(ffn: DenseFFN, ctx: LayerContext) -> LayerExperts:
     m = cfg.expert_size(ffn.intermediate_size)
     routed, shared = select_neurons(imp.float(), m, cfg.shared_experts)
     experts = experts_from_groups(ffn, routed, shared or None)
-    experts.default_scale = cfg.experts / cfg.top_k
+    experts.default_scale = cfg.experts / cfg.active_experts
     union = torch.unique(torch.cat(routed + shared))
     experts.info["neuron_coverage"] = union.numel() / ffn.intermediate_size
     return experts

@@ -34,7 +34,7 @@ from .kmeans import balanced_kmeans, swap_refine
 
 def _experts(ffn: DenseFFN, ctx: LayerContext, groups: list[Tensor], shared: list[Tensor]) -> LayerExperts:
     experts = experts_from_groups(ffn, [g.sort().values for g in groups], [g.sort().values for g in shared] or None)
-    experts.default_scale = ctx.config.experts / ctx.config.top_k
+    experts.default_scale = ctx.config.experts / ctx.config.active_experts
     return experts
 
 

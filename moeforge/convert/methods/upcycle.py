@@ -27,7 +27,7 @@ import torch
 from .base import DenseFFN, LayerContext, LayerExperts, register_method
 
 
-def activation_scale(num_experts: int, granularity: int, top_k: int, normalize_weights: bool) -> float:
+def activation_scale(num_experts: int, granularity: int, top_k: float, normalize_weights: bool) -> float:
     """Megatron-LM's upcycling activation scale (He et al. 2024): G, or E*G/k with raw softmax weights."""
     return float(granularity) if normalize_weights else num_experts * granularity / top_k
 
@@ -64,7 +64,7 @@ def upcycle(ffn: DenseFFN, ctx: LayerContext) -> LayerExperts:
         for i in range(e):
             _perturb(gate_up[i], down[i], ffn, ctx, ffn.intermediate_size)
     out = LayerExperts(gate_up=gate_up, down=down)
-    out.default_scale = activation_scale(e, 1, cfg.top_k, cfg.normalize_weights)
+    out.default_scale = activation_scale(e, 1, cfg.active_experts, cfg.normalize_weights)
     return out
 
 
@@ -85,5 +85,5 @@ def granular_upcycle(ffn: DenseFFN, ctx: LayerContext) -> LayerExperts:
         groups=[parts[i % g_parts] for i in range(e)],
         router_groups=torch.arange(e) // g_parts,
     )
-    out.default_scale = activation_scale(e, g_parts, cfg.top_k, cfg.normalize_weights)
+    out.default_scale = activation_scale(e, g_parts, cfg.active_experts, cfg.normalize_weights)
     return out
