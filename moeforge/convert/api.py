@@ -299,7 +299,7 @@ def _check_replaceable(out: Path, model_or_path, overwrite: bool) -> None:
         source = Path(model_or_path).expanduser().resolve()
         if source == out or out in source.parents:
             raise MoeforgeError(
-                f"--out {out} holds the input model {source}; --overwrite would delete it. Choose another --out."
+                f"--out {out} holds the input model {source}; replacing --out would delete it. Choose another --out."
             )
     if out.is_dir() and any(out.iterdir()) and not (out / "moeforge_conversion.json").is_file():
         raise MoeforgeError(

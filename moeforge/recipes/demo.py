@@ -10,6 +10,7 @@ import torch
 from ..eval.corpora import resolve_corpus, tokenize_corpus
 from ..eval.cost import parameter_counts
 from ..eval.perplexity import evaluate_nll
+from ..errors import MoeforgeError
 from ..loading import load, load_with_tokenizer
 
 
@@ -47,6 +48,10 @@ def run_demo(
     """Convert ``model`` into an MoE (exported to ``out``), then print the dense-vs-MoE table and replies."""
     from ..convert.api import convert
 
+    if max_tokens < 2:
+        raise MoeforgeError(f"--max-tokens must be at least 2 (a perplexity needs a token and its successor), got {max_tokens}.")
+    if new_tokens < 1:
+        raise MoeforgeError(f"--new-tokens must be at least 1, got {new_tokens}.")
     t0 = time.perf_counter()
     dense, tok = load_with_tokenizer(model)
     print(f"dense model: {model} ({type(dense).__name__}), loaded in {time.perf_counter() - t0:.1f}s")

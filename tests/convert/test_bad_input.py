@@ -242,3 +242,12 @@ def test_expert_choice_auto_rescale_uses_the_capacity_factor(tiny_llama):
     wide = moeforge.convert(tiny_llama, None, router="expert_choice", experts=4, top_k=1, eval_tokens=0, verify="off",
                             router_options={"capacity_factor": 1.0})
     assert wide.model.config.moe["output_scale"] == pytest.approx(4 / 1.0)
+
+
+@pytest.mark.parametrize("args, match", [(["--max-tokens", "1"], "--max-tokens must be at least 2"),
+                                         (["--new-tokens", "0"], "--new-tokens must be at least 1")])
+def test_demo_checks_its_numbers_before_converting(tmp_path, capsys, args, match):
+    with pytest.raises(SystemExit) as err:
+        main(["demo", "--model", str(tmp_path / "never-loaded"), "--out", str(tmp_path / "out"), *args])
+    assert err.value.code == 2 and match in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
