@@ -441,8 +441,8 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
             key, text = key.split("=", 1)
             i += 1
         else:
-            if i + 1 >= len(args):
-                raise MoeforgeError(f"override --{key} needs a value (`--{key} VALUE`).")
+            if i + 1 >= len(args) or (args[i + 1].startswith("--") and len(args[i + 1]) > 2):
+                raise MoeforgeError(f"override --{key} needs a value (`--{key} VALUE`, e.g. `--{key} true` for a switch).")
             text = args[i + 1]
             i += 2
         pairs.append((key.replace("-", "_"), parse_value(text)))
