@@ -35,7 +35,17 @@ def ensure_chat_template(tokenizer, template: str | None = None) -> None:
 
 
 def _render(tokenizer, messages: list[dict], *, generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    if not getattr(tokenizer, "chat_template", None):
+        ensure_chat_template(tokenizer)  # raises: chat data on a base model's tokenizer
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as err:  # noqa: BLE001  (jinja2's TemplateError family: syntax or runtime errors in the template)
+        if type(err).__module__.split(".")[0] != "jinja2":
+            raise
+        raise MoeforgeError(
+            f"the chat template cannot render a conversation ({type(err).__name__}: {err}); fix `chat_template` or "
+            "use `chat_template: chatml`."
+        ) from None
 
 
 def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:

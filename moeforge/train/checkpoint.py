@@ -301,8 +301,15 @@ def load_checkpoint(path: Path, rank: int) -> dict[str, Any]:
     try:
         state = json.loads((path / "state.json").read_text())
         o_meta = json.loads((path / "optimizer.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MoeforgeError(f"checkpoint {path} is damaged ({err}); delete it to resume from an earlier one.") from None
+    needed = ("step", "tokens", "fingerprint", "domains", "sampler", "mixture", "window", "train_loss_since_update")
+    missing = [k for k in needed if not isinstance(state, dict) or k not in state]
+    if missing or not isinstance(o_meta, dict):
+        raise MoeforgeError(
+            f"checkpoint {path} is damaged (state.json or optimizer.json lacks {', '.join(missing) or 'its fields'}); "
+            "delete it to resume from an earlier one."
+        )
     model = _read_tensors(path / "trainable.safetensors")
     optimizer = unflatten_optimizer(_read_tensors(path / "optimizer.safetensors"), o_meta)
     rng = None

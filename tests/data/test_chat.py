@@ -120,6 +120,20 @@ def test_non_incremental_template_refused(tokenizer):
         tokenize_chat(tok, msgs)
 
 
+@pytest.mark.parametrize("template, match", [
+    (None, "the tokenizer has no chat template, .*chat_template: chatml"),  # SFT on a base model's tokenizer
+    ("{% if %}", "the chat template cannot render a conversation \\(TemplateSyntaxError"),
+    ("{{ messages[5]['content'] }}", "the chat template cannot render a conversation"),
+])
+def test_missing_or_broken_template_is_one_clear_message(tokenizer, template, match):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = template
+    with pytest.raises(MoeforgeError, match=match):
+        tokenize_chat(tok, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])
+
+
 def test_template_without_generation_prompt_refused(tokenizer):
     import copy
 

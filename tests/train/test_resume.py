@@ -173,3 +173,14 @@ def test_micro_batch_size_change_is_refused_for_moe_models(tmp_path, make_cfg):
     old, new = {"micro_batch_size": 2, "lr": 1e-3}, {"micro_batch_size": 4, "lr": 1e-3}
     assert config_changes(old, new) == []  # a dense model: accumulation gives the same gradient
     assert config_changes(old, new, moe=True) == ["micro_batch_size 2 -> 4"]
+
+
+@pytest.mark.parametrize("state", ["[1, 2]", "{\"step\": 2}", "not json"])
+def test_damaged_checkpoint_state_is_one_clear_message(tmp_path, make_cfg, state):
+    from moeforge.train.checkpoint import list_checkpoints
+
+    cfg = make_cfg(steps=2, save_every=2)
+    train(cfg)
+    (list_checkpoints(cfg["output_dir"])[-1][1] / "state.json").write_text(state)
+    with pytest.raises(MoeforgeError, match="is damaged .*delete it to resume from an earlier one"):
+        train(make_cfg(steps=4, save_every=2))
