@@ -52,27 +52,35 @@ def calibration_texts(spec) -> list[str]:
         return out
     path = Path(text).expanduser()
     if path.is_file():
-        if path.suffix == ".jsonl":
-            import json
-
-            docs = []
-            for n, line in enumerate(path.read_text().splitlines()):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise MoeforgeError(f"{path}:{n + 1} is not valid JSON ({err}).") from None
-                doc = obj.get("text") if isinstance(obj, dict) else None
-                if not isinstance(doc, str):
-                    raise MoeforgeError(f"{path}:{n + 1} has no string field 'text'; calibration JSONL needs one per line.")
-                docs.append(doc)
-            return docs
-        return [path.read_text()]
+        try:
+            return _calibration_file(path)
+        except UnicodeDecodeError:
+            raise MoeforgeError(f"calibration file {path} is not UTF-8 text; give a .txt or .jsonl file of text.") from None
     raise MoeforgeError(
         f"calibration {text!r} is neither a built-in domain ({', '.join(sorted(BUILTIN_DOMAINS))}, joined with '+') "
         "nor an existing .txt/.jsonl file."
     )
+
+
+def _calibration_file(path: Path) -> list[str]:
+    """The documents of a calibration file: one per JSONL line (its ``text`` field), else the whole file."""
+    if path.suffix != ".jsonl":
+        return [path.read_text()]
+    import json
+
+    docs = []
+    for n, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise MoeforgeError(f"{path}:{n + 1} is not valid JSON ({err}).") from None
+        doc = obj.get("text") if isinstance(obj, dict) else None
+        if not isinstance(doc, str):
+            raise MoeforgeError(f"{path}:{n + 1} has no string field 'text'; calibration JSONL needs one per line.")
+        docs.append(doc)
+    return docs
 
 
 def calibration_windows(tokenizer, spec, total_tokens: int, seq_len: int) -> Tensor:

@@ -148,6 +148,9 @@ def test_calibration_sources(tiny_llama, tmp_path):
     assert calibration_windows(tok, ["abc " * 100], 128, 64).shape == (2, 64)
     with pytest.raises(moeforge.MoeforgeError, match="neither a built-in domain"):
         calibration_windows(tok, "no-such-domain", 128, 64)
+    (tmp_path / "bin.txt").write_bytes(bytes(range(128, 256)) * 20)
+    with pytest.raises(moeforge.MoeforgeError, match="bin.txt is not UTF-8 text"):
+        calibration_windows(tok, str(tmp_path / "bin.txt"), 128, 64)
 
 
 def test_too_few_calibration_tokens_names_the_option(tiny_llama):
