@@ -49,8 +49,9 @@ def register(app: typer.Typer) -> None:
     def eval_(
         model: str = typer.Argument(..., metavar="MODEL", help="Model path, GGUF file or alias (smollm2)."),
         data: list[str] = typer.Option(
-            None, "--data", "-d",
-            help="Corpus name (prose, code, arithmetic, wikitext2, gsm8k) or a .txt/.jsonl path; repeat for several. "
+            None, "--data", "-d", metavar="CORPUS",
+            help="Corpus name (prose, code, arithmetic, wikitext2, gsm8k) or a text (.txt, .md, .text) or JSON "
+                 "(.jsonl, .json) file; repeat for several. "
                  "Default: the built-in domains plus WikiText-2 and GSM8K when the benchmark data folder exists.",
         ),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),

@@ -104,22 +104,25 @@ def read_corpus_file(path: Path, name: str | None = None) -> EvalCorpus:
         raise MoeforgeError(f"corpus file {path} is not UTF-8 text; pass a .txt or .jsonl file.") from None
     suffix = path.suffix.lower()
     if suffix in JSON_SUFFIXES:
-        docs = []
-        if suffix == ".json":
+        data = None
+        if suffix == ".json":  # one JSON document (a record or a list of them), else JSON Lines
             try:
                 data = json.loads(raw)
-            except json.JSONDecodeError as err:
-                raise MoeforgeError(f"{path} is not valid JSON ({err}).") from None
+            except json.JSONDecodeError:
+                pass
+        if data is not None:
             records = data if isinstance(data, list) else [data]
             docs = [_record_text(r, str(path)) for r in records]
         else:
+            docs = []
             for lineno, line in enumerate(raw.splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise MoeforgeError(f"{path}:{lineno} is not valid JSON ({err}); one JSON object per line.") from None
+                    what = "a JSON document nor JSON Lines" if suffix == ".json" else "valid JSON"
+                    raise MoeforgeError(f"{path}:{lineno} is not {what} ({err}); one JSON object per line.") from None
                 docs.append(_record_text(record, f"{path}:{lineno}"))
     elif suffix in TEXT_SUFFIXES or suffix == "":
         docs = [raw]

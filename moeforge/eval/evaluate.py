@@ -137,8 +137,10 @@ def evaluate(
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(context, int) and window > context:
         raise MoeforgeError(
-            f"windows of {window} tokens exceed the model's context ({context} positions, max_position_embeddings); "
-            f"use --seq-len {context} or less."
+            f"seq_len (--seq-len) {seq_len} gives windows of {window} tokens"
+            + ("" if window == seq_len else " (all the tokens of the longest corpus)")
+            + f", more than the model's context of {context} positions (max_position_embeddings); use --seq-len "
+            f"{context} or less."
         )
     results: dict[str, CorpusResult] = {}
     snippets: dict[str, str] = {}
@@ -173,15 +175,19 @@ def evaluate(
 
 
 def unique_names(corpora: list[EvalCorpus]) -> list[EvalCorpus]:
-    """Corpora with distinct names: files that share a stem are named ``folder/stem``; a name still
-    given twice (the same corpus twice) is refused."""
-    names = [c.name for c in corpora]
-    out = []
-    for c in corpora:
+    """Corpora with distinct names: files that share a stem are named ``folder/stem``, or by their
+    whole file name (``folder/name.txt``) when that is not enough; a file given twice is refused."""
+
+    def label(c: EvalCorpus, level: int) -> str:
         path = Path(c.source)
-        if names.count(c.name) > 1 and path.is_file():
-            c = dataclasses.replace(c, name=f"{path.parent.name}/{c.name}")
-        out.append(c)
+        base = c.name if level == 1 else path.name
+        return f"{path.parent.name}/{base}" if path.parent.name else base
+
+    out = list(corpora)
+    for level in (1, 2):
+        names = [c.name for c in out]
+        out = [dataclasses.replace(c, name=label(c, level)) if names.count(c.name) > 1 and Path(c.source).is_file()
+               else c for c in out]
     names = [c.name for c in out]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

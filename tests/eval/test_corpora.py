@@ -43,6 +43,10 @@ def test_user_files(tmp_path):
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
     c = resolve_corpus(str(tmp_path / "b.jsonl"))
     assert c.name == "b" and c.documents == ("one", "q\na")
+    (tmp_path / "c.json").write_text("\n".join(json.dumps(x) for x in lines))  # JSON Lines under .json
+    assert resolve_corpus(str(tmp_path / "c.json")).documents == ("one", "q\na")
+    (tmp_path / "d.json").write_text(json.dumps(lines))  # one JSON document
+    assert resolve_corpus(str(tmp_path / "d.json")).documents == ("one", "q\na")
 
 
 @pytest.mark.parametrize(

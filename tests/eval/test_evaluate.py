@@ -3,7 +3,7 @@
 import pytest
 
 from moeforge.errors import MoeforgeError
-from moeforge.eval.corpora import EvalCorpus
+from moeforge.eval.corpora import EvalCorpus, resolve_corpus
 from moeforge.eval.cost import flops_per_token, parameter_counts
 from moeforge.eval.evaluate import evaluate, unique_names
 
@@ -25,6 +25,11 @@ def test_same_stem_files_get_folder_names_and_a_repeated_corpus_is_refused(tmp_p
     report = evaluate(tiny_llama(), tiny_tokenizer(), [str(tmp_path / "a" / "mine.txt"), str(tmp_path / "b" / "mine.txt")],
                       max_tokens=64, seq_len=32)
     assert set(report.perplexity) == {"a/mine", "b/mine"}
+    (tmp_path / "a" / "mine.md").write_text("other text to score " * 30)  # same folder, same stem
+    names = [c.name for c in unique_names([resolve_corpus(str(tmp_path / "a" / n)) for n in ("mine.txt", "mine.md")])]
+    assert names == ["a/mine.txt", "a/mine.md"]
+    with pytest.raises(MoeforgeError, match="given twice"):
+        unique_names([resolve_corpus(str(tmp_path / "a" / "mine.txt"))] * 2)
     with pytest.raises(MoeforgeError, match="corpus prose given twice"):
         unique_names([EvalCorpus("prose", ("x y",), "builtin"), EvalCorpus("prose", ("x y",), "builtin")])
 
@@ -33,8 +38,11 @@ def test_flops_are_those_of_the_window_that_ran_and_windows_past_the_context_are
     model = tiny_moe()  # max_position_embeddings 256
     report = evaluate(model, tiny_tokenizer(), ["arithmetic"], max_tokens=48, seq_len=512)
     assert report.seq_len == 48 and report.flops_per_token == flops_per_token(model, seq_len=48)
-    with pytest.raises(MoeforgeError, match=r"windows of 300 tokens exceed the model's context \(256 .*--seq-len 256"):
+    with pytest.raises(MoeforgeError, match=r"--seq-len\) 300 gives windows of 300 tokens, more than the model's context "
+                                            r"of 256 positions .*--seq-len 256"):
         evaluate(model, tiny_tokenizer(), ["prose"], max_tokens=600, seq_len=300)
+    with pytest.raises(MoeforgeError, match=r"--seq-len\) 100000 gives windows of 600 tokens \(all the tokens of the longest"):
+        evaluate(model, tiny_tokenizer(), ["prose"], max_tokens=600, seq_len=100_000)
 
 
 def test_a_transformers_moe_model_is_not_scored_as_dense():
