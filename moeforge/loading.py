@@ -240,8 +240,8 @@ def _check_weights(directory: Path, allow_pickle: bool) -> None:
     if pk and not allow_pickle:
         raise MoeforgeError(
             f"{directory} holds only pickle weights ({', '.join(p.name for p in pk)}), which can run arbitrary code "
-            "when loaded. Convert them to safetensors, or opt in with --allow-pickle (allow_pickle=True) if you "
-            "trust the source."
+            "when loaded. Convert them to safetensors (from_pretrained then save_pretrained with transformers), or, "
+            "if you trust the source, opt in with allow_pickle=True (moeforge info / eval / convert: --allow-pickle)."
         )
     if not pk:
         raise MoeforgeError(f"{directory} has config.json but no weights (*.safetensors); the checkpoint is incomplete.")

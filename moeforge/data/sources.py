@@ -130,8 +130,8 @@ def _detect_kind(source, first: Any) -> str:
     if source.text_field in first:
         return "text"
     raise MoeforgeError(
-        f"data source {source.name!r}: records have fields {sorted(first)}, none of which moeforge knows; "
-        f"set text_field (plain text), prompt_field/response_field (single-turn chat) or use "
+        f"data source {source.name!r}: records have fields {sorted(first)} but no text_field {source.text_field!r}; "
+        f"set text_field to the field holding the text, prompt_field/response_field (single-turn chat), or use "
         "`messages` / `conversations` (multi-turn chat)."
     )
 

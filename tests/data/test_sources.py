@@ -76,7 +76,7 @@ def test_builtin_source_has_natural_valid_split():
         ("", "is empty"),
         ("   \n", "is empty"),
         ('{"text": "ok"}\nnot json\n', r"x\.jsonl:2 is not valid JSON"),
-        ('{"body": "ok"}\n', "none of which moeforge knows"),
+        ('{"body": "ok"}\n', "records have fields \\['body'\\] but no text_field 'text'"),
         ('[1, 2]\n', "expected an object"),
     ],
 )
