@@ -401,9 +401,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise MoeforgeError(f"config file {p} not found; pass the path of a YAML training config (see configs/).")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.load(p.read_text(), Loader=_unique_key_loader())  # noqa: S506  (a SafeLoader subclass)
     except UnicodeDecodeError:
         raise MoeforgeError(f"{p} is not a text file; pass the path of a YAML training config (see configs/).") from None
+    except MoeforgeError as err:  # a key set twice
+        raise MoeforgeError(f"{p}: {err}") from None
     except yaml.YAMLError as err:
         raise MoeforgeError(f"{p} is not valid YAML: {' '.join(str(err).split())}") from None
     if data is None:
@@ -411,6 +413,25 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise MoeforgeError(f"{p} must hold a mapping of config keys (model, data, steps, ...), got {type(data).__name__}.")
     return data
+
+
+def _unique_key_loader():
+    """yaml's SafeLoader, refusing a mapping that sets one key twice (plain YAML keeps the last silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise MoeforgeError(
+                        f"config key {key!r} is set twice (line {key_node.start_mark.line + 1}); keep one of them."
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def parse_value(text: str) -> Any:

@@ -118,3 +118,16 @@ def test_aux_loss_scales_names_are_checked():
     assert load_config({**base, "aux_loss_scales": {"z_loss": 0.5}}).aux_loss_scales == {"z_loss": 0.5}
     with pytest.raises(MoeforgeError, match="aux_loss_scales has no loss 'balance'.*Did you mean 'balance_loss'"):
         load_config({**base, "aux_loss_scales": {"balance": 0.0}})
+
+
+def test_config_files_that_are_not_configs(tmp_path):
+    from moeforge.train.config import read_yaml
+
+    (tmp_path / "dup.yaml").write_text("model: m\nsteps: 3\noutput_dir: o\nsteps: 5\n")
+    with pytest.raises(MoeforgeError, match=r"dup.yaml: config key 'steps' is set twice \(line 4\)"):
+        read_yaml(tmp_path / "dup.yaml")
+    (tmp_path / "bin.yaml").write_bytes(bytes(range(128, 256)))
+    with pytest.raises(MoeforgeError, match="bin.yaml is not a text file"):
+        read_yaml(tmp_path / "bin.yaml")
+    with pytest.raises(MoeforgeError, match="is a directory; pass the path of a YAML training config file"):
+        read_yaml(tmp_path)
