@@ -15,22 +15,32 @@ def register(app: typer.Typer) -> None:
         out: str = typer.Option(..., "--out", "-o", help="Output directory (must not exist unless --overwrite)."),
         method: str = typer.Option("random", help="random, cluster, coactivation, importance, upcycle, granular-upcycle."),
         experts: int = typer.Option(8, "--experts", "-e", help="Routed experts per layer (E)."),
-        top_k: int = typer.Option(2, "--top-k", "-k", help="Experts per token (k)."),
+        top_k: int = typer.Option(2, "--top-k", "-k", help="Experts per token (k); expert_choice ignores it (see --router-option capacity_factor=C)."),
         shared_experts: int = typer.Option(0, "--shared-experts", help="Always-on shared experts (split methods)."),
         router: str = typer.Option("topk", help="Router: topk, noisy_topk, switch, expert_choice, sigmoid_bias."),
         rescale: str = typer.Option("auto", help="auto (E/k for split methods), none, layerwise, fit, or a number."),
         gate_init: str = typer.Option("random", "--gate-init", help="random, uniform, centroid or activation."),
         refine: str = typer.Option("none", help="Layer-wise local distillation: none, router, down, router+down, all."),
         refine_steps: int = typer.Option(200, "--refine-steps", help="Optimiser steps per layer for --refine."),
+        refine_lr: float = typer.Option(None, "--refine-lr", help="Learning rate for --refine (default 1e-2 router only, 1e-4 with experts)."),
         layers: str = typer.Option("all", help="Layers to convert, e.g. '0-11' or '0,2,4'; default all."),
         fmt: str = typer.Option("auto", "--format", help="auto, mixtral, qwen2_moe or moeforge."),
         seed: int = typer.Option(0, help="Seed for shuffles, k-means and router init."),
         calibration: str = typer.Option(None, help="Calibration text: prose, code, arithmetic (join with +) or a .txt/.jsonl file."),
         calibration_tokens: int = typer.Option(8192, "--calibration-tokens", help="Calibration tokens for data-driven steps."),
+        calibration_seq_len: int = typer.Option(256, "--calibration-seq-len", help="Window length of the calibration sequences."),
+        kmeans_iters: int = typer.Option(20, "--kmeans-iters", help="cluster/coactivation: balanced k-means iterations."),
+        normalize_weights: bool = typer.Option(
+            True, "--normalize-weights/--no-normalize-weights",
+            help="Renormalise the k routing weights to sum to 1 (Mixtral); --no-normalize-weights keeps the raw softmax mass (Qwen-MoE)."),
+        router_option: list[str] = typer.Option(
+            None, "--router-option", metavar="KEY=VALUE",
+            help="Another MoE layer setting, e.g. aux_loss_coef=0.01, capacity_factor=1.25, z_loss_coef=1e-3; repeat for several."),
         granularity: int = typer.Option(2, help="granular-upcycle: parts per dense FFN (G)."),
         upcycle_noise: float = typer.Option(0.0, "--upcycle-noise", help="upcycle: relative noise std on expert copies."),
         upcycle_reinit: float = typer.Option(0.0, "--upcycle-reinit", help="upcycle: fraction of neurons re-initialised."),
         dtype: str = typer.Option(None, help="Output dtype: float32, bfloat16, float16 (default: the model's)."),
+        max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest safetensors shard written (e.g. 500MB)."),
         eval_tokens: int = typer.Option(4096, "--eval-tokens", help="Held-out tokens for dense vs MoE perplexity (0 skips)."),
         verify: str = typer.Option(
             "auto", help="Check the export before reporting success: auto (whole model up to 4 GiB in float32, else its "
@@ -42,7 +52,15 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Convert a dense LLaMA/Mistral/Qwen2/SmolLM model into a Mixture-of-Experts model and export it."""
         from ..convert.api import convert as run_convert
+        from ..errors import MoeforgeError
+        from ..train.config import parse_value
 
+        options = {}
+        for item in router_option or ():
+            key, sep, text = item.partition("=")
+            if not sep or not key.strip():
+                raise MoeforgeError(f"--router-option {item!r} is not KEY=VALUE (e.g. --router-option aux_loss_coef=0.01).")
+            options[key.strip()] = parse_value(text.strip())
         start = time.perf_counter()
 
         def progress(message: str) -> None:
@@ -66,11 +84,17 @@ def register(app: typer.Typer) -> None:
             gate_init=gate_init,
             refine=refine,
             refine_steps=refine_steps,
+            refine_lr=refine_lr,
             layers=layers,
             format=fmt,
             seed=seed,
             calibration=calibration,
             calibration_tokens=calibration_tokens,
+            calibration_seq_len=calibration_seq_len,
+            kmeans_iters=kmeans_iters,
+            normalize_weights=normalize_weights,
+            router_options=options,
+            max_shard_size=max_shard_size,
             granularity=granularity,
             upcycle_noise=upcycle_noise,
             upcycle_reinit=upcycle_reinit,

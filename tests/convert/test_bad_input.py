@@ -251,3 +251,22 @@ def test_demo_checks_its_numbers_before_converting(tmp_path, capsys, args, match
         main(["demo", "--model", str(tmp_path / "never-loaded"), "--out", str(tmp_path / "out"), *args])
     assert err.value.code == 2 and match in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_reaches_every_conversion_option(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as done:
+        main(["convert", str(tiny_llama), "--out", str(out), "--experts", "4", "--top-k", "2", "--quiet", "--eval-tokens",
+              "0", "--method", "cluster", "--kmeans-iters", "3", "--no-normalize-weights", "--max-shard-size", "20KB",
+              "--router-option", "aux_loss_coef=0.02", "--router-option", "z_loss_coef=1e-3", "--format", "moeforge",
+              "--rescale", "fit", "--calibration-tokens", "256", "--calibration-seq-len", "32", "--refine", "router",
+              "--refine-steps", "2", "--refine-lr", "0.05"])
+    assert done.value.code == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["moe"]["normalize_weights"] is False and cfg["moe"]["aux_loss_coef"] == 0.02
+    assert cfg["moe"]["z_loss_coef"] == 1e-3 and len(list(out.glob("*.safetensors"))) > 1
+    for bad, match in [("aux_loss_coef", "is not KEY=VALUE"), ("aux_los_coef=1", "unknown MoE setting 'aux_los_coef'")]:
+        with pytest.raises(SystemExit) as err:
+            main(["convert", str(tiny_llama), "--out", str(tmp_path / "x"), "--quiet", "--router-option", bad])
+        assert err.value.code == 2 and match in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
