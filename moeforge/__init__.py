@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 from . import models as _models  # noqa: F401  (Auto class registration)
 from .errors import MoeforgeError
-from .loading import load, load_tokenizer, load_with_tokenizer
+from .loading import load, load_tokenizer, load_trained, load_with_tokenizer
 from .moe import MoEConfig, MoELayer
 from . import convert  # noqa: E402  callable: moeforge.convert(model, out=..., method=..., ...)
 from .convert import ConvertConfig  # noqa: E402
@@ -22,6 +22,7 @@ __all__ = [
     "MoELayer",
     "load",
     "load_tokenizer",
+    "load_trained",
     "load_with_tokenizer",
     "convert",
     "ConvertConfig",

@@ -99,17 +99,58 @@ def resolve(path_or_alias: str | os.PathLike) -> ModelSource:
                         f"(or the alias 'smollm2').{_trained_parts_hint(path)}")
 
 
+def trained_parts(path: str | os.PathLike) -> tuple[str, str] | None:
+    """("adapter" | "composition", the base or anchor model it names) for a directory of adapter or
+    composition weights saved by moeforge; None for anything else."""
+    from .compose.checkpoint import META_FILE, read_meta
+    from .peft.saving import ADAPTER_CONFIG, read_adapter_config
+
+    path = Path(str(path)).expanduser()
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    if (path / ADAPTER_CONFIG).is_file():
+        base = (read_adapter_config(path).get("base_model") or {}).get("name_or_path")
+        where = f"{path / ADAPTER_CONFIG} records no base model; open it with moeforge.peft.load_adapter(moeforge.load(BASE), DIR)."
+        kind = "adapter"
+    elif (path / META_FILE).is_file():
+        base = (read_meta(path).get("anchor") or {}).get("source")
+        where = f"{path / META_FILE} records no anchor model; open it with moeforge.compose.load_composition(DIR, anchor=..., augmenting=...)."
+        kind = "composition"
+    else:
+        return None
+    if not base:
+        raise MoeforgeError(where)
+    return kind, str(base)
+
+
+def load_trained(path_or_alias: str | os.PathLike, **kwargs):
+    """:func:`load` for anything moeforge writes: a model checkpoint, or a directory of adapter
+    (``moeforge.peft``) or composition (``moeforge.compose``) weights, which is opened on the
+    models its record names. ``kwargs`` go to :func:`load` (for a composition, ``dtype`` only)."""
+    parts = trained_parts(path_or_alias)
+    if parts is None:
+        return load(path_or_alias, **kwargs)
+    kind, base = parts
+    if kind == "adapter":
+        from .peft.saving import load_adapter
+
+        return load_adapter(load(base, **kwargs), path_or_alias)
+    from .compose.build import load_composition
+
+    return load_composition(path_or_alias, dtype=kwargs.get("dtype"))
+
+
 def _trained_parts_hint(path: Path) -> str:
     """What to do with a directory of adapter or composition weights (which need their base models)."""
     from .compose.checkpoint import META_FILE
     from .peft.saving import ADAPTER_CONFIG
 
     if (path / ADAPTER_CONFIG).is_file():
-        return (" It holds a moeforge adapter, which needs its base model: "
-                "moeforge.peft.load_adapter(moeforge.load(BASE), DIR).")
+        return (" It holds a moeforge adapter, which needs its base model: open it with moeforge.load_trained(DIR) "
+                "(the base its record names) or moeforge.peft.load_adapter(moeforge.load(BASE), DIR).")
     if (path / META_FILE).is_file():
-        return (" It holds CALM composition weights, which need their two models: "
-                "moeforge.compose.load_composition(DIR).")
+        return (" It holds CALM composition weights, which need their two models: open it with "
+                "moeforge.load_trained(DIR) or moeforge.compose.load_composition(DIR).")
     return ""
 
 
@@ -370,6 +411,12 @@ def load_tokenizer(path_or_alias: str | os.PathLike, *, trust_remote_code: bool 
     checkpoint's own code is refused unless ``trust_remote_code``."""
     from transformers import AutoTokenizer
 
+    parts = trained_parts(path_or_alias)
+    if parts is not None:  # adapter / composition weights: the tokenizer saved beside them, else the base model's
+        here = Path(str(path_or_alias)).expanduser()
+        if not any((here / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            return load_tokenizer(parts[1], trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(str(here), local_files_only=True, trust_remote_code=trust_remote_code)
     source = resolve(path_or_alias)
     if source.kind == "gguf":
         cached = gguf_checkpoint(source.path)

@@ -270,3 +270,37 @@ def test_adapter_and_composition_folders_say_how_to_open_them(tmp_path):
     (tmp_path / "calm" / "composition.json").write_text("{}")
     with pytest.raises(MoeforgeError, match=r"CALM composition weights.*moeforge\.compose\.load_composition"):
         moeforge.load(tmp_path / "calm")
+
+
+def test_adapter_and_composition_folders_open_with_load_trained_and_the_cli(tmp_path, capsys):
+    from moeforge.cli import main
+    from moeforge.compose import compose, load_composition
+    from moeforge.peft import MoVConfig, load_adapter, wrap
+    from tests.convert.tiny import make_dense
+
+    make_dense(tmp_path / "base")
+    base = tmp_path / "base"
+    adapted = wrap(moeforge.load(base), MoVConfig(num_experts=3))
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))  # a trained adapter: differs from the base
+    adapted.save_adapter(tmp_path / "adapter")
+    composed = compose(str(base), str(base), num_connections=1)
+    composed.save_trained(tmp_path / "comp")
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        got = moeforge.load_trained(tmp_path / "adapter")(ids).logits
+        torch.testing.assert_close(got, load_adapter(moeforge.load(base), tmp_path / "adapter")(ids).logits)
+        assert not torch.allclose(got, moeforge.load(base)(ids).logits)
+        torch.testing.assert_close(moeforge.load_trained(tmp_path / "comp")(ids).logits,
+                                   load_composition(tmp_path / "comp")(ids).logits)
+    # no tokenizer saved beside the adapter: the base model's
+    assert moeforge.load_tokenizer(tmp_path / "adapter")("abc").input_ids == moeforge.load_tokenizer(base)("abc").input_ids
+    for folder, line in (("adapter", "adapter weights on"), ("comp", "composition weights on the anchor")):
+        with pytest.raises(SystemExit) as done:
+            main(["info", str(tmp_path / folder)])
+        assert done.value.code == 0 and line in capsys.readouterr().out
+        with pytest.raises(SystemExit) as done:
+            main(["eval", str(tmp_path / folder), "-d", "prose", "--max-tokens", "64", "--seq-len", "32"])
+        assert done.value.code == 0 and "prose" in capsys.readouterr().out

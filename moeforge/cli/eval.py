@@ -68,7 +68,7 @@ def register(app: typer.Typer) -> None:
         from ..errors import MoeforgeError
         from ..eval.corpora import resolve_corpus
         from ..eval.evaluate import evaluate, unique_names, write_analysis
-        from ..loading import load, load_tokenizer
+        from ..loading import load_tokenizer, load_trained
 
         corpora = unique_names([resolve_corpus(d) for d in data]) if data else None  # bad names fail before loading
         if plots:
@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
 
             check_writable_dir(plots, "--plots directory")  # before the evaluation, not after it
         tok = load_tokenizer(model, trust_remote_code=trust_remote_code)  # the cheap half first: a missing tokenizer fails before the weights load
-        m = load(model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        m = load_trained(model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         log = None if as_json else (lambda msg: print(msg, file=sys.stderr, flush=True))
         report = evaluate(m, tok, corpora, name=model, max_tokens=max_tokens, seq_len=seq_len,
                           batch_size=batch_size, progress=log)

@@ -15,12 +15,15 @@ def register(app: typer.Typer) -> None:
         allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle (.bin) checkpoints."),
     ) -> None:
         """Load MODEL and print its class, parameter counts and MoE layout."""
-        from ..loading import load
+        from ..loading import load_trained, trained_parts
         from ..eval.cost import parameter_counts
 
-        m = load(model, allow_pickle=allow_pickle)
+        m = load_trained(model, allow_pickle=allow_pickle)
         counts = parameter_counts(m)
         report = {"model": model, "class": type(m).__name__, "parameters": counts}
+        parts = trained_parts(model)
+        if parts is not None:
+            report[parts[0]] = {"base": parts[1]}
         moe = getattr(m.config, "moe", None)
         if moe:
             report["moe"] = moe
@@ -30,6 +33,8 @@ def register(app: typer.Typer) -> None:
             return
         print(f"{model}: {report['class']}")
         print(f"  parameters: {counts['total']:,} total, {counts['active']:,} active per token")
+        if parts is not None:
+            print(f"  {parts[0]} weights on {'the anchor ' if parts[0] == 'composition' else ''}{parts[1]}")
         if moe:
             n = m.config.num_hidden_layers
             layers = list(range(n)) if m.config.moe_layers is None else list(m.config.moe_layers)
