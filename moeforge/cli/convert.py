@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
             "auto", help="Check the export before reporting success: auto (whole model up to 4 GiB in float32, else its "
             "first layer), full, layers, or off (no check and no dense-vs-MoE perplexity: saves the memory and time "
             "they take)."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier moeforge conversion at --out (only once the new one is complete and verified; never the input model or other folders)."),
         allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept a pickle-only (.bin) dense checkpoint."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
     ) -> None:
