@@ -38,7 +38,8 @@ class ModuleUsage:
 
     @property
     def mean_probs(self) -> Tensor:
-        """(E,) average router weight per expert (sums to one)."""
+        """(E,) average router weight per expert (sums to one for soft merging; with top-k routing the
+        kept weights, which are not renormalised, sum to less)."""
         return (self.prob_sum / max(self.decisions, 1)).float()
 
     @property

@@ -3,7 +3,9 @@
 Zadouri et al. 2023 (sec. 2.2) route each token with s = softmax(W_g x) and merge all experts
 with these weights ("soft merging"); their code builds W_g without bias, initialised
 N(0, 0.02^2), and computes the router in float32. The top-k option keeps the k largest weights
-per token and renormalises them to sum to one (the paper's discrete-routing ablation).
+per token as they are, without renormalising (the paper's discrete-routing ablation, as its
+code computes ``router_probabilities * topk_mask``): renormalised, a top-1 weight would be
+exactly 1 whatever the logits, and the router would get no gradient.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from ..utils.precision import autocast_off
 class AdapterRouter(nn.Module):
     """W_g (E, d), bias-free, float32. ``forward(x (..., d)) -> probs (..., E)`` float32.
 
-    The rows of ``probs`` sum to one; with ``top_k`` only k entries per row are non-zero.
+    The rows of ``probs`` sum to one; with ``top_k`` only the k largest entries per row are kept
+    (not renormalised), the rest are zero.
     """
 
     def __init__(self, in_features: int, num_experts: int, *, top_k: int | None = None, init_std: float = 0.02,
@@ -42,7 +45,6 @@ class AdapterRouter(nn.Module):
         if self.top_k is None or self.top_k >= self.num_experts:
             return probs
         values, index = probs.topk(self.top_k, dim=-1)
-        values = values / values.sum(dim=-1, keepdim=True)
         return torch.zeros_like(probs).scatter(-1, index, values)
 
     def extra_repr(self) -> str:

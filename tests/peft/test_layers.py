@@ -26,9 +26,17 @@ def test_router_init_soft_and_topk():
     router.top_k = 2
     top = router(x)
     assert ((top > 0).sum(-1) == 2).all()
-    torch.testing.assert_close(top.sum(-1), torch.ones(5, 7))
-    kept = probs.topk(2, -1)
-    torch.testing.assert_close(top.gather(-1, kept.indices), kept.values / kept.values.sum(-1, keepdim=True))
+    kept = probs.topk(2, -1)  # kept as they are (the authors' router_probabilities * topk_mask)
+    torch.testing.assert_close(top.gather(-1, kept.indices), kept.values)
+    assert bool((top.sum(-1) < 1).all())
+
+
+def test_top1_router_gets_gradient():
+    """Renormalised, a top-1 weight would be exactly 1 and the router would never learn."""
+    router = AdapterRouter(16, 4, top_k=1)
+    x = torch.randn(8, 16)
+    (router(x) * torch.randn(8, 4)).sum().backward()
+    assert router.weight.grad.abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("top_k", [None, 2])

@@ -72,8 +72,8 @@ def test_mov_one_expert_equals_ia3_and_mixture_of_equal_vectors_equals_ia3(kind)
     randomize_adapters(ia3)
     expected = logits(ia3, inputs)
     one = wrap(make_model(kind), MoVConfig(num_experts=1))
-    many = wrap(make_model(kind), MoVConfig(num_experts=5, top_k=2))
-    randomize_adapters(many, seed=9)  # random routers: the mixture weights differ per token
+    many = wrap(make_model(kind), MoVConfig(num_experts=5))
+    randomize_adapters(many, seed=9)  # random routers: the soft mixture weights differ per token, and sum to one
     with torch.no_grad():
         for name, layer in ia3.adapter_layers().items():
             one.adapter_layers()[name].vectors.copy_(layer.vectors)
@@ -253,7 +253,7 @@ def test_routing_records_skip_padding_and_are_per_module():
     assert set(rec.usage) == set(adapted.adapter_layers())
     usage = rec.usage["model.layers.0.self_attn.q_proj"]
     assert usage.decisions == 6 and int(usage.top1.sum()) == 6
-    torch.testing.assert_close(usage.mean_probs.sum(), torch.tensor(1.0))
+    assert 0 < float(usage.mean_probs.sum()) < 1  # top-1 weights are kept as they are, not renormalised to 1
     assert adapted.context.recorder is None  # nothing records outside the block
     adapted(ids)
     assert usage.decisions == 6
