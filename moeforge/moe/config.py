@@ -57,7 +57,7 @@ class MoEConfig:
     weight 1e-2, sigmoid_bias 0: aux-loss-free, DeepSeek-V3's optional sequence-wise loss off);
     the model sums the layers' losses."""
     z_loss_coef: float = 0.0
-    """Router z-loss weight (ST-MoE uses 1e-3); 0 disables it."""
+    """Router z-loss weight in training (ST-MoE uses 1e-3); 0 disables it."""
     noise_floor: float = 1e-2
     """noisy_topk: the constant added to softplus(x W_noise) for the noise std (LLaMA-MoE)."""
     router_mlp: bool = False

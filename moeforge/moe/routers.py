@@ -118,7 +118,7 @@ class Router(nn.Module):
         raise NotImplementedError
 
     def _z_loss(self, logits: Tensor, losses: dict[str, Tensor]) -> None:
-        if self.config.z_loss_coef > 0:
+        if self.training and self.config.z_loss_coef > 0:  # a training loss, as the balance losses
             losses["z_loss"] = self.config.z_loss_coef * router_z_loss(logits)
 
     def extra_repr(self) -> str:

@@ -116,6 +116,25 @@ class AdaptedModel(nn.Module):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return ParameterSummary(trainable=trainable, base=base)
 
+    def train(self, mode: bool = True) -> AdaptedModel:
+        """Train mode for the adapters. MoE layers of the frozen base (moeforge's) keep their
+        inference behaviour, since nothing in them trains: no router noise or jitter, no capacity
+        dropping, no aux losses (which would only push gradient into the adapters) and no
+        aux-loss-free bias updates (which would change the base the adapter is saved for)."""
+        super().train(mode)
+        if mode and not self._removed:
+            from ..moe.layer import MoELayer
+
+            adapters = list(self.adapter_layers().values())
+            for module in self.base_model.modules():
+                own = [*module.router.parameters(), *module.experts.parameters()] if isinstance(module, MoELayer) else []
+                if own and not any(p.requires_grad for p in own):
+                    module.eval()
+                    for layer in adapters:  # adapter layers inside it (e.g. on shared experts) still train
+                        if any(layer is sub for sub in module.modules()):
+                            layer.train(True)
+        return self
+
     # ------------------------------------------------------------------------------ on and off
     def disable_adapters(self) -> None:
         """Run the base model alone (adapters stay attached and keep their weights)."""

@@ -170,3 +170,37 @@ def test_mov_in_bfloat16_and_its_router_in_float32_under_autocast():
         probs = router(x)
     assert probs.dtype == torch.float32
     assert torch.equal(probs, router(x))
+
+
+@pytest.mark.parametrize("router", ["sigmoid_bias", "switch", "noisy_topk"])
+def test_a_frozen_moe_base_keeps_its_inference_behaviour(tmp_path, router):
+    """PEFT on a moeforge MoE model: its routers are frozen, so training adds no noise, jitter,
+    capacity dropping, aux losses or aux-loss-free bias updates, and the saved adapter reproduces
+    the trained model on the untouched base."""
+    from moeforge.train import train
+    from tests.train.tiny import tiny_model
+
+    cfg, _, tok = _sft_run(tmp_path, {"method": "mov", "num_experts": 2, "target_modules": ["k_proj", "v_proj"]},
+                           aux_loss_scale=1.0)
+    top_k = 1 if router == "switch" else 2
+    moe = {"num_experts": 4, "top_k": top_k, "expert_size": 16, "router": router, "bias_update_rate": 0.01,
+           "z_loss_coef": 1e-3}
+    model = tiny_model(len(tok), moe=moe)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train(cfg, model=model, tokenizer=tok)
+    records = [r for r in result.history if r.get("kind") == "train"]
+    assert all(r["aux_loss"] == 0 for r in records)
+    adapted = result.model.train()
+    ids = torch.randint(3, len(tok), (2, 12))
+    out = adapted(ids, labels=ids)
+    assert not out.aux_loss  # nothing from the frozen routers reaches the objective
+    torch.testing.assert_close(adapted(ids).logits, adapted(ids).logits, rtol=0, atol=0)  # no router noise
+    base = adapted.base_model.state_dict()
+    for key, value in before.items():  # router biases included
+        head, leaf = key.rsplit(".", 1)
+        assert torch.equal(base.get(f"{head}.base_layer.{leaf}", base.get(key)), value), key
+    fresh = tiny_model(len(tok), moe=moe).eval()
+    fresh.load_state_dict(before)
+    adapted.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(load_adapter(fresh, result.final_dir)(ids).logits, adapted(ids).logits, rtol=0, atol=0)
