@@ -239,6 +239,13 @@ def _resolve_targets(model: nn.Module, config: AdapterConfig) -> tuple[list[str]
     feedforward: set[str] = set()
     if isinstance(config, MoVConfig):
         if config.feedforward_modules is None:
+            if model_family(model) is None:  # no defaults to tell an FFN activation from an output (PEFT refuses too)
+                model_type = getattr(getattr(model, "config", None), "model_type", None)
+                raise MoeforgeError(
+                    f"moeforge has no default feedforward_modules for model_type {model_type!r}: say which targets "
+                    "rescale their input (the FFN intermediate activation, e.g. feedforward_modules=['down_proj']) "
+                    "rather than their output (keys, values); [] for none."
+                )
             feedforward = {n for n in names if any(n == t or n.endswith("." + t) for t in ff_default)}
         else:
             ff_names = match_targets(model, config.feedforward_modules)

@@ -180,7 +180,8 @@ def test_a_frozen_moe_base_keeps_its_inference_behaviour(tmp_path, router):
     from moeforge.train import train
     from tests.train.tiny import tiny_model
 
-    cfg, _, tok = _sft_run(tmp_path, {"method": "mov", "num_experts": 2, "target_modules": ["k_proj", "v_proj"]},
+    cfg, _, tok = _sft_run(tmp_path, {"method": "mov", "num_experts": 2, "target_modules": ["k_proj", "v_proj"],
+                                      "feedforward_modules": []},
                            aux_loss_scale=1.0)
     top_k = 1 if router == "switch" else 2
     moe = {"num_experts": 4, "top_k": top_k, "expert_size": 16, "router": router, "bias_update_rate": 0.01,
@@ -204,3 +205,18 @@ def test_a_frozen_moe_base_keeps_its_inference_behaviour(tmp_path, router):
     adapted.eval()
     with torch.no_grad():
         torch.testing.assert_close(load_adapter(fresh, result.final_dir)(ids).logits, adapted(ids).logits, rtol=0, atol=0)
+
+
+def test_vector_targets_on_a_model_without_defaults_need_feedforward_modules():
+    """Without family defaults, a down_proj target would have its output rescaled instead of its
+    input (the FFN activation, as the paper applies it); PEFT refuses this case too."""
+    from moeforge.errors import MoeforgeError
+    from moeforge.peft import IA3Config, wrap
+    from tests.train.tiny import tiny_model
+
+    model = tiny_model(300, moe={"num_experts": 4, "top_k": 2, "expert_size": 16, "num_shared_experts": 1})
+    with pytest.raises(MoeforgeError, match="no default feedforward_modules for model_type 'moeforge'"):
+        wrap(model, IA3Config(target_modules=["k_proj", "v_proj", "down_proj"]))
+    adapted = wrap(model, IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    layer = adapted.adapter_layers()["model.layers.0.mlp.shared_experts.down_proj"]
+    assert layer.position == "input" and layer.vectors.shape[-1] == 16
