@@ -290,6 +290,8 @@ class Trainer:
                 f"(max_position_embeddings); use --seq_len {context} or less."
             )
         self.tokenizer = tok
+        if cfg.peft is None and cfg.compose is None:
+            _refuse_foreign_moe(model)
         model = prepare_model(model, cfg, tok)
         _reset_router_loads(model)
         self.trainable, self.total_params = count_parameters(model)
@@ -665,6 +667,9 @@ class Trainer:
                 and isinstance(head, nn.Linear)
                 and head.bias is None
                 and isinstance(getattr(model, "model", None), nn.Module)
+                # families whose logits are exactly lm_head(hidden): others rescale or soft-cap them
+                # after the head (Granite's logits_scaling, Cohere's logit_scale, Gemma2's soft-capping)
+                and getattr(getattr(model, "config", None), "model_type", None) in PLAIN_HEAD_FAMILIES
             )
         return self._fused_ce
 
@@ -1020,6 +1025,28 @@ class Trainer:
 
 
 # ================================================================================== helpers
+#: model types whose logits are exactly ``lm_head(last hidden state)``, so the LM head may be fused
+#: with the loss; other families post-process the logits in their forward
+PLAIN_HEAD_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "moeforge", "olmo", "olmo2"})
+
+
+def _refuse_foreign_moe(model: nn.Module) -> None:
+    """A transformers MoE model moeforge does not import would train without (or with wrongly
+    weighted) router aux losses and no routing records; refuse it with the way in."""
+    from ..models import MoeforgeForCausalLM
+
+    cfg = getattr(model, "config", None)
+    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
+    if not isinstance(model, MoeforgeForCausalLM) and isinstance(experts, int) and experts > 1 \
+            and getattr(cfg, "num_experts_per_tok", None):
+        raise MoeforgeError(
+            f"{type(model).__name__} is a transformers MoE model; moeforge trains MoE models on its own layer "
+            "(router aux losses, routing records) and imports Mixtral and Qwen2-MoE checkpoints onto it with "
+            f"moeforge.load. model_type {getattr(cfg, 'model_type', None)!r} is not imported: train it with "
+            "transformers, or adapt it with a `peft:` section (its MoE layers stay frozen)."
+        )
+
+
 def _within(path: Path, directory: Path) -> bool:
     """Whether ``path`` is ``directory`` or lies inside it (symlinks resolved)."""
     path, directory = path.resolve(), directory.resolve()

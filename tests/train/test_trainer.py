@@ -220,3 +220,31 @@ def test_sft_padding_reaches_the_moe_layers_as_a_token_mask(tmp_path, make_cfg, 
     seen.clear()
     train(make_cfg(steps=1, output_dir=str(tmp_path / "cpt")))  # packed full blocks: nothing to mask
     assert seen and all(m is None for m in seen)
+
+
+def test_logit_post_processing_families_train_on_their_real_logits(make_cfg, tokenizer):
+    """Granite divides its logits by logits_scaling after the head: the fused head + loss (which
+    computes lm_head(hidden) alone) must not run for it, so both settings train the same objective."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    losses = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = GraniteForCausalLM(GraniteConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                 max_position_embeddings=128, logits_scaling=8.0))
+        res = train(make_cfg(steps=1, fused_cross_entropy=fused, output_dir=str(make_cfg()["output_dir"]) + f"-{fused}"),
+                    model=model, tokenizer=tokenizer)
+        losses.append(res.final_loss)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_a_transformers_moe_model_is_not_trained_without_its_aux_loss(make_cfg, tokenizer):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                               moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               max_position_embeddings=128))
+    with pytest.raises(MoeforgeError, match="Qwen3MoeForCausalLM is a transformers MoE model; .*'qwen3_moe' is not imported"):
+        train(make_cfg(steps=1), model=model, tokenizer=tokenizer)
