@@ -212,6 +212,20 @@ class ConvertConfig:
         return self.method in SPLIT_METHODS
 
     @property
+    def routed_weight_sum(self) -> float:
+        """A token's summed routing weights under a uniform router: 1 for routers that renormalise
+        the kept weights (top-k with normalize_weights, noisy top-k, sigmoid_bias with
+        normalize_weights); active/E for raw softmax weights (top-k without renormalising, Switch,
+        expert choice); active/2 for raw sigmoid scores. Upcycling's output scale divides by it."""
+        renormalises = (self.router == "noisy_topk"
+                        or (self.router in ("topk", "sigmoid_bias") and self.normalize_weights))
+        if renormalises:
+            return 1.0
+        if self.router == "sigmoid_bias":
+            return self.active_experts * 0.5
+        return self.active_experts / self.experts
+
+    @property
     def active_experts(self) -> float:
         """Routed experts per token on average: top_k, or expert choice's capacity factor c (each
         expert takes c * tokens / E tokens), which ``--rescale auto`` divides E by."""

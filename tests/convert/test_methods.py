@@ -139,4 +139,26 @@ def test_granular_upcycle_layout_and_published_scale():
         part = e % 4
         assert torch.equal(ex.down[e], ffn.down[:, part * 16 : (part + 1) * 16])
     assert ex.default_scale == 4.0  # renormalised top-k: G
-    assert activation_scale(8, 4, 2, normalize_weights=False) == 8 * 4 / 2  # Megatron: E*G/k
+    assert activation_scale(4, 2 / 8) == 8 * 4 / 2  # Megatron, raw softmax weights: E*G/k
+
+
+@pytest.mark.parametrize("router, options, top_k", [
+    ("topk", {}, 2), ("topk", {"normalize_weights": False}, 2), ("switch", {}, 1), ("expert_choice", {}, 2),
+    ("sigmoid_bias", {}, 2), ("sigmoid_bias", {"normalize_weights": False}, 2), ("noisy_topk", {}, 2),
+])
+def test_upcycled_layer_output_matches_the_dense_ffn_for_every_router(tiny_llama, router, options, top_k):
+    """--rescale auto divides by a token's summed routing weights under a uniform router, so an
+    upcycled layer starts out at the dense FFN's output whichever way its router weights experts."""
+    import moeforge
+
+    report = moeforge.convert(tiny_llama, None, method="upcycle", experts=8, top_k=top_k, router=router,
+                              gate_init="uniform", eval_tokens=0, verify="off", **options)
+    if router == "expert_choice":  # a token reaches c = 2 experts on average, each weighted ~1/E; ties under a
+        assert report.model.config.moe["output_scale"] == pytest.approx(8 / 2)  # uniform router decide nothing
+        return
+    layer = report.model.model.layers[0].mlp.eval()
+    x = torch.randn(64, 32)
+    dense = moeforge.load(tiny_llama).model.layers[0].mlp
+    with torch.no_grad():
+        ratio = layer(x.unsqueeze(0)).hidden_states.norm() / dense(x.unsqueeze(0)).norm()
+    assert float(ratio) == pytest.approx(1.0, rel=1e-4)

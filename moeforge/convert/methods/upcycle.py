@@ -27,9 +27,11 @@ import torch
 from .base import DenseFFN, LayerContext, LayerExperts, register_method
 
 
-def activation_scale(num_experts: int, granularity: int, top_k: float, normalize_weights: bool) -> float:
-    """Megatron-LM's upcycling activation scale (He et al. 2024): G, or E*G/k with raw softmax weights."""
-    return float(granularity) if normalize_weights else num_experts * granularity / top_k
+def activation_scale(granularity: int, weight_sum: float) -> float:
+    """The upcycling activation scale G / (a token's summed routing weights): Megatron-LM's G for
+    renormalised top-k, E*G/k for raw softmax weights (He et al. 2024), and likewise for the other
+    routers (:attr:`~moeforge.convert.config.ConvertConfig.routed_weight_sum`)."""
+    return float(granularity) / weight_sum
 
 
 def _perturb(expert_gate_up: torch.Tensor, expert_down: torch.Tensor, ffn: DenseFFN, ctx: LayerContext, m: int) -> None:
@@ -64,7 +66,7 @@ def upcycle(ffn: DenseFFN, ctx: LayerContext) -> LayerExperts:
         for i in range(e):
             _perturb(gate_up[i], down[i], ffn, ctx, ffn.intermediate_size)
     out = LayerExperts(gate_up=gate_up, down=down)
-    out.default_scale = activation_scale(e, 1, cfg.active_experts, cfg.normalize_weights)
+    out.default_scale = activation_scale(1, cfg.routed_weight_sum)
     return out
 
 
@@ -85,5 +87,5 @@ def granular_upcycle(ffn: DenseFFN, ctx: LayerContext) -> LayerExperts:
         groups=[parts[i % g_parts] for i in range(e)],
         router_groups=torch.arange(e) // g_parts,
     )
-    out.default_scale = activation_scale(e, g_parts, cfg.active_experts, cfg.normalize_weights)
+    out.default_scale = activation_scale(g_parts, cfg.routed_weight_sum)
     return out
