@@ -201,7 +201,7 @@ def refine_all(
             if err < best[0]:
                 best = (err, snapshot())
     layer.load_state_dict(best[1])
-    dtype = experts.gate_up.dtype
+    dtype = torch.promote_types(experts.gate_up.dtype, torch.float32)  # refitted weights are not rounded to a bf16 source
     with torch.no_grad():
         new = LayerExperts(
             gate_up=layer.experts.gate_up_proj.detach().to(dtype).clone(),
@@ -300,7 +300,7 @@ def refine_down(
         return RefineResult(router_weight, scale, before, before, 0), experts
     gram_ho, rhs_ho = normal_equations(held)
     d = solve(gram_tr + gram_ho, rhs_tr + rhs_ho, best_lam)
-    dtype = experts.down.dtype
+    dtype = torch.promote_types(experts.down.dtype, torch.float32)  # refitted weights are not rounded to a bf16 source
     new = LayerExperts(
         gate_up=experts.gate_up,
         down=torch.stack([d[:, e * m : (e + 1) * m] for e in range(e_count)]).to(dtype).contiguous(),

@@ -50,10 +50,11 @@ class MoELayerWeights:
     router_extra: dict[str, Tensor] = field(default_factory=dict)
 
     def folded(self) -> MoELayerWeights:
-        """The same function with ``output_scale`` multiplied into ``down`` (one rounding per element)."""
+        """The same function with ``output_scale`` multiplied into ``down``, in float32 (the export's
+        cast to its dtype is then the only rounding, also for a bfloat16 source written as float32)."""
         if self.output_scale == 1.0:
             return self
-        down = self.down * self.output_scale
+        down = self.down.float() * self.output_scale
         return MoELayerWeights(self.router, self.gate_up, down, self.shared_gate, self.shared_up, self.shared_down, 1.0,
                                dict(self.router_extra))
 

@@ -221,3 +221,19 @@ def test_expert_widths_transformers_cannot_run_go_to_the_moeforge_format(sources
         moeforge.convert(sources / "llama", tmp_path / "x", method="random", experts=16, top_k=2, eval_tokens=0,
                          dtype="bfloat16", format="mixtral")
     run(moeforge.load(tmp_path / "bf16"))
+
+
+def test_a_bf16_source_written_as_float32_is_rounded_once(tmp_path):
+    """The output scale is folded into the down projections in float32, so a bfloat16 checkpoint
+    exported as float32 is exact: the Mixtral export (scale folded) and the moeforge export (scale
+    kept) give the same logits."""
+    from tests.convert.tiny import make_dense
+
+    make_dense(tmp_path / "bf16", dtype=torch.bfloat16)
+    for fmt in ("mixtral", "moeforge"):
+        moeforge.convert(tmp_path / "bf16", tmp_path / fmt, method="random", experts=4, top_k=2, rescale=3.3,
+                         dtype="float32", format=fmt, eval_tokens=0)
+    with torch.no_grad():
+        a = moeforge.load(tmp_path / "mixtral")(IDS).logits
+        b = moeforge.load(tmp_path / "moeforge")(IDS).logits
+    torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
