@@ -163,6 +163,17 @@ class ConvertConfig:
                 f"granular upcycling replicates G = {self.granularity} parts E/G times: --experts {self.experts} must be "
                 f"a multiple of --granularity {self.granularity}.",
             )
+        if self.router == "expert_choice":
+            routed = [flag for flag, on in (("--gate-init activation", self.gate_init == "activation"),
+                                            (f"--rescale {self.rescale}", self.rescale in ("layerwise", "fit")),
+                                            (f"--refine {self.refine}", self.refine != "none")) if on]
+            if routed:
+                raise MoeforgeError(
+                    f"{', '.join(routed)} fit(s) the routing on calibration tokens one sequence at a time, but expert "
+                    "choice routes across a batch (at batch size 1 every expert takes every token), so the fit would "
+                    "describe a dense layer. Use --gate-init random/uniform/centroid, --rescale auto or a number, "
+                    "and --refine none with --router expert_choice."
+                )
         if self.gate_init in ("centroid", "activation") and not self.is_split:
             raise MoeforgeError(
                 f"--gate-init {self.gate_init} derives router rows from each expert's own neurons, but {self.method} "

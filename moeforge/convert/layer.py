@@ -90,7 +90,7 @@ class LayerConverter:
         router = init_router(cfg.gate_init, experts, ffn, ctx, norm_weight=norm_weight, expert_out=expert_out)
         scale = fixed_scale(cfg, experts.default_scale)
         report = LayerReport(index=index, output_scale=scale if scale is not None else 1.0, info=dict(experts.info))
-        if calib is not None:
+        if calib is not None and self.moe.router != "expert_choice":  # expert choice routes across a batch
             router, scale = self._calibrate(router, scale, experts, expert_out, calib, report, ctx, extra)
             report.output_scale = scale
         weights = MoELayerWeights(

@@ -228,6 +228,8 @@ def test_out_of_range_numbers_are_refused_up_front():
         (dict(seed=10**23), r"seed must be an integer in \[0, 2\^63\)"),
         (dict(layers="0-100000000"), "spans more than 100,000 layers"),
         (dict(router="expert_choice", top_k=100, experts=4), "expert choice routing does not use k"),
+        (dict(router="expert_choice", rescale="fit"), "--rescale fit fit.* expert choice routes across a batch"),
+        (dict(router="expert_choice", gate_init="activation", refine="down"), "--gate-init activation, --refine down"),
     ]:
         with pytest.raises(MoeforgeError, match=match):
             C(**kw)
