@@ -134,7 +134,7 @@ def _moe_config(cfg: ConvertConfig, source: DenseSource) -> MoEConfig:
         "shared_expert_size": m if cfg.shared_experts else None,
     }
     for key, value in cfg.router_options.items():
-        if key in fields or key in ("output_scale", "extra", "glu", "activation"):
+        if key in fields or key in ("output_scale", "extra", "glu", "activation", "shared_expert_gate"):
             raise MoeforgeError(f"router option {key!r} is set by the conversion itself; remove it from router_options.")
         fields[key] = value
     if cfg.router == "expert_choice" and "expert_choice_causal" not in fields and "allow_future_tokens" not in fields:

@@ -86,7 +86,8 @@ def init_router(
     """
     hidden = ffn.hidden_size
     if name == "random":
-        return random_rows(experts, hidden, ctx.generator)
+        std = ctx.config.router_options.get("router_init_std")
+        return random_rows(experts, hidden, ctx.generator, RANDOM_STD if std is None else float(std))
     if name == "uniform":
         return torch.zeros(experts.num_experts, hidden)
     if name == "centroid":

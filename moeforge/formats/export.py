@@ -14,6 +14,8 @@ Attention, norms and embeddings use LLaMA's keys in every format (``model.layers
 
 from __future__ import annotations
 
+import dataclasses
+
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +59,12 @@ class MoELayerWeights:
         down = self.down.float() * self.output_scale
         return MoELayerWeights(self.router, self.gate_up, down, self.shared_gate, self.shared_up, self.shared_down, 1.0,
                                dict(self.router_extra))
+
+
+#: MoE settings an exported checkpoint need not record: the initial router std (the weights are
+#: written), the output scale (folded into the weights), the conversion's record, and the
+#: decoder-safety choice expert choice makes (checked by the formats' router test)
+_NEEDS_NO_FIELD = frozenset({"router_init_std", "output_scale", "extra", "expert_choice_causal", "allow_future_tokens"})
 
 
 @dataclass
@@ -108,6 +116,16 @@ class ExportSpec:
                             f"bytes, and the {what} {width} in {name} is {width * size} bytes (choose --experts so "
                             f"that the width is a multiple of {16 // min(size, 4) if what == 'expert width' else 8})")
         return None
+
+    def unheld_settings(self, held: set[str]) -> list[str]:
+        """MoE settings with a non-default value that a format holding ``held`` has no field for
+        (z-loss, expert dropout, router options...): the export would silently drop them. Settings
+        that only shape the initial weights, and the output scale (folded), need no field."""
+        from ..moe.config import MoEConfig
+
+        defaults = {f.name: f.default for f in dataclasses.fields(MoEConfig) if f.default is not dataclasses.MISSING}
+        return sorted(k for k, v in self.moe.items()
+                      if k in defaults and k not in held and k not in _NEEDS_NO_FIELD and v != defaults[k])
 
     def hf_aux_loss_coef(self) -> float:
         """transformers' ``router_aux_loss_coef`` with this model's balance-loss strength: moeforge

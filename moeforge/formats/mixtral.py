@@ -44,6 +44,9 @@ MF_GATE_UP = "model.layers.{i}.mlp.experts.gate_up_proj"
 MF_DOWN = "model.layers.{i}.mlp.experts.down_proj"
 
 _LLAMA_FIELDS = LLAMA_FIELDS + ("sliding_window",)
+#: MoE settings a Mixtral checkpoint holds (the rest must keep their defaults to export exactly)
+MIXTRAL_HELD = frozenset({"num_experts", "top_k", "expert_size", "router", "normalize_weights", "aux_loss_coef",
+                          "input_jitter", "glu", "activation", "num_shared_experts", "shared_expert_size"})
 
 
 def moeforge_config_from_mixtral(cfg: dict[str, Any]) -> MoeforgeConfig:
@@ -167,9 +170,9 @@ class MixtralExporter(Exporter):
             return "Mixtral attention has no biases (the dense model has attention biases)"
         if not moe.get("glu", True) or moe.get("activation", "silu") != "silu":
             return "Mixtral experts are SwiGLU (silu)"
-        for field_name in ("router_mlp",):
-            if moe.get(field_name):
-                return f"Mixtral's router is linear; {field_name} is set"
+        unheld = spec.unheld_settings(MIXTRAL_HELD)
+        if unheld:
+            return f"Mixtral's config has no field for {', '.join(unheld)}, which would be lost"
         return spec.grouped_mm_problem()
 
     def ffn_plan(self, spec: ExportSpec, i: int) -> list[PlanEntry]:

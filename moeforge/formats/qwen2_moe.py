@@ -76,10 +76,9 @@ class Qwen2MoeExporter(Exporter):
             return "Qwen2-MoE has no o_proj bias (the dense model has one)"
         if not moe.get("glu", True) or moe.get("activation", "silu") != "silu":
             return "Qwen2-MoE experts are SwiGLU (silu)"
-        if moe.get("router_mlp"):
-            return "Qwen2-MoE's router is linear; router_mlp is set"
-        if moe.get("input_jitter"):
-            return "Qwen2-MoE has no input jitter (Mixtral's router_jitter_noise); input_jitter is set"
+        unheld = spec.unheld_settings(QWEN2_MOE_HELD)
+        if unheld:
+            return f"Qwen2-MoE's config has no field for {', '.join(unheld)}, which would be lost"
         if moe.get("shared_expert_gate"):
             return "conversions write ungated shared experts; a gated model is saved with save_pretrained"
         return spec.grouped_mm_problem()
@@ -148,6 +147,10 @@ class Qwen2MoeExporter(Exporter):
                           layer_types=["sliding_attention"] * spec.num_layers)
         return config_to_dict(Qwen2MoeConfig(**fields), spec.dtype, "Qwen2MoeForCausalLM")
 
+
+#: MoE settings a Qwen2-MoE checkpoint holds (the rest must keep their defaults to export exactly)
+QWEN2_MOE_HELD = frozenset({"num_experts", "top_k", "expert_size", "router", "normalize_weights", "aux_loss_coef",
+                            "glu", "activation", "num_shared_experts", "shared_expert_size", "shared_expert_gate"})
 
 EXPORTERS["qwen2_moe"] = Qwen2MoeExporter()
 

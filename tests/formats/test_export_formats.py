@@ -237,3 +237,16 @@ def test_a_bf16_source_written_as_float32_is_rounded_once(tmp_path):
         a = moeforge.load(tmp_path / "mixtral")(IDS).logits
         b = moeforge.load(tmp_path / "moeforge")(IDS).logits
     torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+
+
+def test_settings_a_stock_format_cannot_hold_send_auto_to_the_moeforge_format(sources, tmp_path):
+    report = moeforge.convert(sources / "llama", tmp_path / "z", method="random", experts=4, top_k=2, eval_tokens=0,
+                              router_options={"z_loss_coef": 1e-3, "expert_dropout": 0.1, "router_init_std": 0.5})
+    assert report.format == "moeforge"
+    assert "no field for expert_dropout, z_loss_coef" in report.format_notes["mixtral"]
+    model = moeforge.load(tmp_path / "z")
+    assert model.config.moe["z_loss_coef"] == 1e-3 and model.config.moe["expert_dropout"] == 0.1
+    assert 0.3 < float(model.model.layers[0].mlp.router.weight.std()) < 0.7  # router_init_std is the random init's std
+    with pytest.raises(moeforge.MoeforgeError, match="router option 'shared_expert_gate' is set by the conversion"):
+        moeforge.convert(sources / "llama", None, experts=3, shared_experts=1, top_k=1, eval_tokens=0,
+                         router_options={"shared_expert_gate": True})
