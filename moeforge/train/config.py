@@ -79,7 +79,7 @@ class DataSource:
     Built-in domains have a fixed split instead (every fifth document held out); for them only 0
     (no validation) differs from the default."""
     max_tokens: int | None = None
-    """Read documents until this many tokens (train split); None reads everything."""
+    """Read documents until this many tokens (train and validation split together); None reads everything."""
     pack: bool | None = None
     """Chat only: pack several examples per block instead of one padded example per block."""
 

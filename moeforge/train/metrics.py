@@ -3,10 +3,12 @@
 One JSON object per line. Training records (``"kind": "train"``) hold at least ``step`` and
 ``loss`` (the mean next-token loss over the steps since the previous record, weighted by
 target tokens) plus ``aux_loss``, ``aux_losses``, ``lr``, ``grad_norm``, ``tokens``,
-``tokens_per_s``, ``domain_loss`` (per-domain training loss), ``weights`` (mixture weights) and
-``expert_load`` (per MoE layer, the fraction of routed (token, expert) pairs each expert got).
-Evaluation records (``"kind": "eval"``) hold ``step``, ``loss`` (mean over domains weighted by
-tokens) and ``eval`` (per-domain validation loss).
+``tokens_per_s``, ``domain_loss`` (per-domain training loss), ``weights`` (the mixture weights
+after this step's dynamic update, i.e. those the next step samples with) and ``expert_load`` (per
+MoE layer, the fraction of routed (token, expert) pairs each expert got). Evaluation records
+(``"kind": "eval"``) hold ``step``, ``loss`` (mean over domains weighted by the tokens evaluated)
+and ``eval`` (per-domain validation loss); the end-of-run evaluation carries ``"final": true``
+(a dynamic mixture's update may have evaluated the same step on its own, smaller budget).
 """
 
 from __future__ import annotations

@@ -565,11 +565,16 @@ class Trainer:
         model.train(was_training)
         return results
 
-    def _eval_record(self, losses: dict[str, float]) -> dict[str, Any]:
-        tok = {d.name: min(d.valid.num_tokens(), self.config.eval_tokens) for d in self.domains if d.valid is not None}
+    def _eval_record(self, losses: dict[str, float], budget: int | None = None, final: bool = False) -> dict[str, Any]:
+        """A metrics record of per-domain validation losses evaluated on up to ``budget`` tokens each
+        (``eval_tokens`` by default); ``final`` marks the end-of-run evaluation."""
+        budget = self.config.eval_tokens if budget is None else budget
+        tok = {d.name: min(d.valid.num_tokens(), budget) for d in self.domains if d.valid is not None}
         total = sum(tok.get(n, 0) for n in losses) or 1
         mean = sum(losses[n] * tok.get(n, 0) for n in losses) / total
         rec = {"kind": "eval", "step": self.step, "loss": mean, "eval": losses, "weights": self.mixture.as_dict()}
+        if final:
+            rec["final"] = True
         if self.mixture.reference is not None:
             rec["reference"] = dict(zip(self.mixture.names, self.mixture.reference))
         return rec
@@ -946,6 +951,7 @@ class Trainer:
             bar.write(self._summary(resumed_from))
         last_plot = time.perf_counter()
         eval_losses: dict[str, float] = {}
+        has_valid = any(d.valid is not None for d in self.domains)
         try:
             while self.step < cfg.steps and not self.should_stop:
                 stats = self.train_step()
@@ -960,7 +966,7 @@ class Trainer:
                     self.mixture.update(losses)
                     self._train_loss_since_update = self._zeros_domain()
                     if cfg.mixture.signal == "valid":
-                        rec = self._eval_record(losses)
+                        rec = self._eval_record(losses, budget=cfg.mixture.eval_tokens)
                         if ctx.is_main:
                             self.writer.write(rec)
                         self._callback("on_eval", rec)
@@ -970,7 +976,7 @@ class Trainer:
                         self.writer.write(rec)
                     self._callback("on_log", rec)
                     self._reset_window()
-                if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps and has_valid:
                     rec = self._eval_record(self.evaluate())
                     if ctx.is_main:
                         self.writer.write(rec)
@@ -984,15 +990,16 @@ class Trainer:
             if bar is not None:
                 bar.close()
 
-        if any(d.valid is not None for d in self.domains):
-            recorded = [r for r in read_metrics(self.output_dir) if r.get("kind") == "eval" and r["step"] == self.step]
+        if has_valid:
+            recorded = [r for r in read_metrics(self.output_dir)
+                        if r.get("kind") == "eval" and r["step"] == self.step and r.get("final")]
             if ctx.all_true(resumed_from is not None and resumed_from >= cfg.steps and bool(recorded)):
                 # a finished run rerun: its final evaluation is on record, nothing to recompute
                 rec = recorded[-1]
                 eval_losses = dict(rec["eval"])
             else:
                 eval_losses = self.evaluate()
-                rec = self._eval_record(eval_losses)
+                rec = self._eval_record(eval_losses, final=True)
                 if ctx.is_main and not recorded:
                     self.writer.write(rec)
             self._callback("on_eval", rec)

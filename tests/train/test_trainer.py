@@ -53,8 +53,9 @@ def test_cpt_and_sft_mixture_end_to_end(tmp_path, make_cfg, tokenizer):
             assert len(fractions) == 4 and sum(fractions) == pytest.approx(1.0)
         assert r["aux_losses"]["balance_loss"] > 0 and r["tokens_per_s"] > 0
     # the dynamic updates: the recorded weights follow the formula from the recorded losses
-    evals = [r for r in records if r["kind"] == "eval"]
+    evals = [r for r in records if r["kind"] == "eval" and not r.get("final")]
     assert [r["step"] for r in evals] == [3, 6]
+    assert [r["step"] for r in records if r.get("final")] == [6]  # and the end-of-run evaluation
     before = [0.6, 0.4]
     for ev in evals:
         names = list(ev["weights"])
@@ -248,3 +249,19 @@ def test_a_transformers_moe_model_is_not_trained_without_its_aux_loss(make_cfg, 
                                                max_position_embeddings=128))
     with pytest.raises(MoeforgeError, match="Qwen3MoeForCausalLM is a transformers MoE model; .*'qwen3_moe' is not imported"):
         train(make_cfg(steps=1), model=model, tokenizer=tokenizer)
+
+
+def test_the_final_evaluation_is_recorded_even_when_a_mixture_update_evaluated_that_step(make_cfg):
+    mixture = {"type": "dynamic", "update_every": 2, "eval_tokens": 64}
+    first = train(make_cfg(steps=4, mixture=mixture, eval_tokens=512))
+    evals = [r for r in read_metrics(first.output_dir) if r["kind"] == "eval" and r["step"] == 4]
+    assert [bool(r.get("final")) for r in evals] == [False, True]  # the mixture's 64-token look, then the final one
+    assert evals[1]["eval"] == pytest.approx(first.eval_losses) and evals[0]["eval"] != evals[1]["eval"]
+    again = train(make_cfg(steps=4, mixture=mixture, eval_tokens=512))
+    assert again.eval_losses == pytest.approx(first.eval_losses)
+
+
+def test_no_eval_records_without_validation_data(make_cfg):
+    data = [{"name": "prose", "builtin": "prose", "weight": 1.0, "max_tokens": 3000, "valid_fraction": 0}]
+    res = train(make_cfg(steps=4, eval_every=2, data=data))
+    assert not [r for r in read_metrics(res.output_dir) if r["kind"] == "eval"]
