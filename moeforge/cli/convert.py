@@ -22,7 +22,7 @@ def register(app: typer.Typer) -> None:
         gate_init: str = typer.Option("random", "--gate-init", help="random, uniform, centroid or activation."),
         refine: str = typer.Option("none", help="Layer-wise local distillation: none, router, down, router+down, all."),
         refine_steps: int = typer.Option(200, "--refine-steps", help="Optimiser steps per layer for --refine."),
-        refine_lr: float = typer.Option(None, "--refine-lr", help="Learning rate for --refine (default 1e-2 router only, 1e-4 with experts)."),
+        refine_lr: float = typer.Option(None, "--refine-lr", help="Learning rate for --refine (default 3e-3 router only, 1e-4 with experts)."),
         layers: str = typer.Option("all", help="Layers to convert, e.g. '0-11' or '0,2,4'; default all."),
         fmt: str = typer.Option("auto", "--format", help="auto, mixtral, qwen2_moe or moeforge."),
         seed: int = typer.Option(0, help="Seed for shuffles, k-means and router init."),

@@ -93,7 +93,7 @@ class ConvertConfig:
     refine_steps: int = 200
     """Optimiser steps per layer for --refine."""
     refine_lr: float | None = None
-    """Learning rate for --refine (default 1e-2 for the router alone, 1e-4 when experts train too)."""
+    """Learning rate for --refine (default 3e-3 for the router alone, 1e-4 when experts train too)."""
     layers: list[int] | None = None
     """Indices of the layers to convert; None converts every layer."""
     format: str = "auto"

@@ -73,7 +73,11 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
                 "conversation changes earlier text), so assistant tokens cannot be located; use a template "
                 "such as ChatML (`chat_template: chatml`)."
             )
-        spans.append((len(before), len(through)))
+        end = len(through)
+        eos = getattr(tokenizer, "eos_token", None)
+        if eos and through.rstrip().endswith(eos):  # the turn separator after the end-of-turn token
+            end = len(through.rstrip())           # is never generated (ChatML's newline): no loss on it
+        spans.append((len(before), end))
     return full, spans
 
 

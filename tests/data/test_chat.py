@@ -19,12 +19,14 @@ def test_single_turn_targets_are_exactly_the_reply(tokenizer):
     msgs = [{"role": "user", "content": "What is 12 + 30?"}, {"role": "assistant", "content": "12 + 30 = 42"}]
     ids, labels = tokenize_chat(tokenizer, msgs)
     assert tokenizer.decode(ids) == tokenizer.apply_chat_template(msgs, tokenize=False)
-    # the reply and the end-of-turn marker the template appends, nothing of the prompt
-    assert _target_text(tokenizer, ids, labels) == "12 + 30 = 42<|im_end|>\n"
-    # targets are one contiguous run at the end
+    # the reply and the end-of-turn marker the template appends: nothing of the prompt, and not the
+    # newline ChatML puts after the marker (never generated: the marker ends generation)
+    assert _target_text(tokenizer, ids, labels) == "12 + 30 = 42<|im_end|>"
+    # targets are one contiguous run, followed only by that newline
     first = next(i for i, x in enumerate(labels) if x != IGNORE_INDEX)
-    assert all(x != IGNORE_INDEX for x in labels[first:])
-    assert all(x == IGNORE_INDEX for x in labels[:first])
+    last = max(i for i, x in enumerate(labels) if x != IGNORE_INDEX)
+    assert all(x != IGNORE_INDEX for x in labels[first:last + 1])
+    assert all(x == IGNORE_INDEX for x in labels[:first]) and tokenizer.decode(ids[last + 1:]) == "\n"
 
 
 def test_multi_turn_every_reply_and_nothing_else(tokenizer):
@@ -36,9 +38,9 @@ def test_multi_turn_every_reply_and_nothing_else(tokenizer):
         {"role": "assistant", "content": "9"},
     ]
     ids, labels = tokenize_chat(tokenizer, msgs)
-    assert _target_text(tokenizer, ids, labels) == "4<|im_end|>\n9<|im_end|>\n"
+    assert _target_text(tokenizer, ids, labels) == "4<|im_end|>9<|im_end|>"
     text, spans = assistant_spans(tokenizer, msgs)
-    assert [text[s:e] for s, e in spans] == ["4<|im_end|>\n", "9<|im_end|>\n"]
+    assert [text[s:e] for s, e in spans] == ["4<|im_end|>", "9<|im_end|>"]
 
 
 def test_sharegpt_and_prompt_response_equal_messages(tokenizer):
@@ -71,7 +73,7 @@ def test_loss_gradient_only_at_assistant_positions(tokenizer):
     expected[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     assert torch.equal(grad_at > 0, expected)
     for row in range(2):
-        reply = convs[row][1]["content"] + "<|im_end|>\n"
+        reply = convs[row][1]["content"] + "<|im_end|>"
         assert tokenizer.decode(ids[row][labels[row] != IGNORE_INDEX]) == reply
     assert count.tolist() == [int((labels[r, 1:] != IGNORE_INDEX).sum()) for r in range(2)]
 
@@ -88,7 +90,7 @@ def test_packed_chat_keeps_masks(tokenizer):
     ids = blocks.input_ids.reshape(-1)
     labels = blocks.labels.reshape(-1)
     keep = labels != IGNORE_INDEX
-    assert tokenizer.decode(ids[keep].tolist()) == "".join(f"r{i}<|im_end|>\n" for i in range(6))
+    assert tokenizer.decode(ids[keep].tolist()) == "".join(f"r{i}<|im_end|>" for i in range(6))
 
 
 def test_bad_chat_records(tokenizer):
@@ -179,7 +181,7 @@ def test_real_smollm2_template_gsm8k_record():
     answer = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"
     msgs = normalize_messages(src, {"question": "How many clips?", "answer": answer}, "r")
     ids, labels = tokenize_chat(tok, msgs)
-    assert _target_text(tok, ids, labels) == answer + "<|im_end|>\n"
+    assert _target_text(tok, ids, labels) == answer + "<|im_end|>"
     assert "You are a helpful AI assistant" in tok.decode(ids)
 
 
