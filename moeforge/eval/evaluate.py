@@ -197,12 +197,9 @@ def unique_names(corpora: list[EvalCorpus]) -> list[EvalCorpus]:
 
 def check_evaluable(model) -> None:
     """Refuse a transformers MoE model that moeforge would count and score as dense."""
-    from ..models import MoeforgeForCausalLM
+    from ..models import is_transformers_moe
 
-    cfg = getattr(model, "config", None)
-    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
-    if not isinstance(model, MoeforgeForCausalLM) and isinstance(experts, int) and experts > 1 \
-            and getattr(cfg, "num_experts_per_tok", None):
+    if is_transformers_moe(model):
         raise MoeforgeError(
             f"{type(model).__name__} is a transformers MoE model: moeforge would count all its experts as active "
             "and record no routing. Open it with moeforge.load(PATH) (save_pretrained it first if it is only in "

@@ -1040,12 +1040,10 @@ PLAIN_HEAD_FAMILIES = frozenset({"llama", "mistral", "qwen2", "qwen3", "moeforge
 def _refuse_foreign_moe(model: nn.Module) -> None:
     """A transformers MoE model moeforge does not import would train without (or with wrongly
     weighted) router aux losses and no routing records; refuse it with the way in."""
-    from ..models import MoeforgeForCausalLM
+    from ..models import is_transformers_moe
 
-    cfg = getattr(model, "config", None)
-    experts = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
-    if not isinstance(model, MoeforgeForCausalLM) and isinstance(experts, int) and experts > 1 \
-            and getattr(cfg, "num_experts_per_tok", None):
+    if is_transformers_moe(model):
+        cfg = model.config
         raise MoeforgeError(
             f"{type(model).__name__} is a transformers MoE model; moeforge trains MoE models on its own layer "
             "(router aux losses, routing records) and imports Mixtral and Qwen2-MoE checkpoints onto it with "
