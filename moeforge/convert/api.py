@@ -433,11 +433,12 @@ class _Conversion:
         if not cfg.needs_calibration():
             return None, None, None
         if self.tokenizer is None:
+            shared = " with --shared-experts" if cfg.method == "cluster" and cfg.shared_experts else ""
             raise MoeforgeError(
-                f"--method {cfg.method} / --gate-init {cfg.gate_init} / --rescale {cfg.rescale} / --refine {cfg.refine} "
-                "need calibration text, but no tokenizer was found for the model; pass tokenizer=... or use "
-                "data-free options (method random/cluster/upcycle, gate init random/uniform/centroid, rescale "
-                "auto/none/number)."
+                f"--method {cfg.method}{shared} / --gate-init {cfg.gate_init} / --rescale {cfg.rescale} / --refine "
+                f"{cfg.refine} need calibration text, but no tokenizer was found for the model; pass tokenizer=... "
+                "or use data-free options (method random/upcycle, or cluster without shared experts; gate init "
+                "random/uniform/centroid; rescale auto/none/number)."
             )
         seq_len = cfg.calibration_seq_len
         if self.config.sliding_window:

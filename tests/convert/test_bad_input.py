@@ -272,3 +272,13 @@ def test_cli_reaches_every_conversion_option(tiny_llama, tmp_path, capsys):
             main(["convert", str(tiny_llama), "--out", str(tmp_path / "x"), "--quiet", "--router-option", bad])
         assert err.value.code == 2 and match in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_calibration_without_a_tokenizer_names_the_data_free_choices(tmp_path):
+    from .tiny import make_dense
+
+    make_dense(tmp_path / "notok", tokenizer=False)
+    with pytest.raises(MoeforgeError, match="--method cluster with --shared-experts .* cluster without shared experts"):
+        moeforge.convert(tmp_path / "notok", None, method="cluster", experts=3, shared_experts=1, top_k=1, eval_tokens=0)
+    report = moeforge.convert(tmp_path / "notok", None, method="cluster", experts=4, top_k=2, eval_tokens=0)
+    assert report.model is not None
