@@ -99,6 +99,19 @@ def resolve(path_or_alias: str | os.PathLike) -> ModelSource:
                         f"(or the alias 'smollm2').{_trained_parts_hint(path)}")
 
 
+def _trained_kind(path: Path) -> str | None:
+    """"adapter" or "composition" for a directory of moeforge adapter / CALM weights (not a full
+    checkpoint), else None."""
+    from .compose.checkpoint import META_FILE
+    from .peft.saving import ADAPTER_CONFIG
+
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    if (path / ADAPTER_CONFIG).is_file():
+        return "adapter"
+    return "composition" if (path / META_FILE).is_file() else None
+
+
 def trained_parts(path: str | os.PathLike) -> tuple[str, str] | None:
     """("adapter" | "composition", the base or anchor model it names) for a directory of adapter or
     composition weights saved by moeforge; None for anything else."""
@@ -106,16 +119,13 @@ def trained_parts(path: str | os.PathLike) -> tuple[str, str] | None:
     from .peft.saving import ADAPTER_CONFIG, read_adapter_config
 
     path = Path(str(path)).expanduser()
-    if not path.is_dir() or (path / "config.json").is_file():
-        return None
-    if (path / ADAPTER_CONFIG).is_file():
+    kind = _trained_kind(path)
+    if kind == "adapter":
         base = (read_adapter_config(path).get("base_model") or {}).get("name_or_path")
         where = f"{path / ADAPTER_CONFIG} records no base model; open it with moeforge.peft.load_adapter(moeforge.load(BASE), DIR)."
-        kind = "adapter"
-    elif (path / META_FILE).is_file():
+    elif kind == "composition":
         base = (read_meta(path).get("anchor") or {}).get("source")
         where = f"{path / META_FILE} records no anchor model; open it with moeforge.compose.load_composition(DIR, anchor=..., augmenting=...)."
-        kind = "composition"
     else:
         return None
     if not base:
@@ -142,13 +152,11 @@ def load_trained(path_or_alias: str | os.PathLike, **kwargs):
 
 def _trained_parts_hint(path: Path) -> str:
     """What to do with a directory of adapter or composition weights (which need their base models)."""
-    from .compose.checkpoint import META_FILE
-    from .peft.saving import ADAPTER_CONFIG
-
-    if (path / ADAPTER_CONFIG).is_file():
+    kind = _trained_kind(path)
+    if kind == "adapter":
         return (" It holds a moeforge adapter, which needs its base model: open it with moeforge.load_trained(DIR) "
                 "(the base its record names) or moeforge.peft.load_adapter(moeforge.load(BASE), DIR).")
-    if (path / META_FILE).is_file():
+    if kind == "composition":
         return (" It holds CALM composition weights, which need their two models: open it with "
                 "moeforge.load_trained(DIR) or moeforge.compose.load_composition(DIR).")
     return ""
