@@ -125,14 +125,13 @@ class AdaptedModel(nn.Module):
         if mode and not self._removed:
             from ..moe.layer import MoELayer
 
-            adapters = list(self.adapter_layers().values())
             for module in self.base_model.modules():
                 own = [*module.router.parameters(), *module.experts.parameters()] if isinstance(module, MoELayer) else []
                 if own and not any(p.requires_grad for p in own):
                     module.eval()
-                    for layer in adapters:  # adapter layers inside it (e.g. on shared experts) still train
-                        if any(layer is sub for sub in module.modules()):
-                            layer.train(True)
+                    for sub in module.modules():  # adapter layers inside it (e.g. on shared experts) still train
+                        if isinstance(sub, AdapterLayer):
+                            sub.train(True)
         return self
 
     # ------------------------------------------------------------------------------ on and off

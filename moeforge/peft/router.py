@@ -19,8 +19,8 @@ from ..utils.precision import autocast_off
 class AdapterRouter(nn.Module):
     """W_g (E, d), bias-free, float32. ``forward(x (..., d)) -> probs (..., E)`` float32.
 
-    The rows of ``probs`` sum to one; with ``top_k`` only the k largest entries per row are kept
-    (not renormalised), the rest are zero.
+    With soft merging the rows of ``probs`` sum to one; with ``top_k`` only the k largest entries
+    per row are kept (not renormalised, so they sum to less), the rest are zero.
     """
 
     def __init__(self, in_features: int, num_experts: int, *, top_k: int | None = None, init_std: float = 0.02,
