@@ -233,7 +233,7 @@ class Trainer:
 
     def _settle_output_dir(self, succeeded: bool) -> None:
         """Commit (the run has a checkpoint) or undo (it failed before one) :meth:`_claim_output_dir` (main process)."""
-        replaced, created = getattr(self, "_replaced", None), getattr(self, "_created", False)
+        replaced, created = self._replaced, self._created
         self._replaced, self._created = None, False
         if succeeded:
             if replaced is not None:
@@ -1059,7 +1059,7 @@ def _within(path: Path, directory: Path) -> bool:
 
 
 #: config keys a resumed run may change: where and how it runs, logs and saves, and how long
-#: (more steps extend the cosine schedule from the resumed step on). Any other change (model,
+#: (more steps re-plan the cosine schedule over the new total). Any other change (model,
 #: data, batch, sequence length, optimiser, objective, wrappers, seed) would splice two runs.
 RESUMABLE_CHANGES = frozenset({
     "output_dir", "resume", "overwrite", "progress", "plots", "save_final", "save_every", "keep_last",
