@@ -75,8 +75,13 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
             )
         end = len(through)
         eos = getattr(tokenizer, "eos_token", None)
-        if eos and through.rstrip().endswith(eos):  # the turn separator after the end-of-turn token
-            end = len(through.rstrip())           # is never generated (ChatML's newline): no loss on it
+        body = through[len(before):].rstrip()
+        at = body.find(content)
+        # whitespace after an end-of-turn marker (the EOS, or whatever non-blank text the template puts
+        # after the reply: ChatML's <|im_end|> when the EOS is <|endoftext|>, Gemma's <end_of_turn>) is
+        # never generated: no loss on it. A turn that ends in whitespace alone keeps it (its only stop).
+        if (eos and body.endswith(eos)) or (at >= 0 and body[at + len(content):].strip()):
+            end = len(before) + len(body)
         spans.append((len(before), end))
     return full, spans
 

@@ -75,19 +75,42 @@ def _read_text(files: list[Path]) -> list[str]:
     docs = []
     for f in files:
         try:
-            docs.append(f.read_text(encoding="utf-8"))
+            docs.append(f.read_text(encoding="utf-8-sig"))  # a byte-order mark is not text
         except UnicodeDecodeError:
             raise MoeforgeError(f"{f} is not UTF-8 text; convert it or remove it from the data source.") from None
     return docs
 
 
+def _json_document(f: Path) -> list[dict[str, Any]] | None:
+    """The records of a ``.json`` file holding one JSON document (an object or a list of objects),
+    or None when it is not one (then it is read as JSON Lines)."""
+    try:
+        data = json.loads(f.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if isinstance(data, dict):
+        return [data]
+    if isinstance(data, list) and data and all(isinstance(r, dict) for r in data):
+        return data
+    return None
+
+
 def _read_jsonl(files: list[Path]) -> tuple[list[dict[str, Any]], list[str]]:
-    """The records of JSONL files and each record's ``file:line``."""
+    """The records of JSONL files (or ``.json`` files holding a list of records) and each record's ``file:line``."""
     records, where = [], []
     for f in files:
-        with open(f, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                line = line.strip()
+        if f.suffix.lower() == ".json" and (document := _json_document(f)) is not None:
+            records.extend(document)
+            where.extend(f"{f} record {i}" for i in range(1, len(document) + 1))
+            continue
+        with open(f, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").strip()
+                except UnicodeDecodeError:
+                    raise MoeforgeError(
+                        f"{f}:{lineno} is not UTF-8 text; convert the file to UTF-8 or remove it from the data source."
+                    ) from None
                 if not line:
                     continue
                 try:
@@ -114,7 +137,15 @@ def _read_datasets(source, files: list[Path]) -> list[dict[str, Any]]:
     if len(builders) != 1:
         raise MoeforgeError(f"data source {source.name!r}: the datasets format needs files of one type, got {sorted(exts)}.")
     builder = builders.pop()
-    ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+    try:
+        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+    except Exception as err:  # noqa: BLE001  (pandas/pyarrow/codec errors, often wrapped in DatasetGenerationError)
+        cause = err.__cause__ if type(err).__name__ == "DatasetGenerationError" and err.__cause__ is not None else err
+        raise MoeforgeError(
+            f"data source {source.name!r}: the datasets library cannot read {', '.join(str(f) for f in files)} as "
+            f"{builder} ({type(cause).__name__}: {' '.join(str(cause).split())}); fix or convert the file "
+            "(UTF-8 text for csv/json) or set `format:`."
+        ) from None
     return [dict(r) for r in ds]
 
 
@@ -143,8 +174,8 @@ def normalize_messages(source, record: dict[str, Any], where: str) -> list[dict[
             if f not in record:
                 raise MoeforgeError(f"{where}: record has no field {f!r} (fields: {sorted(record)}).")
         messages = [
-            {"role": "user", "content": str(record[source.prompt_field])},
-            {"role": "assistant", "content": str(record[source.response_field])},
+            {"role": "user", "content": _content(record[source.prompt_field], where)},
+            {"role": "assistant", "content": _content(record[source.response_field], where)},
         ]
     elif "messages" in record:
         if not isinstance(record["messages"], list):
@@ -155,7 +186,7 @@ def normalize_messages(source, record: dict[str, Any], where: str) -> list[dict[
         for m in record["messages"]:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise MoeforgeError(f"{where}: every message needs `role` and `content`, got {m!r}.")
-            messages.append({"role": str(m["role"]), "content": str(m["content"])})
+            messages.append({"role": str(m["role"]), "content": _content(m["content"], where)})
     elif "conversations" in record:
         if not isinstance(record["conversations"], list):
             raise MoeforgeError(
@@ -170,7 +201,7 @@ def normalize_messages(source, record: dict[str, Any], where: str) -> list[dict[
                 raise MoeforgeError(
                     f"{where}: unknown ShareGPT speaker {m['from']!r}; known: {', '.join(sorted(SHAREGPT_ROLES))}."
                 )
-            messages.append({"role": role, "content": str(m["value"])})
+            messages.append({"role": role, "content": _content(m["value"], where)})
     else:
         raise MoeforgeError(f"{where}: chat record needs `messages`, `conversations` or the prompt/response fields.")
     for m in messages:
@@ -180,7 +211,20 @@ def normalize_messages(source, record: dict[str, Any], where: str) -> list[dict[
         messages = [{"role": "system", "content": source.system_prompt}] + messages
     if not any(m["role"] == "assistant" for m in messages):
         raise MoeforgeError(f"{where}: conversation has no assistant message, so nothing to learn from.")
+    if messages[0]["role"] == "assistant":
+        raise MoeforgeError(f"{where}: conversation starts with an assistant message; start it with a user (or system) turn.")
     return messages
+
+
+def _content(value: Any, where: str) -> str:
+    """A message's text: strings (and numbers) as they are; null or structured content is refused, not trained as
+    its Python spelling ("None", "[{...}]")."""
+    if value is None or isinstance(value, (dict, list)):
+        raise MoeforgeError(
+            f"{where}: a message's content is {'null' if value is None else 'a JSON ' + ('object' if isinstance(value, dict) else 'list')}, "
+            "expected text; fix or drop the record."
+        )
+    return str(value)
 
 
 def _records(source, path: str) -> tuple[str, list]:
@@ -243,7 +287,11 @@ def read_source(source) -> tuple[str, list, list | None]:
         train = builtin_documents(source.builtin, "train")
         valid = builtin_documents(source.builtin, "valid") if source.valid_fraction > 0 or source.valid_path else None
         if source.valid_path:
-            _, valid = _records(source, source.valid_path)
+            vkind, valid = _records(source, source.valid_path)
+            if vkind != kind:
+                raise MoeforgeError(
+                    f"data source {source.name!r}: valid_path holds {vkind} data but built-in domains are text."
+                )
         return kind, train, valid
     kind, train = _records(source, source.path)
     valid = None

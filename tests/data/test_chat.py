@@ -213,3 +213,32 @@ def test_template_without_a_header_needs_no_generation_prompt():
     ids, labels = tokenize_chat(tok, [{"role": "user", "content": "ab=3;ab?"}, {"role": "assistant", "content": "3"}])
     targets = [i for i, lab in zip(ids, labels) if lab != -100]
     assert tok.decode(targets, skip_special_tokens=True) == "3" and len(targets) == 2  # "3" and the EOS
+
+
+def test_newline_after_end_of_turn_marker_is_not_a_target_when_eos_differs(tokenizer):
+    # a base tokenizer (EOS <|endoftext|>) with ChatML: the turn still ends at <|im_end|>, and the
+    # newline the template puts after it is never generated
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.eos_token = "<|endoftext|>"
+    msgs = [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "3 * 3?"}, {"role": "assistant", "content": "9"}]
+    ids, labels = tokenize_chat(tok, msgs)
+    assert _target_text(tok, ids, labels) == "4<|im_end|>9<|im_end|>"
+    # a template whose turn ends in whitespace alone keeps it: it is the only stop signal
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    ids, labels = tokenize_chat(tok, msgs[:2])
+    assert _target_text(tok, ids, labels).endswith("4\n\n")
+
+
+def test_null_or_structured_content_and_leading_reply_are_named(tokenizer):
+    src = DataSource(name="c", path="x.jsonl")
+    with pytest.raises(MoeforgeError, match=r"^r: a message's content is null"):
+        normalize_messages(src, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]}, "r")
+    with pytest.raises(MoeforgeError, match=r"^r: a message's content is a JSON list"):
+        normalize_messages(src, {"conversations": [{"from": "human", "value": [{"type": "text"}]}]}, "r")
+    with pytest.raises(MoeforgeError, match=r"^r: conversation starts with an assistant message"):
+        normalize_messages(src, {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"},
+                                              {"role": "assistant", "content": "b"}]}, "r")

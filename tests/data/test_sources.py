@@ -109,6 +109,36 @@ def test_bad_records_are_named_by_file_and_line(tmp_path, caplog):
     assert "skipped 2 record(s) whose 'text' field is empty or null (first: " in caplog.text and "x.jsonl:2" in caplog.text
 
 
+def test_byte_order_mark_and_non_utf8_jsonl(tmp_path):
+    t = tmp_path / "bom.txt"
+    t.write_bytes("\ufeffHello\r\nworld\r\n".encode())
+    assert read_source(DataSource(name="t", path=str(t)))[1] == ["Hello\nworld\n"]
+    j = tmp_path / "bom.jsonl"
+    j.write_bytes("\ufeff".encode() + b'{"text": "one"}\r\n{"text": "two"}\r\n')
+    assert read_source(DataSource(name="j", path=str(j)))[1] == ["one", "two"]
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(MoeforgeError, match=r"latin\.jsonl:2 is not UTF-8 text"):
+        read_source(DataSource(name="l", path=str(latin)))
+
+
+def test_json_file_holding_a_list_of_records(tmp_path):
+    p = tmp_path / "x.json"
+    p.write_text(json.dumps([{"text": "first"}, {"text": "second"}], indent=2))
+    assert read_source(DataSource(name="j", path=str(p)))[:2] == ("text", ["first", "second"])
+    p.write_text(json.dumps({"text": "one"}, indent=2))
+    assert read_source(DataSource(name="j", path=str(p)))[1] == ["one"]
+    p.write_text('{"text": "a"}\n{"text": "b"}\n')  # JSON Lines named .json
+    assert read_source(DataSource(name="j", path=str(p)))[1] == ["a", "b"]
+
+
+def test_builtin_with_chat_valid_path_is_refused(tmp_path):
+    v = tmp_path / "v.jsonl"
+    v.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}) + "\n")
+    with pytest.raises(MoeforgeError, match="valid_path holds chat data"):
+        read_source(DataSource(name="b", builtin="arithmetic", valid_path=str(v)))
+
+
 def test_missing_directory_and_glob(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MoeforgeError, match="holds no files"):
@@ -131,6 +161,15 @@ def test_datasets_library_on_local_files(tmp_path):
 
     pq.write_table(pa.table({"text": ["first doc", "second doc"]}), p)
     assert read_source(DataSource(name="d", path=str(p)))[:2] == ("text", ["first doc", "second doc"])
+    # files the library cannot read: one message naming the file and the cause, not a DatasetGenerationError
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"text\ncaf\xe9\n")
+    with pytest.raises(MoeforgeError, match=r"cannot read .*bad\.csv as csv \(UnicodeDecodeError"):
+        read_source(DataSource(name="d", path=str(bad)))
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(MoeforgeError, match=r"cannot read .*empty\.csv as csv \(EmptyDataError"):
+        read_source(DataSource(name="d", path=str(empty)))
 
 
 def test_token_cache_hit_and_invalidation(tmp_path, tokenizer):
