@@ -85,8 +85,13 @@ class DataSource:
 
     def __post_init__(self) -> None:
         require(
-            isinstance(self.name, str) and self.name.strip() != "" and "." not in self.name,
-            f"data source name must be a non-empty string without dots, got {self.name!r}.",
+            isinstance(self.name, str) and self.name.strip() != "" and not any(c in self.name for c in "./\\"),
+            f"data source name must be a non-empty string without dots or slashes (it names cache folders, metrics "
+            f"and --data.NAME overrides), got {self.name!r}.",
+        )
+        require(
+            self.path is None or (isinstance(self.path, str) and self.path.strip() != ""),
+            f"data source {self.name!r} has an empty `path`; give a file, directory or glob (or use `builtin`).",
         )
         require(
             (self.path is None) != (self.builtin is None),

@@ -95,6 +95,9 @@ def test_bad_yaml(tmp_path):
         ([{"name": "a", "builtin": "prose"}, {"name": "a", "builtin": "code"}], "unique; repeated: a"),
         ([{"name": "a", "path": "x", "prompt_field": "q"}], "set both prompt_field and response_field"),
         ([{"name": "a", "builtin": "prose", "weight": float("nan")}], "finite"),
+        ([{"name": "/abs", "builtin": "prose"}], "without dots or slashes"),  # it names a cache folder
+        ([{"name": "a/b", "builtin": "prose"}], "without dots or slashes"),
+        ([{"name": "a", "path": ""}], "empty `path`"),  # would read the current directory
     ],
 )
 def test_bad_data_sources(data, match):
