@@ -13,13 +13,16 @@ def register(app: typer.Typer) -> None:
     def convert(
         model: str = typer.Argument(..., metavar="MODEL", help="Dense model: checkpoint directory, GGUF file or alias (smollm2)."),
         out: str = typer.Option(..., "--out", "-o", help="Output directory (must not exist unless --overwrite)."),
-        method: str = typer.Option("random", help="random, cluster, coactivation, importance, upcycle, granular-upcycle."),
-        experts: int = typer.Option(8, "--experts", "-e", help="Routed experts per layer (E)."),
+        method: str = typer.Option("random", help="random, cluster, coactivation, importance, upcycle, granular-upcycle, "
+                                   "or merge (experts = the FFNs of the --expert-model models)."),
+        experts: int = typer.Option(None, "--experts", "-e", show_default=False,
+                                    help="Routed experts per layer (E). [default: 8; merge: one per --expert-model]"),
         top_k: int = typer.Option(2, "--top-k", "-k", help="Experts per token (k); expert_choice ignores it (see --router-option capacity_factor=C)."),
         shared_experts: int = typer.Option(0, "--shared-experts", help="Always-on shared experts (split methods)."),
         router: str = typer.Option("topk", help="Router: topk, noisy_topk, switch, expert_choice, sigmoid_bias."),
         rescale: str = typer.Option("auto", help="auto (E/k for split methods), none, layerwise, fit, or a number."),
-        gate_init: str = typer.Option("random", "--gate-init", help="random, uniform, centroid or activation."),
+        gate_init: str = typer.Option("random", "--gate-init", help="random, uniform, centroid, activation, or domain "
+                                      "(merge: fitted to send each --expert-data text to its expert)."),
         refine: str = typer.Option("none", help="Layer-wise local distillation: none, router, down, router+down, all."),
         refine_steps: int = typer.Option(200, "--refine-steps", help="Optimiser steps per layer for --refine."),
         refine_lr: float = typer.Option(None, "--refine-lr", help="Learning rate for --refine (default 3e-3 router only, 1e-4 with experts)."),
@@ -39,6 +42,16 @@ def register(app: typer.Typer) -> None:
         granularity: int = typer.Option(2, help="granular-upcycle: parts per dense FFN (G)."),
         upcycle_noise: float = typer.Option(0.0, "--upcycle-noise", help="upcycle: relative noise std on expert copies."),
         upcycle_reinit: float = typer.Option(0.0, "--upcycle-reinit", help="upcycle: fraction of neurons re-initialised."),
+        expert_model: list[str] = typer.Option(
+            None, "--expert-model", metavar="MODEL",
+            help="merge: a model whose FFNs become one expert (same architecture as MODEL, e.g. a fine-tune of it); "
+            "repeat once per expert, in order."),
+        merge_shared: str = typer.Option(
+            "base", "--merge-shared",
+            help="merge: attention, norms, embeddings and head from MODEL (base) or the mean of the expert models (average)."),
+        expert_data: list[str] = typer.Option(
+            None, "--expert-data", metavar="TEXT",
+            help="--gate-init domain: each expert's text (prose, code, arithmetic or a .txt/.jsonl file); repeat once per expert."),
         dtype: str = typer.Option(None, help="Output dtype: float32, bfloat16, float16 (default: the model's)."),
         max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest safetensors shard written (e.g. 500MB)."),
         eval_tokens: int = typer.Option(4096, "--eval-tokens", help="Held-out tokens for dense vs MoE perplexity (0 skips)."),
@@ -99,6 +112,9 @@ def register(app: typer.Typer) -> None:
             upcycle_noise=upcycle_noise,
             upcycle_reinit=upcycle_reinit,
             dtype=dtype,
+            expert_models=expert_model or None,
+            merge_shared=merge_shared,
+            expert_data=expert_data or None,
         )
         print(f"wrote {report.out} (format {report.format}) in {report.seconds.get('total', 0):.1f}s")
         if report.verification:

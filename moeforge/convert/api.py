@@ -37,12 +37,13 @@ from ..formats.export import DenseLayerWeights, Exporter, ExportSpec, MoELayerWe
 from ..formats.moeforge_format import final_moeforge_config
 from ..models.configuration_moeforge import MoeforgeConfig
 from ..moe.config import MoEConfig
-from .calibration import DenseRunner, calibration_windows, importance_pass
+from .calibration import DenseRunner, calibration_windows, domain_windows, importance_pass
 from .config import ConvertConfig
 from .layer import LayerConverter, LayerReport, layer_generator
 from .reference import ReferenceStore
 from .methods.base import DenseFFN
-from .source import ATTN, EMBED, FINAL_NORM, IN_NORM, LM_HEAD, POST_NORM, DenseSource, open_source
+from .source import (ATTN, EMBED, FINAL_NORM, IN_NORM, LM_HEAD, POST_NORM, DenseSource, averaged_source,
+                     check_mergeable, open_source)
 from ..utils.memory import trim_heap
 from .streaming import ShardedWriter, parse_size
 from . import verify as _verify
@@ -312,8 +313,12 @@ def _convert(model_or_path, tmp: Path | None, cfg: ConvertConfig, allow_pickle: 
              eval_tokens: int, say: Callable[[str], None]) -> ConvertReport:
     t_start = time.perf_counter()
     source = open_source(model_or_path, allow_pickle=allow_pickle)
+    expert_sources: list[DenseSource] = []
     try:
-        job = _Conversion(source, tmp, cfg, tokenizer, verify, eval_tokens, say)
+        for name in cfg.expert_models or ():
+            expert_sources.append(open_source(name, allow_pickle=allow_pickle))
+            check_mergeable(source, expert_sources[-1])
+        job = _Conversion(source, tmp, cfg, tokenizer, verify, eval_tokens, say, expert_sources)
         try:
             report = job.run()
         finally:
@@ -321,16 +326,21 @@ def _convert(model_or_path, tmp: Path | None, cfg: ConvertConfig, allow_pickle: 
         report.seconds["total"] = time.perf_counter() - t_start
         return report
     finally:
-        source.close()
+        for src in (source, *expert_sources):
+            src.close()
 
 
 class _Conversion:
     """One conversion: plan, calibration, the streaming layer loop, config files, verification, evaluation."""
 
     def __init__(self, source: DenseSource, tmp: Path | None, cfg: ConvertConfig, tokenizer, verify: bool | str,
-                 eval_tokens: int, say: Callable[[str], None]) -> None:
+                 eval_tokens: int, say: Callable[[str], None], expert_sources: list[DenseSource] | None = None) -> None:
         cfg.check_against(source.num_layers, source.intermediate_size)
         self.source, self.tmp, self.cfg, self.say, self.eval_tokens = source, tmp, cfg, say, eval_tokens
+        self.expert_sources = expert_sources or []
+        # where every tensor but the converted FFNs comes from: the input model, or for a merge with
+        # --merge-shared average the mean of the expert models (the calibration runs on it too)
+        self.shared = averaged_source(source, self.expert_sources) if cfg.merge_shared == "average" else source
         self.seconds: dict[str, float] = {}
         self.moe = _moe_config(cfg, source)
         self.config = _converted_config(source, self.moe, cfg)
@@ -358,6 +368,7 @@ class _Conversion:
         self.keep_layers = set(range(n)) if self.need_reference else set()
         self.store = ReferenceStore(spill_parent=None if self.keep_all else tmp.parent)
         self.writer: ShardedWriter | None = None
+        self.labels: torch.Tensor | None = None  # (T,) expert of each calibration token (--gate-init domain)
 
     # ------------------------------------------------------------------ steps
     def run(self) -> ConvertReport:
@@ -443,8 +454,11 @@ class _Conversion:
         seq_len = cfg.calibration_seq_len
         if self.config.sliding_window:
             seq_len = min(seq_len, self.config.sliding_window)
-        windows = calibration_windows(self.tokenizer, cfg.calibration, cfg.calibration_tokens, seq_len)
-        runner = DenseRunner(self.source)
+        if cfg.gate_init == "domain":
+            windows, self.labels = domain_windows(self.tokenizer, cfg.expert_data, cfg.calibration_tokens, seq_len)
+        else:
+            windows = calibration_windows(self.tokenizer, cfg.calibration, cfg.calibration_tokens, seq_len)
+        runner = DenseRunner(self.shared)
         self.say(f"calibration: {windows.numel()} tokens in {windows.shape[0]} windows of {windows.shape[1]}")
         importance = None
         if cfg.method == "importance":
@@ -462,15 +476,15 @@ class _Conversion:
     def remember(self, pairs: list[tuple[str, torch.Tensor]], layer: int | None) -> None:
         if not self.need_reference or (layer is not None and layer not in self.keep_layers):
             return
-        keys = self.source.keys()
+        keys = self.shared.keys()
         for key, tensor in pairs:
             if self.store.spilled and key in keys:  # unchanged dense tensor: re-read from the source at the end
-                self.store.add_from_source(key, key, self.dtype, self.source.get)
+                self.store.add_from_source(key, key, self.dtype, self.shared.get)
             else:
                 self.store.add_tensors([(key, tensor)])
 
     def passthrough(self, key: str) -> torch.Tensor:
-        return self.source.get(key).to(self.dtype)
+        return self.shared.get(key).to(self.dtype)
 
     def stream(self, runner, windows, importance) -> tuple[list[LayerReport], dict[int, float]]:
         """Read, convert and write every layer in order; return the layer reports and output scales."""
@@ -490,15 +504,19 @@ class _Conversion:
             layer_src = {k: self.passthrough(k) for k in src.attention_keys(i)}
             self.emit(_attention_pairs(layer_src, i, *exporter.attention_biases(spec), self.dtype))
             self.remember(_attention_pairs(layer_src, i, *ref_biases, self.dtype), i)
-            ffn = DenseFFN(*src.read_ffn(i))
+            ffn = DenseFFN(*self.shared.read_ffn(i))
             calib = None
             if runner is not None and i <= max(self.converted):  # no calibration needed past the last converted layer
                 h, calib = runner.layer(i, h, ffn)
                 if importance is not None:
                     calib.importance = importance[i]
+                if self.labels is not None:
+                    calib.labels = self.labels
             if i in self.converted:
+                expert_ffns = [DenseFFN(*s.read_ffn(i)) for s in self.expert_sources] if self.cfg.merges else None
                 weights, rep = converter.convert(i, ffn, norm_weight=layer_src[POST_NORM.format(i=i)].float(),
-                                                 calib=calib)
+                                                 calib=calib, expert_ffns=expert_ffns)
+                del expert_ffns
                 # stock formats store the router at the model's precision: use that rounding everywhere
                 if exporter.fold_scale or self.dtype != torch.float32:
                     weights.router = weights.router.to(self.dtype).float()
@@ -564,7 +582,7 @@ class _Conversion:
         del state, ffn
         self.store.close()
         embeds = self.passthrough(EMBED)[ids]
-        head_key = EMBED if self.source.tied else LM_HEAD
+        head_key = EMBED if self.shared.tied else LM_HEAD
         body = model.model
         del model
         return _verify.layerwise_logits(body, embeds, lambda: self.passthrough(head_key))

@@ -108,6 +108,29 @@ def calibration_windows(tokenizer, spec, total_tokens: int, seq_len: int) -> Ten
     return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
 
 
+def domain_windows(tokenizer, texts: list[str], total_tokens: int, seq_len: int) -> tuple[Tensor, Tensor]:
+    """Calibration windows for ``--gate-init domain``: ((N, seq_len) ids, (N * seq_len,) labels).
+
+    ``texts[e]`` (a built-in domain or a .txt/.jsonl file) gives expert e an equal share of
+    ``total_tokens``; every token of its windows is labelled e.
+    """
+    share = total_tokens // len(texts)
+    if share < seq_len:
+        raise MoeforgeError(
+            f"--gate-init domain splits --calibration-tokens {total_tokens} over {len(texts)} experts, {share} each, "
+            f"less than one window of {seq_len}; use --calibration-tokens {seq_len * len(texts)} or more."
+        )
+    windows, labels = [], []
+    for e, spec in enumerate(texts):
+        try:
+            w = calibration_windows(tokenizer, spec, share, seq_len)
+        except MoeforgeError as err:
+            raise MoeforgeError(f"--expert-data {spec!r} (expert {e}): {err}") from None
+        windows.append(w)
+        labels.append(torch.full((w.numel(),), e, dtype=torch.long))
+    return torch.cat(windows), torch.cat(labels)
+
+
 # ------------------------------------------------------------------------------------ runner
 class DenseRunner:
     """Run a dense source model layer by layer in float32 (attention from transformers' LLaMA)."""

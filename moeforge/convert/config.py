@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,9 +19,11 @@ from ..loading import DTYPE_NAMES
 from ..utils.validation import check_field_types
 
 #: expert construction methods (see :mod:`moeforge.convert.methods`)
-METHOD_NAMES = ("random", "cluster", "coactivation", "importance", "upcycle", "granular-upcycle")
+METHOD_NAMES = ("random", "cluster", "coactivation", "importance", "upcycle", "granular-upcycle", "merge")
 #: router initialisations (see :mod:`moeforge.convert.gate_init`)
-GATE_INIT_NAMES = ("random", "uniform", "centroid", "activation")
+GATE_INIT_NAMES = ("random", "uniform", "centroid", "activation", "domain")
+#: where a merged model's attention, norms, embeddings and head come from (method merge)
+MERGE_SHARED_NAMES = ("base", "average")
 #: layer-wise refinement modes (see :mod:`moeforge.convert.refine`)
 REFINE_NAMES = ("none", "router", "down", "router+down", "all")
 #: rescale modes besides a number (see :mod:`moeforge.convert.rescale`)
@@ -70,14 +73,26 @@ def parse_layers(spec: str | list[int] | tuple[int, ...] | None) -> list[int] | 
     return sorted(set(spec))
 
 
+def _name_list(value, name: str, flag: str) -> list[str] | None:
+    """None, or a non-empty list of non-empty strings (one string is a list of one)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, os.PathLike)):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, (str, os.PathLike)) and str(v).strip()
+                                                                   for v in value):
+        raise MoeforgeError(f"{name} ({flag}) must be a non-empty list of paths or names, got {value!r}.")
+    return [str(v) for v in value]
+
+
 @dataclass
 class ConvertConfig:
     """How to turn a dense model's FFN blocks into MoE layers and where to write the result."""
 
     method: str = "random"
-    """Expert construction: random, cluster, coactivation, importance, upcycle or granular-upcycle."""
-    experts: int = 8
-    """Routed experts per MoE layer (E)."""
+    """Expert construction: random, cluster, coactivation, importance, upcycle, granular-upcycle, or merge (the experts are the FFNs of several dense models, e.g. fine-tunes of the input model: mergekit-moe, Branch-Train-MiX)."""
+    experts: int | None = None
+    """Routed experts per MoE layer (E); default 8, or one per expert model with method merge."""
     top_k: int = 2
     """Experts each token uses (k); k = E keeps every expert active."""
     shared_experts: int = 0
@@ -87,7 +102,7 @@ class ConvertConfig:
     rescale: str | float = "auto"
     """Output scale s of the routed experts (y = s * sum_k w_k E_k(x) + shared): auto (E/k for split methods as LLaMA-MoE, Megatron-LM's factor for upcycling), none (1), layerwise (per layer, output norm matched to the dense FFN on calibration data), fit (per layer, least-squares fit to the dense output) or a number."""
     gate_init: str = "random"
-    """Router initialisation: random (small normal), uniform (zeros: equal weights; ties go to the lowest index), centroid (from each expert's neurons) or activation (fitted on calibration tokens)."""
+    """Router initialisation: random (small normal), uniform (zeros: equal weights; ties go to the lowest index), centroid (from each expert's neurons), activation (fitted on calibration tokens) or domain (merge: fitted to send each --expert-data text to its expert)."""
     refine: str = "none"
     """Layer-wise local distillation toward the dense FFN after construction: none, router (gradient steps on the router), down (closed-form least-squares refit of the down projections), router+down, or all (router and experts by gradient steps)."""
     refine_steps: int = 200
@@ -122,10 +137,21 @@ class ConvertConfig:
     """Largest safetensors shard written."""
     router_options: dict[str, Any] = field(default_factory=dict)
     """Extra MoEConfig fields for the router (e.g. aux_loss_coef, capacity_factor)."""
+    expert_models: list[str] | None = None
+    """merge: the dense models whose FFNs become the experts, in expert order (paths, GGUF files or aliases; the input model may be one of them). They must share the input model's architecture and shapes, e.g. fine-tunes of it."""
+    merge_shared: str = "base"
+    """merge: where attention, norms, embeddings and head come from: base (the input model, as mergekit-moe) or average (the mean over the expert models, as Branch-Train-MiX)."""
+    expert_data: list[str] | None = None
+    """--gate-init domain: one text per expert (a built-in domain or a .txt/.jsonl file), e.g. what each expert model was fine-tuned on; the router is fitted to send each text's tokens to its expert."""
 
     def __post_init__(self) -> None:
-        check_field_types(self, skip=("layers", "rescale", "calibration", "dtype", "refine", "router_options"))
+        check_field_types(self, skip=("layers", "rescale", "calibration", "dtype", "refine", "router_options",
+                                      "expert_models", "expert_data"))
         _choice("method", self.method, METHOD_NAMES, "--method")
+        self.expert_models = _name_list(self.expert_models, "expert_models", "--expert-model")
+        self.expert_data = _name_list(self.expert_data, "expert_data", "--expert-data")
+        if self.experts is None:
+            self.experts = len(self.expert_models) if self.method == "merge" and self.expert_models else 8
         _choice("gate init", self.gate_init, GATE_INIT_NAMES, "--gate-init")
         _choice("refine mode", str(self.refine), REFINE_NAMES, "--refine")
         _choice("format", self.format, FORMAT_NAMES, "--format")
@@ -152,6 +178,8 @@ class ConvertConfig:
         if self.router == "switch" and self.top_k != 1:
             raise MoeforgeError(f"the switch router routes each token to one expert; use --top-k 1 (got {self.top_k}).")
         self.rescale = self._parse_rescale(self.rescale)
+        _choice("merge_shared setting", self.merge_shared, MERGE_SHARED_NAMES, "--merge-shared")
+        self._check_merge()
         if self.shared_experts and self.method in ("upcycle", "granular-upcycle"):
             raise MoeforgeError(
                 f"--shared-experts needs a method that splits the FFN (random, cluster, coactivation, importance); "
@@ -174,7 +202,7 @@ class ConvertConfig:
                     "describe a dense layer. Use --gate-init random/uniform/centroid, --rescale auto or a number, "
                     "and --refine none with --router expert_choice."
                 )
-        if self.gate_init in ("centroid", "activation") and not self.is_split:
+        if self.gate_init in ("centroid", "activation") and not self.is_split and self.method != "merge":
             raise MoeforgeError(
                 f"--gate-init {self.gate_init} derives router rows from each expert's own neurons, but {self.method} "
                 "makes experts that are copies of each other; use --gate-init random (or uniform) with upcycling."
@@ -197,6 +225,45 @@ class ConvertConfig:
             _choice("dtype", self.dtype, ("float32", "bfloat16", "float16"), "--dtype")
         require(isinstance(self.router_options, dict),
                 f"router_options must be a mapping of MoEConfig fields (e.g. {{'aux_loss_coef': 0.01}}), got {self.router_options!r}.")
+
+    def _check_merge(self) -> None:
+        """method merge and --gate-init domain: what they need and what they cannot combine with."""
+        if self.method != "merge":
+            require(self.expert_models is None,
+                    f"--expert-model names the models whose FFNs become the experts of --method merge; --method "
+                    f"{self.method} builds its experts from the input model alone. Use --method merge, or drop --expert-model.")
+            require(self.merge_shared == "base", "--merge-shared applies to --method merge only.")
+            require(self.gate_init != "domain",
+                    f"--gate-init domain sends each --expert-data text to its own expert, which only means something "
+                    f"when each expert is a model of that domain (--method merge); --method {self.method} makes "
+                    "experts from one model. Use --gate-init activation or centroid for split methods.")
+        else:
+            require(self.expert_models is not None,
+                    "--method merge needs the models whose FFNs become the experts: repeat --expert-model PATH (in "
+                    "Python: expert_models=[...]), one per expert.")
+            require(len(self.expert_models) == self.experts,
+                    f"--method merge makes one expert per --expert-model: {len(self.expert_models)} model(s) for "
+                    f"--experts {self.experts}; give {self.experts} models or leave --experts out.")
+            refused = [flag for flag, on in (
+                (f"--shared-experts {self.shared_experts}", self.shared_experts > 0),
+                (f"--gate-init {self.gate_init}", self.gate_init in ("centroid", "activation")),
+                (f"--rescale {self.rescale}", self.rescale in ("layerwise", "fit")),
+                (f"--refine {self.refine}", self.refine != "none"),
+                ("--upcycle-noise / --upcycle-reinit", self.upcycle_noise > 0 or self.upcycle_reinit > 0)) if on]
+            if refused:
+                raise MoeforgeError(
+                    f"{', '.join(refused)} cannot be used with --method merge: those steps split one FFN or fit the "
+                    "experts to reproduce the input model's FFN, which would undo what each expert model learned. "
+                    "Merge with --gate-init random, uniform or domain and --rescale auto, none or a number.")
+        if self.gate_init == "domain":
+            require(self.expert_data is not None and len(self.expert_data) == self.experts,
+                    f"--gate-init domain needs one --expert-data text per expert ({self.experts}), got "
+                    f"{0 if self.expert_data is None else len(self.expert_data)}: repeat --expert-data (a built-in "
+                    "domain such as prose, code, arithmetic, or a .txt/.jsonl file) in expert order.")
+        else:
+            require(self.expert_data is None,
+                    f"--expert-data is the text each expert's router row is fitted on (--gate-init domain); with "
+                    f"--gate-init {self.gate_init} it would be ignored. Add --gate-init domain or drop --expert-data.")
 
     @staticmethod
     def _parse_rescale(value: str | float) -> str | float:
@@ -260,6 +327,7 @@ class ConvertConfig:
     def needs_calibration(self) -> bool:
         return (
             self.method in ("coactivation", "importance")
+            or self.gate_init == "domain"
             or self.gate_init == "activation"
             or self.rescale in ("layerwise", "fit")
             or self.refine != "none"
@@ -284,6 +352,10 @@ class ConvertConfig:
             raise MoeforgeError(
                 f"--layers names layer {max(self.layers)}, but the model has {num_layers} layers (0-{num_layers - 1})."
             )
+
+    @property
+    def merges(self) -> bool:
+        return self.method == "merge"
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

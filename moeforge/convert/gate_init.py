@@ -17,6 +17,13 @@
   regression W = argmin sum_t ||W x_t - z(t)||^2 + lambda ||W||^2 (closed form, lambda = 1e-3 x
   the mean diagonal of X^T X), so its top-k logits name the experts with the largest outputs.
   The caller then picks the temperature (:mod:`moeforge.convert.layer`). Needs a split method.
+* ``domain`` (``--method merge``): each expert model comes with a text of its domain
+  (``--expert-data``), and the router is the multinomial logistic regression that predicts from
+  a token's FFN input which text it came from, W = argmin mean_t CE(softmax(W x_t), d_t) +
+  lambda ||W||^2 (classes weighted to equal total weight, L-BFGS from zero), so tokens of
+  expert e's domain pick expert e. mergekit-moe's "hidden" gate mode sets each row to the mean
+  hidden state of the expert's prompts instead; a fitted classifier also uses what tells the
+  domains apart rather than what they share.
 
 Both data-free and data-driven rows are combined with the layer's scale policy by the caller.
 """
@@ -70,6 +77,43 @@ def fit_router(x: Tensor, targets: Tensor, *, ridge: float = 1e-3) -> Tensor:
     return torch.linalg.solve(gram, x.T @ z).T.contiguous()
 
 
+DOMAIN_L2 = 1e-4
+DOMAIN_STEPS = 100
+
+
+def domain_rows(x: Tensor, labels: Tensor, num_experts: int, *, l2: float = DOMAIN_L2,
+                steps: int = DOMAIN_STEPS) -> tuple[Tensor, float]:
+    """Router rows fitted to tell the experts' domains apart: ((E, H) float32 W, training accuracy).
+
+    x: (T, H) router inputs (FFN inputs on the calibration text); labels: (T,) long expert of each
+    token. Multinomial logistic regression without bias, L2 penalty ``l2`` on W in units of the
+    inputs' RMS, classes weighted by T / (E * count) so a longer text does not dominate.
+    """
+    x = x.float()
+    rms = x.pow(2).mean().sqrt().clamp_min(1e-12)
+    xs = x / rms
+    counts = torch.bincount(labels, minlength=num_experts).float()
+    if bool((counts == 0).any()):
+        missing = [i for i, c in enumerate(counts.tolist()) if c == 0]
+        raise MoeforgeError(f"--gate-init domain: expert(s) {missing} have no calibration tokens; give each a text.")
+    class_weight = labels.numel() / (num_experts * counts)
+    w = torch.zeros(num_experts, x.shape[1], requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-7, tolerance_change=1e-9)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(xs @ w.T, labels, weight=class_weight) + l2 * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    rows = (w.detach() / rms).contiguous()
+    accuracy = float(((x @ rows.T).argmax(1) == labels).float().mean())
+    return rows, accuracy
+
+
 def init_router(
     name: str,
     experts: LayerExperts,
@@ -98,4 +142,9 @@ def init_router(
         if experts.groups is None:
             raise MoeforgeError("activation router initialisation needs experts made of neuron groups (a split method).")
         return fit_router(ctx.calib.x, expert_share_targets(expert_out))
+    if name == "domain":
+        if ctx.calib is None or ctx.calib.labels is None:
+            raise RuntimeError("internal error: domain gate init needs labelled calibration data")
+        rows, _ = domain_rows(ctx.calib.x, ctx.calib.labels, experts.num_experts)
+        return rows
     raise MoeforgeError(f"unknown gate init {name!r}")

@@ -12,6 +12,9 @@ Order of the steps for layer l (each documented in its own module):
    weights win: the router's job at conversion time is to choose, not to weigh).
 5. :mod:`~moeforge.convert.refine` optionally distils the block toward the dense FFN.
 
+``--method merge`` takes its experts from other models, so steps 4-5 (fits to the input model's
+FFN) do not apply; its calibration data only labels tokens for ``--gate-init domain``.
+
 When calibration data exists, the layer's relative output error
 ||y - y_moe||^2 / ||y||^2 on the calibration tokens is measured before refinement and at the end.
 """
@@ -28,7 +31,7 @@ from ..formats.export import MoELayerWeights
 from ..moe.config import MoEConfig
 from ..moe.routers import build_router
 from .config import ConvertConfig
-from .gate_init import init_router
+from .gate_init import domain_rows, init_router
 from .methods.base import DenseFFN, LayerCalibration, LayerContext, LayerExperts, get_method
 from .refine import refine_all, refine_down, refine_router
 from .rescale import fixed_scale, least_squares_scale, norm_matching_scale
@@ -79,18 +82,28 @@ class LayerConverter:
         *,
         norm_weight: Tensor,
         calib: LayerCalibration | None,
+        expert_ffns: list[DenseFFN] | None = None,
     ) -> tuple[MoELayerWeights, LayerReport]:
+        """Build layer ``index``'s experts and router from its dense FFN (``expert_ffns``: the same
+        layer of every expert model, method merge)."""
         cfg = self.cfg
-        ctx = LayerContext(index=index, config=cfg, generator=layer_generator(cfg.seed, index), calib=calib)
+        ctx = LayerContext(index=index, config=cfg, generator=layer_generator(cfg.seed, index), calib=calib,
+                           expert_ffns=expert_ffns)
         experts: LayerExperts = self.method.build(ffn, ctx)
-        expert_out = experts.expert_outputs(calib.x) if calib is not None else None
+        # a merge's calibration only labels tokens by domain: there is no dense output to fit
+        fits_dense = calib is not None and not cfg.merges
+        expert_out = experts.expert_outputs(calib.x) if fits_dense else None
         # the router's other state (e.g. noisy top-k's router_mlp matrix) is fixed up front, so the
         # calibration below evaluates the router the export will hold
         extra = router_extra_state(self.moe, cfg.seed, index)
-        router = init_router(cfg.gate_init, experts, ffn, ctx, norm_weight=norm_weight, expert_out=expert_out)
+        report_info = dict(experts.info)
+        if cfg.gate_init == "domain":
+            router, report_info["domain_accuracy"] = domain_rows(calib.x, calib.labels, experts.num_experts)
+        else:
+            router = init_router(cfg.gate_init, experts, ffn, ctx, norm_weight=norm_weight, expert_out=expert_out)
         scale = fixed_scale(cfg, experts.default_scale)
-        report = LayerReport(index=index, output_scale=scale if scale is not None else 1.0, info=dict(experts.info))
-        if calib is not None and self.moe.router != "expert_choice":  # expert choice routes across a batch
+        report = LayerReport(index=index, output_scale=scale if scale is not None else 1.0, info=report_info)
+        if fits_dense and self.moe.router != "expert_choice":  # expert choice routes across a batch
             router, scale = self._calibrate(router, scale, experts, expert_out, calib, report, ctx, extra)
             report.output_scale = scale
         weights = MoELayerWeights(

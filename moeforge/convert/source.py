@@ -23,6 +23,7 @@ object already in memory.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -316,3 +317,54 @@ def _from_model(model, name: str | None = None) -> DenseSource:
     )
     src.check_tensors()
     return src
+
+
+# ---------------------------------------------------------------------------------------- merging
+#: architecture fields every model of a merge must share with the input model
+_MERGE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "attention_bias")
+
+
+def check_mergeable(base: DenseSource, other: DenseSource) -> None:
+    """Raise :class:`MoeforgeError` unless ``other`` has ``base``'s family and shapes (method merge)."""
+    if other.family != base.family:
+        raise MoeforgeError(
+            f"--expert-model {other.name} is a {other.family} model but the input model {base.name} is {base.family}; "
+            "the models of a merge must share one architecture (e.g. fine-tunes of the input model)."
+        )
+    for name in _MERGE_FIELDS:
+        mine, theirs = base.base.get(name), other.base.get(name)
+        if mine != theirs:
+            raise MoeforgeError(
+                f"--expert-model {other.name} has {name} = {theirs}, but the input model {base.name} has {mine}; the "
+                "models of a merge must have the same shapes (e.g. fine-tunes of the input model)."
+            )
+
+
+class _AveragedTensors(Mapping):
+    """Read-only key -> tensor view whose values are the element-wise mean over several sources,
+    computed in float32 on access and stored back in the first source's dtype."""
+
+    def __init__(self, sources: list[DenseSource]) -> None:
+        self.sources = sources
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        total = None
+        for src in self.sources:
+            t = src.get(key).float()
+            total = t if total is None else total.add_(t)
+        return total.div_(len(self.sources)).to(self.sources[0].tensor_dtype(key))
+
+    def __iter__(self):
+        return iter(sorted(self.sources[0].keys()))
+
+    def __len__(self) -> int:
+        return len(self.sources[0].keys())
+
+
+def averaged_source(base: DenseSource, sources: list[DenseSource]) -> DenseSource:
+    """A dense model whose every tensor is the mean of ``sources``' (Branch-Train-MiX's merge of the
+    non-expert weights), with ``base``'s config; tensors are averaged one at a time when read."""
+    return DenseSource(family=base.family, config=base.config, base=dict(base.base),
+                       name=f"mean of {len(sources)} expert models", directory=None, dtype=base.dtype,
+                       _state=_AveragedTensors(sources))  # type: ignore[arg-type]

@@ -7,10 +7,11 @@ coactivation       balanced k-means on each neuron's contribution profile over c
 importance         LLaMA-MoE SharingInner / SharingInter (shared experts) by |a . dL/da|
 upcycle            sparse upcycling: every expert a copy (optional noise / partial re-init)
 granular-upcycle   G parts replicated E/G times, virtual-group router, Megatron-LM scaling
+merge              expert e = the FFN of the e-th of several dense models (mergekit-moe, BTX)
 =================  =====================================================================
 """
 
-from . import importance, split, upcycle  # noqa: F401  (registration)
+from . import importance, merge, split, upcycle  # noqa: F401  (registration)
 from .base import METHODS, DenseFFN, LayerCalibration, LayerContext, LayerExperts, Method, experts_from_groups, get_method
 from .kmeans import balanced_kmeans
 

@@ -53,11 +53,13 @@ class LayerCalibration:
     x: (T, H) inputs of the FFN (after post_attention_layernorm).
     y: (T, H) the dense FFN's outputs.
     importance: (C, I) per data-cluster neuron importance |a . dL/da| (importance method only).
+    labels: (T,) long, the expert whose --expert-data each token came from (--gate-init domain only).
     """
 
     x: Tensor
     y: Tensor
     importance: Tensor | None = None
+    labels: Tensor | None = None
     _act: Tensor | None = None
 
     def activations(self, ffn: DenseFFN) -> Tensor:
@@ -69,12 +71,14 @@ class LayerCalibration:
 
 @dataclass
 class LayerContext:
-    """What a method may use besides the weights: the layer index, the options, randomness, data."""
+    """What a method may use besides the weights: the layer index, the options, randomness, data,
+    and for ``merge`` this layer's FFN of every expert model (in expert order)."""
 
     index: int
     config: ConvertConfig
     generator: torch.Generator
     calib: LayerCalibration | None = None
+    expert_ffns: list[DenseFFN] | None = None
 
 
 @dataclass

@@ -1,0 +1,204 @@
+"""--method merge (experts = FFNs of several dense models) and --gate-init domain, against references."""
+
+import json
+
+import pytest
+import torch
+
+import moeforge
+from moeforge.cli import main
+from moeforge.convert.gate_init import domain_rows
+from moeforge.errors import MoeforgeError
+
+from .tiny import byte_tokenizer, make_dense
+
+
+def _variant(base_dir, path, seed: int, *, ffn_only: bool = True):
+    """A "fine-tune" of the tiny base: its FFNs (or every weight) moved by noise of std 0.02 (weights have 0.1)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".mlp." in name or not ffn_only:
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    model.save_pretrained(str(path))
+    byte_tokenizer().save_pretrained(str(path))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge")
+    base = make_dense(root / "base")
+    a = _variant(root / "base", root / "a", 1)
+    b = _variant(root / "base", root / "b", 2)
+    c = _variant(root / "base", root / "c", 3, ffn_only=False)
+    return {"root": root, "base": base, "a": a, "b": b, "c": c}
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def test_uniform_router_over_all_experts_equals_the_mean_of_the_expert_ffns(family):
+    """k = E, uniform router: each MoE layer is (1/3) sum_e FFN_e, i.e. one dense SwiGLU of width 3I whose
+    gate/up rows are the experts' stacked and whose down projection is theirs stacked / 3."""
+    from transformers import AutoModelForCausalLM
+
+    root = family["root"]
+    report = moeforge.convert(root / "base", None, method="merge", expert_models=[str(root / n) for n in "abc"],
+                              top_k=3, gate_init="uniform", eval_tokens=0)
+    assert report.config.experts == 3  # one per expert model when --experts is left out
+    base = family["base"]
+    config = base.config.to_dict()
+    config.update(intermediate_size=3 * base.config.intermediate_size)
+    config.pop("architectures", None)
+    wide = AutoModelForCausalLM.from_config(type(base.config)(**config)).eval()
+    state = {k: v for k, v in base.state_dict().items() if ".mlp." not in k}
+    for i in range(base.config.num_hidden_layers):
+        mlps = [family[n].model.layers[i].mlp for n in "abc"]
+        state[f"model.layers.{i}.mlp.gate_proj.weight"] = torch.cat([m.gate_proj.weight for m in mlps])
+        state[f"model.layers.{i}.mlp.up_proj.weight"] = torch.cat([m.up_proj.weight for m in mlps])
+        state[f"model.layers.{i}.mlp.down_proj.weight"] = torch.cat([m.down_proj.weight for m in mlps], dim=1) / 3
+    missing, unexpected = wide.load_state_dict(state, strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing)
+    wide.tie_weights()
+    torch.testing.assert_close(_logits(report.model, IDS), _logits(wide, IDS), atol=1e-5, rtol=1e-5)
+
+
+def test_merging_copies_of_the_base_reproduces_the_base(family):
+    root = family["root"]
+    report = moeforge.convert(root / "base", None, method="merge", expert_models=[str(root / "base")] * 4,
+                              top_k=2, eval_tokens=0)
+    torch.testing.assert_close(_logits(report.model, IDS), _logits(family["base"], IDS), atol=1e-5, rtol=1e-5)
+
+
+def test_each_expert_is_its_models_ffn_and_the_rest_is_the_base(family):
+    root = family["root"]
+    moe = moeforge.convert(root / "base", None, method="merge", expert_models=[str(root / "a"), str(root / "c")],
+                           top_k=1, eval_tokens=0).model
+    for i, layer in enumerate(moe.model.layers):
+        for e, name in enumerate("ac"):
+            mlp = family[name].model.layers[i].mlp
+            want = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            torch.testing.assert_close(layer.mlp.experts.gate_up_proj[e], want, atol=0, rtol=0)
+            torch.testing.assert_close(layer.mlp.experts.down_proj[e], mlp.down_proj.weight, atol=0, rtol=0)
+        # c changed its attention too, but --merge-shared base keeps the input model's
+        torch.testing.assert_close(layer.self_attn.q_proj.weight, family["base"].model.layers[i].self_attn.q_proj.weight,
+                                   atol=0, rtol=0)
+
+
+def test_merge_shared_average_takes_the_mean_of_the_expert_models(family):
+    root = family["root"]
+    moe = moeforge.convert(root / "base", None, method="merge", expert_models=[str(root / "a"), str(root / "c")],
+                           merge_shared="average", top_k=1, eval_tokens=0).model
+    a, c = family["a"], family["c"]
+    want = (a.model.embed_tokens.weight + c.model.embed_tokens.weight) / 2
+    torch.testing.assert_close(moe.model.embed_tokens.weight, want)
+    for i, layer in enumerate(moe.model.layers):
+        for key in ("q_proj", "o_proj"):
+            want = (getattr(a.model.layers[i].self_attn, key).weight + getattr(c.model.layers[i].self_attn, key).weight) / 2
+            torch.testing.assert_close(getattr(layer.self_attn, key).weight, want)
+        want = (a.model.layers[i].input_layernorm.weight + c.model.layers[i].input_layernorm.weight) / 2
+        torch.testing.assert_close(layer.input_layernorm.weight, want)
+
+
+DIGITS = ";".join(str(n * 7919 % 100003) + "+" + str(n) for n in range(400))  # no character in common with LETTERS
+_WORDS = "the quick brown fox jumps over a lazy dog while bird sings in green field and river runs".split()
+LETTERS = " ".join(_WORDS[n * 7 % 101 % len(_WORDS)] for n in range(900))
+
+
+def test_domain_rows_separate_labelled_inputs():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 16, generator=g) * 2
+    labels = torch.arange(3).repeat_interleave(200)
+    x = centres[labels] + torch.randn(600, 16, generator=g)
+    rows, acc = domain_rows(x, labels, 3)
+    assert rows.shape == (3, 16) and rows.dtype == torch.float32
+    assert acc > 0.95
+    # the rows generalise: fresh points from the same clusters go to their own expert
+    test = centres[labels] + torch.randn(600, 16, generator=g)
+    assert float(((test @ rows.T).argmax(1) == labels).float().mean()) > 0.9
+    with pytest.raises(MoeforgeError, match=r"expert\(s\) \[2\] have no calibration tokens"):
+        domain_rows(x[:400], labels[:400], 3)
+
+
+def test_domain_gate_init_sends_each_text_to_its_expert_and_exports_to_mixtral(family, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    root = family["root"]
+    (tmp_path / "digits.txt").write_text(DIGITS)
+    (tmp_path / "letters.txt").write_text(LETTERS)
+    out = tmp_path / "merged"
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", str(root / "base"), "--out", str(out), "--method", "merge", "--expert-model", str(root / "a"),
+              "--expert-model", str(root / "b"), "--top-k", "1", "--gate-init", "domain",
+              "--expert-data", str(tmp_path / "digits.txt"), "--expert-data", str(tmp_path / "letters.txt"),
+              "--calibration-tokens", "2048", "--calibration-seq-len", "128", "--eval-tokens", "0", "--quiet"])
+    assert exc.value.code == 0, capsys.readouterr().err
+    record = json.loads((out / "moeforge_conversion.json").read_text())
+    assert record["format"] == "mixtral"
+    assert record["config"]["expert_models"] == [str(root / "a"), str(root / "b")]
+    assert all(layer["info"]["domain_accuracy"] > 0.9 for layer in record["layers"])
+    # plain transformers opens it; held-out text of each domain (the files' tails: the calibration read
+    # 1,024 tokens from each file's start) goes to its own expert in every layer
+    plain = AutoModelForCausalLM.from_pretrained(str(out))
+    assert type(plain).__name__ == "MixtralForCausalLM"
+    moe = moeforge.load(out)
+    tok = byte_tokenizer()
+    assert len(DIGITS) > 3000 and len(LETTERS) > 3000
+    for expert, text in ((0, DIGITS[-300:]), (1, LETTERS[-300:])):
+        ids = tok(text, return_tensors="pt").input_ids
+        with torch.no_grad():
+            routing = moe(ids, output_routing=True).routing
+        for r in routing:  # past the first tokens, whose context is too short to tell (windows start rarely)
+            share = float((r.expert_index[8:] == expert).float().mean())
+            assert share > 0.8, (expert, share)
+
+
+def test_merge_refusals(family, tmp_path):
+    root = family["root"]
+    models = [str(root / "a"), str(root / "b")]
+    cases = [
+        (dict(method="merge"), "--method merge needs the models"),
+        (dict(method="merge", expert_models=models, experts=4), r"2 model\(s\) for --experts 4"),
+        (dict(method="random", expert_models=models), "--expert-model names the models"),
+        (dict(method="merge", expert_models=models, refine="down"), "--refine down cannot be used with --method merge"),
+        (dict(method="merge", expert_models=models, gate_init="activation"), "--gate-init activation cannot"),
+        (dict(method="merge", expert_models=models, rescale="fit"), "--rescale fit cannot"),
+        (dict(method="merge", expert_models=models, gate_init="domain"), "needs one --expert-data text per expert"),
+        (dict(method="merge", expert_models=models, gate_init="domain", expert_data=["prose"]),
+         "per expert \\(2\\), got 1"),
+        (dict(method="merge", expert_models=models, expert_data=["prose", "code"]), "Add --gate-init domain"),
+        (dict(method="random", gate_init="domain", expert_data=["prose", "code"], experts=2), "only means something"),
+        (dict(method="merge", expert_models=[]), "must be a non-empty list"),
+        (dict(method="merge", expert_models=models, merge_shared="mean"), "unknown merge_shared setting 'mean'"),
+    ]
+    for options, match in cases:
+        with pytest.raises(MoeforgeError, match=match):
+            moeforge.ConvertConfig(**options)
+
+
+def test_an_expert_model_of_another_shape_is_refused_and_nothing_is_written(family, tmp_path, capsys):
+    root = family["root"]
+    make_dense(tmp_path / "wide", hidden=48)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", str(root / "base"), "--out", str(out), "--method", "merge", "--expert-model", str(root / "a"),
+              "--expert-model", str(tmp_path / "wide"), "--quiet"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "has hidden_size = 48, but the input model" in err and "Traceback" not in err
+    assert not out.exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", str(root / "base"), "--out", str(out), "--method", "merge", "--expert-model", str(root / "a"),
+              "--expert-model", str(tmp_path / "missing"), "--quiet"])
+    assert exc.value.code == 2
+    assert "missing" in capsys.readouterr().err
+    assert not out.exists()
