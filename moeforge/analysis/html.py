@@ -79,7 +79,14 @@ def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
 
 @torch.no_grad()
 def capture_token_routing(model, tokenizer, text: str, *, label: str = "text", max_tokens: int = 64) -> TokenRouting:
-    """Run a moeforge MoE model on the first ``max_tokens`` tokens of ``text`` and keep its routing."""
+    """Run a moeforge MoE model on the first ``max_tokens`` tokens of ``text`` and keep its routing.
+
+    At most the model's context (``max_position_embeddings``) is shown: routing at positions the
+    model was never trained on is not the model's behaviour.
+    """
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int):
+        max_tokens = min(max_tokens, context)
     ids = tokenizer(text, add_special_tokens=False).input_ids[:max_tokens]
     if not ids:
         raise ValueError("the text has no tokens")

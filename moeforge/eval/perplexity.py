@@ -33,7 +33,11 @@ class NLLResult:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.mean_nll)
+        """exp(mean NLL); inf when that overflows a float (mean NLL above ~709.8 nats, a broken model)."""
+        try:
+            return math.exp(self.mean_nll)
+        except OverflowError:
+            return float("inf")
 
     @property
     def tokens_per_second(self) -> float:
@@ -61,8 +65,16 @@ def windows(input_ids: Tensor, seq_len: int, max_tokens: int | None = None) -> T
 
 
 def _accepts_routing(model) -> bool:
+    """Whether ``model(ids, output_routing=True)`` returns moeforge routing: a moeforge MoE model, or an
+    adapter (``AdaptedModel``) on one, or a CALM composition (``ComposedForCausalLM``) whose anchor is one."""
+    from ..compose.model import ComposedForCausalLM
     from ..models import MoeforgeForCausalLM
+    from ..peft.model import AdaptedModel
 
+    if isinstance(model, AdaptedModel):
+        return _accepts_routing(model.base_model)
+    if isinstance(model, ComposedForCausalLM):
+        return _accepts_routing(model.anchor)
     return isinstance(model, MoeforgeForCausalLM)
 
 
@@ -80,7 +92,8 @@ def evaluate_nll(
 
     ``on_routing(routing, batch)`` is called after every batch with the per-layer
     :class:`~moeforge.moe.Routing` tuple (None entries for dense layers) and the (B, L) batch of
-    token ids, when the model is a moeforge MoE model; it is how routing statistics are
+    token ids, when the model is a moeforge MoE model (or an adapter on one, or a composition
+    whose anchor is one); it is how routing statistics are
     gathered in the same pass as perplexity. The model is put in eval mode for the call and
     restored afterwards.
     """

@@ -93,3 +93,11 @@ def test_domain_usage_panels_share_one_colour_scale(tmp_path, monkeypatch):
     plot_domain_usage(per_domain, tmp_path / "d.png", layers=[0, 2])
     loads = [per_domain[d].load(layer).double() for layer in (0, 2) for d in per_domain]
     assert made == [pytest.approx(max(float((v * v.numel() / v.sum()).max()) for v in loads))]
+
+
+def test_html_view_stops_at_the_model_context():
+    model, tok = tiny_moe(), tiny_tokenizer()  # max_position_embeddings 256
+    text = "def f(x):\n    return x + 1\n" * 200
+    assert len(tok(text, add_special_tokens=False).input_ids) > 1000
+    seg = capture_token_routing(model, tok, text, max_tokens=1000)
+    assert len(seg.tokens) == 256

@@ -81,3 +81,35 @@ def test_a_directory_is_not_a_missing_corpus(tmp_path):
 
     with pytest.raises(MoeforgeError, match="is a directory"):
         resolve_corpus(str(tmp_path))
+
+
+def test_adapters_and_compositions_on_a_moe_model_keep_its_routing():
+    from moeforge.compose import compose
+    from moeforge.peft import LoRAConfig, wrap
+
+    plain = evaluate(tiny_moe(), tiny_tokenizer(), ["prose"], max_tokens=128, seq_len=32)
+    adapted = wrap(tiny_moe(), LoRAConfig(target_modules=["q_proj"]))  # B = 0: same logits as the base
+    composed = compose(tiny_moe(), tiny_llama(), num_connections=1)  # zero output projection: the anchor's logits
+    for model in (adapted, composed):
+        report = evaluate(model, tiny_tokenizer(), ["prose"], max_tokens=128, seq_len=32)
+        assert report.is_moe and report.routing.moe_layers == [0, 2]
+        assert report.perplexity["prose"] == pytest.approx(plain.perplexity["prose"], rel=1e-5)
+        assert [s.load for s in report.routing.layers()] == [s.load for s in plain.routing.layers()]
+
+
+def test_composition_flops_run_the_augmenting_decoder_without_embedding_or_head():
+    from moeforge.compose import compose
+
+    anchor, aug = tiny_moe(), tiny_llama()  # tiny_llama: untied 300 x 32 embedding and LM head
+    composed = compose(anchor, aug, num_connections=1)
+    seq = 64
+    # augmenting decoder: 2 layers of attention (32*32 + 2*16*32 + 32*32) and MLP (3*32*64), norms (3*32)
+    aug_matmul = 2 * (3072 + 6144 + 64) + 32
+    assert aug_matmul == parameter_counts(aug)["total"] - 2 * 300 * 32
+    aug_attention = 2 * 2 * 2 * (4 * 8) * (seq + 1) / 2  # 2 layers, 4 heads of 8
+    # one connection: two norms of 32, the 32 -> 32 projection and q, k, v, o of 32 x 32; 4 heads of 8, causal
+    conn = 2 * 32 + 5 * 32 * 32
+    conn_attention = 2 * 2 * (4 * 8) * (seq + 1) / 2
+    anchor_flops = 2 * parameter_counts(anchor)["active"] + 2 * 2 * 3 * (4 * 8) * (seq + 1) / 2  # tied head, 3 layers
+    expected = anchor_flops + 2 * aug_matmul + aug_attention + 2 * conn + conn_attention
+    assert flops_per_token(composed, seq) == int(expected)

@@ -81,3 +81,23 @@ def test_moe_routing_is_gathered_in_the_same_pass():
         assert s.tokens == res.tokens == 96
         assert s.pairs == 2 * 96  # top-2, no dropping
     assert model.training is False
+
+
+class Confident(nn.Module):
+    """Puts a logit of +1000 on token 0 and 0 elsewhere: every other next token costs ~1000 nats."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab = vocab
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids, **kw):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        logits[..., 0] = 1000.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_a_mean_nll_past_float_range_is_infinite_perplexity_not_an_error():
+    res = evaluate_nll(Confident(5), torch.ones(20, dtype=torch.long), seq_len=10)
+    assert res.mean_nll == pytest.approx(1000.0)  # exp(1000) overflows a float
+    assert res.perplexity == math.inf
