@@ -35,6 +35,10 @@ def _open(role: str, model: ModelLike, tokenizer, dtype) -> tuple[nn.Module, Any
         if tokenizer is None:
             tokenizer = find_tokenizer(model)
         source = getattr(model.config, "_name_or_path", None) or None
+        from ..loading import ALIASES
+
+        if source is not None and source not in ALIASES and Path(source).expanduser().exists():
+            source = str(Path(source).expanduser().resolve())  # recorded for load_composition: not cwd-relative
         return model, tokenizer, source
     if not isinstance(model, (str, os.PathLike)):
         raise MoeforgeError(f"the {role} model must be a causal LM or a path/alias, got {type(model).__name__}.")

@@ -25,6 +25,8 @@ connections.{k}.attn.o_proj.weight                    (D_B, I)
 The fingerprint hashes names, shapes and 64 evenly spaced values (rounded to bfloat16) of every
 weight, so loading refuses composition weights saved for other models — also models with the
 same architecture but different weights — while a float32 and a bfloat16 copy of one model match.
+A second fingerprint (``fingerprint_fp16``, values rounded to float16 first) lets a float16 copy
+match too: the two roundings disagree on ~6% of values, so the first alone never matches one.
 """
 
 from __future__ import annotations
@@ -45,9 +47,10 @@ META_FILE = "composition.json"
 SAMPLES_PER_TENSOR = 64
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash identifying a model's weights (robust to float32 <-> bfloat16 casts)."""
-    return sampled_digest(sorted(model.state_dict().items()), SAMPLES_PER_TENSOR)
+def model_fingerprint(model: torch.nn.Module, *, via: torch.dtype | None = None) -> str:
+    """A short hash identifying a model's weights (robust to float32 <-> bfloat16 casts; with
+    ``via=torch.float16``, to float32 <-> float16 casts)."""
+    return sampled_digest(sorted(model.state_dict().items()), SAMPLES_PER_TENSOR, via=via)
 
 
 def describe_model(model: torch.nn.Module, source: str | None) -> dict:
@@ -62,6 +65,7 @@ def describe_model(model: torch.nn.Module, source: str | None) -> dict:
         "num_layers": len(decoder_layers(model)),
         "vocab_size": int(model.get_input_embeddings().num_embeddings),
         "fingerprint": model_fingerprint(model),
+        "fingerprint_fp16": model_fingerprint(model, via=torch.float16),
     }
 
 
@@ -115,7 +119,10 @@ def check_models_match(meta: dict, current: dict[str, dict], directory: Path, *,
                     f"({label} {saved.get(key)}), but the {role} model given ({now.get('source')!r}) has {label} "
                     f"{now.get(key)}; load it with the models it was trained for."
                 )
-        if saved.get("fingerprint") != now.get("fingerprint") and not allow_other_models:
+        same = saved.get("fingerprint") == now.get("fingerprint") or (
+            saved.get("fingerprint_fp16") is not None and saved.get("fingerprint_fp16") == now.get("fingerprint_fp16")
+        )
+        if not same and not allow_other_models:
             raise MoeforgeError(
                 f"the composition in {directory} was trained with the {role} model {saved.get('source')!r} "
                 f"(weights {saved.get('fingerprint')}), but the {role} model given ({now.get('source')!r}) has "

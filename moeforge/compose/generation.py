@@ -27,9 +27,11 @@ def _eos_ids(model, eos_token_id) -> list[int]:
 
 
 def next_token_scores(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
-    """logits (batch, vocab) -> tempered scores with everything outside top-k / top-p set to -inf."""
+    """logits (batch, vocab) -> tempered scores with everything outside top-k / top-p set to -inf.
+
+    ``top_k`` None or 0 keeps every token (as in transformers)."""
     scores = logits.float() / temperature
-    if top_k is not None and top_k < scores.shape[-1]:
+    if top_k and top_k < scores.shape[-1]:
         kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
@@ -60,6 +62,8 @@ def decode_loop(
         raise MoeforgeError(f"generate needs input_ids of shape (batch, prompt length >= 1), got {tuple(input_ids.shape)}.")
     if max_new_tokens < 0:
         raise MoeforgeError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+    if top_k is not None and top_k < 0:
+        raise MoeforgeError(f"top_k must be >= 0 (0 or None: no top-k filter), got {top_k}.")
     if do_sample and temperature <= 0:
         raise MoeforgeError(f"temperature must be > 0 when sampling, got {temperature}; use do_sample=False for greedy.")
     device = model.device

@@ -365,6 +365,20 @@ class ComposedForCausalLM(nn.Module):
                 f"but this composed model connects {[list(p) for p in self.layer_pairs]}; compose with "
                 f"the saved settings ({meta.get('calm')})."
             )
+        # settings that change what the weights compute but not their shapes (norm changes the keys too)
+        saved = meta.get("calm") or {}
+        ours = {"rope": self.calm_config.rope, "norm": self.calm_config.norm,
+                "num_heads": self.connections[0].attn.num_heads}
+        theirs = dict(saved)
+        if "num_heads" in saved:
+            theirs["num_heads"] = saved["num_heads"] or _text_config(self.anchor).num_attention_heads
+        differ = [f"{key}={theirs[key]!r} (this composed model: {value!r})"
+                  for key, value in ours.items() if key in theirs and theirs[key] != value]
+        if differ:
+            raise MoeforgeError(
+                f"the composition in {directory} was trained with {', '.join(differ)}; the weights would compute "
+                f"something else here. Compose with the saved settings ({saved}), e.g. load_composition(DIR)."
+            )
         state = ckpt.load_weights(directory)
         expected = self.composition_state_dict()
         missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

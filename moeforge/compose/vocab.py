@@ -63,7 +63,7 @@ def check_shared_vocabulary(
             raise MoeforgeError(
                 f"the anchor ({anchor_name}) and augmenting ({augmenting_name}) models use different tokenizers: "
                 f"token {token!r} has id {va.get(token)} in the anchor's vocabulary and {vb.get(token)} in the "
-                f"augmenting model's ({count} of {max(len(va), len(vb))} tokens differ). {hint}"
+                f"augmenting model's ({count} of the {len(va.keys() | vb.keys())} tokens in either vocabulary differ). {hint}"
             )
         need = max(va.values(), default=-1) + 1
         for role, name, model in (("anchor", anchor_name, anchor), ("augmenting", augmenting_name, augmenting)):

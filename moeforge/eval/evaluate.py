@@ -135,6 +135,9 @@ def evaluate(
         token_ids[corpus.name] = ids
     window = max(min(seq_len, ids.numel()) for ids in token_ids.values())
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    augmenting = getattr(getattr(getattr(model, "augmenting", None), "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and isinstance(augmenting, int):  # a CALM composition runs both models on every token
+        context = min(context, augmenting)
     if isinstance(context, int) and window > context:
         raise MoeforgeError(
             f"seq_len (--seq-len) {seq_len} gives windows of {window} tokens"

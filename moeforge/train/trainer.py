@@ -293,6 +293,13 @@ class Trainer:
         if cfg.peft is None and cfg.compose is None:
             _refuse_foreign_moe(model)
         model = prepare_model(model, cfg, tok)
+        augmenting = getattr(model, "augmenting", None) if cfg.compose is not None else None
+        context = getattr(getattr(augmenting, "config", None), "max_position_embeddings", None)
+        if isinstance(context, int) and cfg.seq_len > context:  # a composition runs both models on every token
+            raise MoeforgeError(
+                f"seq_len={cfg.seq_len} is longer than the augmenting model's context of {context} positions "
+                f"(max_position_embeddings); use --seq_len {context} or less."
+            )
         _reset_router_loads(model)
         self.trainable, self.total_params = count_parameters(model)
         self.fingerprint = ckpt.model_fingerprint(model)

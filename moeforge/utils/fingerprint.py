@@ -17,10 +17,16 @@ def _positions(numel: int, samples: int) -> torch.Tensor:
     return torch.arange(steps, dtype=torch.long) * (numel - 1) // (steps - 1)
 
 
-def sampled_digest(tensors: Iterable[tuple[str | None, torch.Tensor]], samples: int = 64) -> str:
+def sampled_digest(
+    tensors: Iterable[tuple[str | None, torch.Tensor]], samples: int = 64, *, via: torch.dtype | None = None
+) -> str:
     """16 hex digits of SHA-256 over each tensor's name (when given), shape and ``samples`` evenly
     spaced values, floating values rounded to bfloat16 first, so a float32 and a bfloat16 copy of
-    the same weights agree while other weights (or shapes, or names) do not."""
+    the same weights agree while other weights (or shapes, or names) do not.
+
+    ``via=torch.float16`` rounds floating values to float16 before bfloat16: a float16 copy then
+    agrees with the float32 original (float32 -> float16 -> bfloat16 rounds differently from
+    float32 -> bfloat16 for ~6% of values, so the plain digest of a float16 copy never matches)."""
     h = hashlib.sha256()
     for name, tensor in tensors:
         t = tensor.detach()
@@ -32,6 +38,8 @@ def sampled_digest(tensors: Iterable[tuple[str | None, torch.Tensor]], samples: 
             continue
         sample = flat[_positions(flat.numel(), samples).to(flat.device)].cpu()
         if sample.is_floating_point():
+            if via is not None:
+                sample = sample.to(via)
             sample = sample.float().to(torch.bfloat16).view(torch.int16)
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]

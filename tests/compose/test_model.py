@@ -6,6 +6,7 @@ import torch
 from moeforge.compose import compose
 from moeforge.compose import layers as layers_mod
 from moeforge.compose import model as model_mod
+from moeforge.errors import MoeforgeError
 
 from .conftest import llama, moe, randomize_outputs
 
@@ -139,6 +140,17 @@ def test_sampling_is_seeded(anchor, augmenting):
     runs = [composed.generate(ids, max_new_tokens=6, do_sample=True, top_k=5, top_p=0.9, eos_token_id=[],
                               generator=torch.Generator().manual_seed(7)) for _ in range(2)]
     assert torch.equal(*runs)
+
+
+def test_top_k_zero_samples_from_every_token(anchor, augmenting):
+    """top_k=0 means no top-k filter (transformers' meaning); it raised a RuntimeError from masked_fill."""
+    composed = randomize_outputs(compose(anchor, augmenting, num_connections=2))
+    ids = torch.randint(3, 40, (2, 4))
+    runs = [composed.generate(ids, max_new_tokens=4, do_sample=True, top_k=k, eos_token_id=[],
+                              generator=torch.Generator().manual_seed(3)) for k in (0, None)]
+    assert torch.equal(*runs)
+    with pytest.raises(MoeforgeError, match="top_k must be >= 0"):
+        composed.generate(ids, max_new_tokens=1, do_sample=True, top_k=-1)
 
 
 def test_only_composition_parameters_train(anchor, augmenting):

@@ -57,3 +57,17 @@ def test_bad_compose_section_exits_with_one_line(saved_models, tmp_path, capsys)
     errors = [line for line in err.splitlines() if line.startswith("moeforge: error:")]
     assert len(errors) == 1 and "num_connections=9 is more than the 2 layers of the augmenting model" in errors[0]
     assert "Traceback" not in err
+
+
+def test_seq_len_past_the_augmenting_models_context_refused(saved_models, tmp_path, capsys):
+    """Only the anchor's context was checked: m_A ran past its own max_position_embeddings silently."""
+    from moeforge.models import MoeforgeConfig
+
+    cfg = MoeforgeConfig.from_pretrained(saved_models["augmenting"])
+    cfg.max_position_embeddings = 16
+    cfg.save_pretrained(saved_models["augmenting"])
+    with pytest.raises(SystemExit) as done:
+        main(["train", str(_config(saved_models, tmp_path))])  # seq_len 24
+    assert done.value.code == 2
+    assert "seq_len=24 is longer than the augmenting model's context of 16 positions" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -25,7 +25,7 @@ def other_tokenizer(swap=("a", "b")):
 
 def test_mismatched_tokenizers_refused(tokenizer):
     with pytest.raises(MoeforgeError, match=r"different tokenizers: token 'a' has id 3 in the anchor's vocabulary and 4 "
-                                            r"in the augmenting model's \(2 of 44 tokens differ\)"):
+                                            r"in the augmenting model's \(2 of the 44 tokens in either vocabulary differ\)"):
         compose(llama(), moe(), num_connections=1, anchor_tokenizer=tokenizer, augmenting_tokenizer=other_tokenizer())
 
 
@@ -33,6 +33,15 @@ def test_mismatched_tokenizers_on_disk_refused(saved_models, tmp_path):
     other_tokenizer().save_pretrained(saved_models["augmenting"])
     with pytest.raises(MoeforgeError, match="use different tokenizers"):
         compose(saved_models["anchor"], saved_models["augmenting"], num_connections=1)
+
+
+def test_count_of_differing_tokens_never_exceeds_the_vocabularies(tokenizer):
+    """Tokens of one vocabulary only count out of the union of both (the message said "91 of 53")."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"T{i}": 3 + i for i in range(50)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    other = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    with pytest.raises(MoeforgeError, match=rf"\({VOCAB - 3 + 50} of the {VOCAB + 50} tokens in either vocabulary differ\)"):
+        check_shared_vocabulary(llama(), moe(vocab=60), tokenizer, other)
 
 
 def test_vocabulary_sizes_compared_without_tokenizers():
