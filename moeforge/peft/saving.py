@@ -82,6 +82,7 @@ def save_adapter(model: AdaptedModel, directory: str | os.PathLike, *, overwrite
             "name_or_path": getattr(base_cfg, "name_or_path", None) or getattr(base_cfg, "_name_or_path", None),
             "num_parameters": sum(p.numel() for p in base.parameters() if id(p) not in adapter_ids),
             "fingerprint": base_fingerprint(base, adapter_ids),
+            "fingerprint_fp16": base_fingerprint(base, adapter_ids, via=torch.float16),
         },
         # a list, so the model's module order survives the JSON writer's key sorting
         "modules": [{"name": name, **_module_record(layer)} for name, layer in model.adapter_layers().items()],
@@ -147,11 +148,12 @@ def _refuse(directory: Path, meta: dict, problems: list[str], what: str) -> Moef
     )
 
 
-def base_fingerprint(model: nn.Module, skip_ids: set[int] = frozenset()) -> str:
+def base_fingerprint(model: nn.Module, skip_ids: set[int] = frozenset(), *, via: torch.dtype | None = None) -> str:
     """A short hash of a base model's weights: shapes and 64 evenly spaced values (rounded to
     bfloat16) of every parameter in module order, adapter parameters (``skip_ids``) left out, so
-    the wrapped and the unwrapped model agree and a float32 / bfloat16 copy of one model match."""
-    return sampled_digest((None, p) for p in model.parameters() if id(p) not in skip_ids)
+    the wrapped and the unwrapped model agree and a float32 / bfloat16 copy of one model match
+    (``via=torch.float16``: the digest a float16 copy matches, see :func:`sampled_digest`)."""
+    return sampled_digest(((None, p) for p in model.parameters() if id(p) not in skip_ids), via=via)
 
 
 def load_adapter(base_model: nn.Module, directory: str | os.PathLike, *, allow_other_base: bool = False) -> AdaptedModel:
@@ -190,7 +192,10 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike, *, allow_o
     if problems:
         raise _refuse(directory, meta, problems, "module shapes")
     saved_print = meta.get("base_model", {}).get("fingerprint")
-    if saved_print is not None and not allow_other_base and base_fingerprint(base_model) != saved_print:
+    saved_fp16 = meta.get("base_model", {}).get("fingerprint_fp16")
+    same = saved_print is None or base_fingerprint(base_model) == saved_print or (
+        saved_fp16 is not None and base_fingerprint(base_model, via=torch.float16) == saved_fp16)
+    if not same and not allow_other_base:
         base = meta.get("base_model", {})
         raise MoeforgeError(
             f"the adapter in {directory} was trained on another base model ({base.get('name_or_path')!r}, "

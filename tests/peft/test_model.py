@@ -314,5 +314,8 @@ def test_load_adapter_refuses_a_base_with_other_weights(tmp_path):
         load_adapter(make_model("llama", seed=1), tmp_path / "adapter")
     other = load_adapter(make_model("llama", seed=1), tmp_path / "adapter", allow_other_base=True)
     assert set(other.adapter_state_dict()) == set(adapted.adapter_state_dict())
-    # the same weights in bfloat16 are the same base
+    # the same weights in bfloat16 or float16 are the same base
     load_adapter(make_model("llama", seed=0).to(torch.bfloat16), tmp_path / "adapter")
+    load_adapter(make_model("llama", seed=0).to(torch.float16), tmp_path / "adapter")
+    with pytest.raises(MoeforgeError, match="trained on another base model"):
+        load_adapter(make_model("llama", seed=1).to(torch.float16), tmp_path / "adapter")
