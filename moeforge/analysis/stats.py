@@ -61,15 +61,17 @@ def load_entropy(load: Tensor | Sequence[float]) -> float:
 
 
 def router_entropy_sum(routing: Routing) -> float:
-    """Sum over tokens of the entropy (nats) of each token's normalised router scores."""
+    """Sum over tokens (padding left out) of the entropy (nats) of each token's normalised router scores."""
     p = routing.probs.detach().double().cpu()
+    if routing.valid is not None:
+        p = p[routing.valid.cpu()]
     p = p / p.sum(-1, keepdim=True).clamp_min(1e-300)
     return float(_entropy(p).sum())
 
 
 def router_entropy(routing: Routing) -> float:
     """Mean over tokens of the entropy (nats) of each token's normalised router scores."""
-    return router_entropy_sum(routing) / max(1, routing.num_tokens)
+    return router_entropy_sum(routing) / max(1, routing.num_real_tokens)
 
 
 def dropped_tokens(routing: Routing) -> int:
@@ -162,7 +164,8 @@ def _make_stats(layer: int, load: Tensor, tokens: int, entropy_sum: float, dropp
 
 def layer_stats(routing: Routing, layer: int = 0) -> LayerStats:
     """:class:`LayerStats` of one layer's routing of one batch."""
-    return _make_stats(layer, expert_load(routing), routing.num_tokens, router_entropy_sum(routing), dropped_tokens(routing))
+    return _make_stats(layer, expert_load(routing), routing.num_real_tokens, router_entropy_sum(routing),
+                       dropped_tokens(routing))
 
 
 @dataclass
@@ -192,7 +195,7 @@ class RoutingStats:
             if acc.load.numel() != r.num_experts:
                 raise ValueError(f"layer {index}: {r.num_experts} experts, earlier batches had {acc.load.numel()}")
             acc.load += expert_load(r)
-            acc.tokens += r.num_tokens
+            acc.tokens += r.num_real_tokens
             acc.entropy_sum += router_entropy_sum(r)
             acc.dropped += dropped_tokens(r)
 

@@ -372,6 +372,7 @@ class ExpertChoiceRouter(Router):
             slots=None,
             dropped=~chosen,
             aux_losses=losses,
+            valid=token_mask,
         )
 
 

@@ -27,6 +27,8 @@ class Routing:
         slots: k when every token has exactly k pairs laid out token-major, else None.
         dropped: (T,) bool, tokens that reached no routed expert (capacity overflow), or None.
         aux_losses: name -> scalar loss, already multiplied by its coefficient.
+        valid: (T,) bool, the real tokens when the router kept padding rows in its grid (expert
+            choice given a token mask), or None when every row is a token.
     """
 
     token_index: Tensor
@@ -38,10 +40,17 @@ class Routing:
     slots: int | None = None
     dropped: Tensor | None = None
     aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    valid: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
+        """T, the rows of the routing grid (padding included when ``valid`` is set)."""
         return self.logits.shape[0]
+
+    @property
+    def num_real_tokens(self) -> int:
+        """The tokens that are not padding (:attr:`num_tokens` when ``valid`` is None)."""
+        return self.num_tokens if self.valid is None else int(self.valid.sum())
 
     def expert_load(self) -> Tensor:
         """(E,) number of (token, expert) pairs each expert processes."""
@@ -66,6 +75,7 @@ class Routing:
             slots=self.slots,
             dropped=None if self.dropped is None else self.dropped.detach(),
             aux_losses={k: v.detach() for k, v in self.aux_losses.items()},
+            valid=self.valid,
         )
 
 

@@ -128,3 +128,26 @@ def test_specialisation_per_layer():
     a.update((r, None))
     b.update((r, None))
     assert specialisation({"a": a, "b": b}) == {0: pytest.approx(0.0, abs=1e-12)}
+
+
+def test_expert_choice_padding_is_not_counted_as_tokens():
+    """Expert choice keeps padding rows in its grid; the statistics count the real tokens only."""
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(hidden_size=8, expert_size=4, num_experts=4, router="expert_choice",
+                               capacity_factor=2.0, allow_future_tokens=True)).eval()
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    mask[1, 8:] = False  # 24 real tokens
+    with torch.no_grad():
+        routing = layer(torch.randn(2, 16, 8), token_mask=mask).routing
+    assert routing.num_tokens == 32 and routing.num_real_tokens == 24
+    stats = RoutingStats()
+    stats.update([routing])
+    summary = stats.summary()
+    pairs = routing.expert_index.numel()  # each expert takes ceil(real * 2 / 4) of each sequence's real tokens
+    assert pairs == 4 * (8 + 4)
+    assert summary["experts_per_token"] == pytest.approx(pairs / 24)
+    p = routing.probs[mask.view(-1)].double()
+    want = float(-(p * p.clamp_min(1e-300).log()).sum(-1).mean())
+    assert router_entropy(routing) == pytest.approx(want)
+    assert layer_stats(routing).router_entropy == pytest.approx(want)
+    assert dropped_tokens(routing) == int(routing.dropped.sum())  # padding is not dropped
