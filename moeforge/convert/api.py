@@ -283,7 +283,7 @@ def convert(
         return _convert(model_or_path, None, cfg, allow_pickle, tokenizer, verify, eval_tokens, say)
     from ..utils.io import atomic_output_dir
 
-    _check_replaceable(Path(out).expanduser().resolve(), model_or_path, overwrite)
+    _check_replaceable(Path(out).expanduser().resolve(), model_or_path, overwrite, cfg.expert_models or ())
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         report = _convert(model_or_path, tmp, cfg, allow_pickle, tokenizer, verify, eval_tokens, say)
         report.out = Path(out).expanduser().resolve()
@@ -291,17 +291,19 @@ def convert(
     return report
 
 
-def _check_replaceable(out: Path, model_or_path, overwrite: bool) -> None:
-    """--overwrite replaces earlier conversions only: never the input model, a folder holding it,
-    or a folder of anything else."""
+def _check_replaceable(out: Path, model_or_path, overwrite: bool, expert_models=()) -> None:
+    """--overwrite replaces earlier conversions only: never the input model or an --expert-model, a
+    folder holding one, or a folder of anything else."""
     if not overwrite or not out.exists():
         return
-    if isinstance(model_or_path, (str, os.PathLike)) and Path(model_or_path).expanduser().exists():
-        source = Path(model_or_path).expanduser().resolve()
-        if source == out or out in source.parents:
-            raise MoeforgeError(
-                f"--out {out} holds the input model {source}; replacing --out would delete it. Choose another --out."
-            )
+    inputs = [("the input model", model_or_path)] + [("--expert-model", m) for m in expert_models]
+    for what, given in inputs:
+        if isinstance(given, (str, os.PathLike)) and Path(given).expanduser().exists():
+            source = Path(given).expanduser().resolve()
+            if source == out or out in source.parents:
+                raise MoeforgeError(
+                    f"--out {out} holds {what} {source}; replacing --out would delete it. Choose another --out."
+                )
     if out.is_dir() and any(out.iterdir()) and not (out / "moeforge_conversion.json").is_file():
         raise MoeforgeError(
             f"--out {out} exists and is not a moeforge conversion (no moeforge_conversion.json); refusing to "
@@ -317,7 +319,10 @@ def _convert(model_or_path, tmp: Path | None, cfg: ConvertConfig, allow_pickle: 
     try:
         for name in cfg.expert_models or ():
             expert_sources.append(open_source(name, allow_pickle=allow_pickle))
-            check_mergeable(source, expert_sources[-1])
+            differ = check_mergeable(source, expert_sources[-1], average=cfg.merge_shared == "average")
+            if differ:
+                say(f"note: --expert-model {name} has {'; '.join(differ)}; its FFNs will run on the input model's "
+                    "attention and settings")
         job = _Conversion(source, tmp, cfg, tokenizer, verify, eval_tokens, say, expert_sources)
         try:
             report = job.run()

@@ -35,7 +35,7 @@ from .gate_init import domain_rows, init_router
 from .methods.base import DenseFFN, LayerCalibration, LayerContext, LayerExperts, get_method
 from .refine import refine_all, refine_down, refine_router
 from .rescale import fixed_scale, least_squares_scale, norm_matching_scale
-from .routing_sim import relative_error, routed_sum
+from .routing_sim import make_router, relative_error, routed_sum
 
 TEMPERATURES = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0, 2.0, 4.0)
 
@@ -65,6 +65,13 @@ def router_extra_state(moe: MoEConfig, seed: int, index: int) -> dict[str, Tenso
     state = router.state_dict()
     state.pop("weight")
     return {k: v.detach().float().clone() for k, v in state.items()}
+
+
+@torch.no_grad()
+def mean_routed_weight_sum(moe: MoEConfig, router: Tensor, x: Tensor, extra: dict[str, Tensor]) -> float:
+    """A token's summed routing weights (over the experts it reaches), averaged over the rows of ``x``."""
+    routing = make_router(moe, router, extra)(x.float(), None)
+    return float(routing.weight.sum()) / x.shape[0]
 
 
 class LayerConverter:
@@ -102,6 +109,14 @@ class LayerConverter:
         else:
             router = init_router(cfg.gate_init, experts, ffn, ctx, norm_weight=norm_weight, expert_out=expert_out)
         scale = fixed_scale(cfg, experts.default_scale)
+        if (cfg.gate_init == "domain" and cfg.rescale == "auto" and cfg.routed_weight_sum != 1.0
+                and self.moe.router != "expert_choice"):  # expert choice routes across a batch
+            # the auto scale 1 / (summed weights under a uniform router) assumes a near-uniform router; a
+            # fitted domain router is confident (a token's kept weights sum to nearly 1, not k/E), so the
+            # scale is 1 over the summed weights this router gives the calibration tokens
+            weight_sum = mean_routed_weight_sum(self.moe, router, calib.x, extra)
+            report_info["routed_weight_sum"] = weight_sum
+            scale = 1.0 / max(weight_sum, 1e-6)
         report = LayerReport(index=index, output_scale=scale if scale is not None else 1.0, info=report_info)
         if fits_dense and self.moe.router != "expert_choice":  # expert choice routes across a batch
             router, scale = self._calibrate(router, scale, experts, expert_out, calib, report, ctx, extra)

@@ -325,8 +325,18 @@ _MERGE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_a
                  "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "attention_bias")
 
 
-def check_mergeable(base: DenseSource, other: DenseSource) -> None:
-    """Raise :class:`MoeforgeError` unless ``other`` has ``base``'s family and shapes (method merge)."""
+#: fields that do not change shapes but change what the attention computes
+_MERGE_SOFT_FIELDS = ("rope_parameters", "rms_norm_eps", "sliding_window")
+
+
+def check_mergeable(base: DenseSource, other: DenseSource, *, average: bool = False) -> list[str]:
+    """Raise :class:`MoeforgeError` unless ``other`` has ``base``'s family and shapes (method merge).
+
+    Returns the position and normalisation settings (RoPE, RMSNorm epsilon, sliding window) in
+    which ``other`` differs from ``base``: its FFNs then run on the base model's attention, which
+    is the user's call for ``--merge-shared base`` (the caller says so) but refused for ``average``,
+    whose attention weights were trained under different settings.
+    """
     if other.family != base.family:
         raise MoeforgeError(
             f"--expert-model {other.name} is a {other.family} model but the input model {base.name} is {base.family}; "
@@ -339,11 +349,20 @@ def check_mergeable(base: DenseSource, other: DenseSource) -> None:
                 f"--expert-model {other.name} has {name} = {theirs}, but the input model {base.name} has {mine}; the "
                 "models of a merge must have the same shapes (e.g. fine-tunes of the input model)."
             )
+    differ = [f"{name} = {other.base.get(name)} (input model: {base.base.get(name)})" for name in _MERGE_SOFT_FIELDS
+              if other.base.get(name) != base.base.get(name)]
+    if differ and average:
+        raise MoeforgeError(
+            f"--expert-model {other.name} has {'; '.join(differ)}; --merge-shared average would average attention "
+            "weights trained under different settings. Use --merge-shared base (the input model's attention) or "
+            "merge models that share these settings."
+        )
+    return differ
 
 
 class _AveragedTensors(Mapping):
     """Read-only key -> tensor view whose values are the element-wise mean over several sources,
-    computed in float32 on access and stored back in the first source's dtype."""
+    computed and returned in float32 on access (the export's cast to its dtype is the only rounding)."""
 
     def __init__(self, sources: list[DenseSource]) -> None:
         self.sources = sources
@@ -353,7 +372,7 @@ class _AveragedTensors(Mapping):
         for src in self.sources:
             t = src.get(key).float()
             total = t if total is None else total.add_(t)
-        return total.div_(len(self.sources)).to(self.sources[0].tensor_dtype(key))
+        return total.div_(len(self.sources))
 
     def __iter__(self):
         return iter(sorted(self.sources[0].keys()))

@@ -202,3 +202,72 @@ def test_an_expert_model_of_another_shape_is_refused_and_nothing_is_written(fami
     assert exc.value.code == 2
     assert "missing" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("router, options", [("switch", {}), ("sigmoid_bias", {"normalize_weights": False})])
+def test_domain_router_with_raw_weights_is_scaled_by_its_own_weight_sum(family, tmp_path, router, options):
+    """Raw (unrenormalised) weights: the uniform-router factor E/k would double a confident domain router's
+    output; merging copies of the base must stay close to the base on each domain's held-out text."""
+    root = family["root"]
+    (tmp_path / "digits.txt").write_text(DIGITS)
+    (tmp_path / "letters.txt").write_text(LETTERS)
+    report = moeforge.convert(root / "base", None, method="merge", expert_models=[str(root / "base")] * 2, top_k=1,
+                              router=router, gate_init="domain", expert_data=[str(tmp_path / "digits.txt"),
+                                                                              str(tmp_path / "letters.txt")],
+                              calibration_tokens=2048, calibration_seq_len=128, eval_tokens=0, **options)
+    for layer in report.layers:
+        assert layer.output_scale == pytest.approx(1 / layer.info["routed_weight_sum"])
+    tok = byte_tokenizer()
+    for text in (DIGITS[-300:], LETTERS[-300:]):
+        ids = tok(text, return_tensors="pt").input_ids
+        got, want = _logits(report.model, ids), _logits(family["base"], ids)
+        assert float((got - want).norm() / want.norm()) < 0.1
+
+
+def test_overwrite_never_deletes_an_expert_model(family, tmp_path):
+    import shutil
+
+    root = family["root"]
+    out = tmp_path / "mix"
+    moeforge.convert(root / "base", out, method="merge", expert_models=[str(root / "a"), str(root / "b")], top_k=1,
+                     eval_tokens=0)
+    shutil.copytree(root / "a", out / "ft-a")
+    with pytest.raises(MoeforgeError, match="holds --expert-model"):
+        moeforge.convert(root / "base", out, overwrite=True, method="merge",
+                         expert_models=[str(out / "ft-a"), str(root / "b")], top_k=1, eval_tokens=0)
+    assert (out / "ft-a" / "config.json").is_file()
+
+
+def test_dtype_float32_keeps_float32_experts_and_the_exact_average(family, tmp_path):
+    """A bfloat16 input model with float32 fine-tunes, --dtype float32: the experts are not rounded
+    through bfloat16, nor is the mean of bfloat16 models under --merge-shared average."""
+    from safetensors.torch import load_file
+
+    root = family["root"]
+    make_dense(tmp_path / "half", dtype=torch.bfloat16)
+    _variant(tmp_path / "half", tmp_path / "half-c", 3, ffn_only=False)
+    moe = moeforge.convert(tmp_path / "half", None, method="merge", expert_models=[str(root / "a"), str(root / "c")],
+                           top_k=1, dtype="float32", eval_tokens=0).model
+    a = load_file(str(root / "a" / "model.safetensors"))
+    torch.testing.assert_close(moe.model.layers[0].mlp.experts.down_proj[0], a["model.layers.0.mlp.down_proj.weight"],
+                               atol=0, rtol=0)
+    moe = moeforge.convert(tmp_path / "half", None, method="merge", merge_shared="average", top_k=1, dtype="float32",
+                           expert_models=[str(tmp_path / "half"), str(tmp_path / "half-c")], eval_tokens=0).model
+    x, y = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("half", "half-c"))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert x[key].dtype == torch.bfloat16
+    torch.testing.assert_close(moe.model.layers[0].self_attn.q_proj.weight, (x[key].float() + y[key].float()) / 2,
+                               atol=0, rtol=0)
+
+
+def test_other_rope_settings_are_refused_for_average_and_noted_for_base(family, tmp_path):
+    root = family["root"]
+    make_dense(tmp_path / "long", rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    models = [str(root / "a"), str(tmp_path / "long")]
+    with pytest.raises(MoeforgeError, match="rope_parameters.*--merge-shared average would average"):
+        moeforge.convert(root / "base", None, method="merge", expert_models=models, merge_shared="average", top_k=1,
+                         eval_tokens=0)
+    notes = []
+    moeforge.convert(root / "base", None, method="merge", expert_models=models, top_k=1, eval_tokens=0,
+                     progress=notes.append)
+    assert any("note: --expert-model" in n and "rope_parameters" in n for n in notes)
