@@ -321,7 +321,7 @@ def _convert(model_or_path, tmp: Path | None, cfg: ConvertConfig, allow_pickle: 
             expert_sources.append(open_source(name, allow_pickle=allow_pickle))
             differ = check_mergeable(source, expert_sources[-1], average=cfg.merge_shared == "average")
             if differ:
-                say(f"note: --expert-model {name} has {'; '.join(differ)}; its FFNs will run on the input model's "
+                say(f"note: --expert-model {expert_sources[-1].name} has {'; '.join(differ)}; its FFNs will run on the input model's "
                     "attention and settings")
         job = _Conversion(source, tmp, cfg, tokenizer, verify, eval_tokens, say, expert_sources)
         try:

@@ -6,6 +6,7 @@ dividing the FFN width, layer indices) run in :meth:`ConvertConfig.check_against
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -73,16 +74,31 @@ def parse_layers(spec: str | list[int] | tuple[int, ...] | None) -> list[int] | 
     return sorted(set(spec))
 
 
-def _name_list(value, name: str, flag: str) -> list[str] | None:
-    """None, or a non-empty list of non-empty strings (one string is a list of one)."""
+def _is_model(value) -> bool:
+    return hasattr(value, "state_dict") and hasattr(value, "config")
+
+
+def _name_list(value, name: str, flag: str, *, models: bool = False) -> list | None:
+    """None, or a non-empty list of non-empty strings (one string is a list of one); with ``models``,
+    in-memory transformers models may stand in for paths."""
     if value is None:
         return None
-    if isinstance(value, (str, os.PathLike)):
+    if isinstance(value, (str, os.PathLike)) or (models and _is_model(value)):
         value = [value]
-    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, (str, os.PathLike)) and str(v).strip()
-                                                                   for v in value):
-        raise MoeforgeError(f"{name} ({flag}) must be a non-empty list of paths or names, got {value!r}.")
-    return [str(v) for v in value]
+    ok = isinstance(value, (list, tuple)) and value and all(
+        (isinstance(v, (str, os.PathLike)) and str(v).strip()) or (models and _is_model(v)) for v in value)
+    if not ok:
+        what = "paths, aliases or loaded models" if models else "paths or names"
+        raise MoeforgeError(f"{name} ({flag}) must be a non-empty list of {what}, got {value!r}.")
+    return [v if models and _is_model(v) else str(v) for v in value]
+
+
+def _describe_model(value) -> str:
+    """A model for the conversion record: its path, or an in-memory model's class and origin."""
+    if not _is_model(value):
+        return str(value)
+    origin = getattr(value.config, "name_or_path", None) or getattr(value.config, "_name_or_path", None)
+    return f"<{type(value).__name__}{' from ' + str(origin) if origin else ''}>"
 
 
 @dataclass
@@ -137,8 +153,8 @@ class ConvertConfig:
     """Largest safetensors shard written."""
     router_options: dict[str, Any] = field(default_factory=dict)
     """Extra MoEConfig fields for the router (e.g. aux_loss_coef, capacity_factor)."""
-    expert_models: list[str] | None = None
-    """merge: the dense models whose FFNs become the experts, in expert order (paths, GGUF files or aliases; the input model may be one of them). They must share the input model's architecture and shapes, e.g. fine-tunes of it."""
+    expert_models: list[Any] | None = None
+    """merge: the dense models whose FFNs become the experts, in expert order (paths, GGUF files or aliases, or in Python loaded transformers models; the input model may be one of them). They must share the input model's architecture and shapes, e.g. fine-tunes of it."""
     merge_shared: str = "base"
     """merge: where attention, norms, embeddings and head come from: base (the input model, as mergekit-moe) or average (the mean over the expert models, as Branch-Train-MiX)."""
     expert_data: list[str] | None = None
@@ -148,7 +164,7 @@ class ConvertConfig:
         check_field_types(self, skip=("layers", "rescale", "calibration", "dtype", "refine", "router_options",
                                       "expert_models", "expert_data"))
         _choice("method", self.method, METHOD_NAMES, "--method")
-        self.expert_models = _name_list(self.expert_models, "expert_models", "--expert-model")
+        self.expert_models = _name_list(self.expert_models, "expert_models", "--expert-model", models=True)
         self.expert_data = _name_list(self.expert_data, "expert_data", "--expert-data")
         if self.experts is None:
             self.experts = len(self.expert_models) if self.method == "merge" and self.expert_models else 8
@@ -358,7 +374,12 @@ class ConvertConfig:
         return self.method == "merge"
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "expert_models" and value is not None:  # never deep-copy an in-memory model
+                value = [_describe_model(m) for m in value]
+            out[f.name] = copy.deepcopy(value) if isinstance(value, (list, dict)) else value
         if not isinstance(out["calibration"], (str, type(None))):
             out["calibration"] = f"<{type(self.calibration).__name__}>"
         return out

@@ -271,3 +271,20 @@ def test_other_rope_settings_are_refused_for_average_and_noted_for_base(family, 
     moeforge.convert(root / "base", None, method="merge", expert_models=models, top_k=1, eval_tokens=0,
                      progress=notes.append)
     assert any("note: --expert-model" in n and "rope_parameters" in n for n in notes)
+
+
+def test_loaded_models_can_be_merged_and_are_recorded_by_name(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    root = family["root"]
+    a = AutoModelForCausalLM.from_pretrained(str(root / "a"))
+    out = tmp_path / "mix"
+    report = moeforge.convert(root / "base", out, method="merge", expert_models=[a, str(root / "b")], top_k=1,
+                              eval_tokens=0)
+    assert report.config.to_dict()["expert_models"] == [f"<LlamaForCausalLM from {root / 'a'}>", str(root / "b")]
+    record = json.loads((out / "moeforge_conversion.json").read_text())
+    assert record["config"]["expert_models"][0].startswith("<LlamaForCausalLM")
+    moe = moeforge.load(out)
+    torch.testing.assert_close(moe.model.layers[1].mlp.experts.down_proj[0], a.model.layers[1].mlp.down_proj.weight)
+    with pytest.raises(MoeforgeError, match="paths, aliases or loaded models"):
+        moeforge.ConvertConfig(method="merge", expert_models=[object()])
