@@ -15,11 +15,11 @@ task (the paper's specialisation analysis).
 
 Run (each run is independent; runs can go in parallel processes), then write the report::
 
-    OMP_NUM_THREADS=1 nice -n 10 python experiments/peft_moe.py --runs mov10,ia3
-    OMP_NUM_THREADS=1 nice -n 10 python experiments/peft_moe.py --runs molora10,lora40
-    OMP_NUM_THREADS=1 nice -n 10 python experiments/peft_moe.py --runs mov10-sentence,base
-    OMP_NUM_THREADS=1 nice -n 10 python experiments/peft_moe.py --runs lora4
-    python experiments/peft_moe.py --report
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python experiments/peft_moe.py --runs mov10,ia3
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python experiments/peft_moe.py --runs molora10,lora40
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python experiments/peft_moe.py --runs mov10-sentence,base
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python experiments/peft_moe.py --runs lora4
+    .venv/bin/python experiments/peft_moe.py --report
 
 The default budget (24 steps x 4 packed 128-token blocks, about 12K training tokens per run) is
 what a shared 2-core CPU allows; raise --steps/--seq-len/--n-loss/--n-em where there is compute.
@@ -399,13 +399,13 @@ def report(args) -> str:
         "```",
         f"# processes side by side (each with --steps {cfg['steps']} --batch-size {cfg['batch_size']} "
         f"--seq-len {cfg['seq_len']} --n-loss {cfg['n_loss']} --n-em {cfg['n_em']})",
-        "OMP_NUM_THREADS=1 nice -n 10 python experiments/peft_moe.py --runs mov10,ia3",
-        "OMP_NUM_THREADS=1 nice -n 10 python experiments/peft_moe.py --runs molora10,lora40",
-        "OMP_NUM_THREADS=1 nice -n 10 python experiments/peft_moe.py --runs mov10-sentence,base",
-        "OMP_NUM_THREADS=1 nice -n 10 python experiments/peft_moe.py --runs lora4",
+        "OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python experiments/peft_moe.py --runs mov10,ia3",
+        "OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python experiments/peft_moe.py --runs molora10,lora40",
+        "OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python experiments/peft_moe.py --runs mov10-sentence,base",
+        "OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python experiments/peft_moe.py --runs lora4",
         "# the bracketed (init) values of the JS column: the same routers untrained",
-        "python experiments/peft_moe.py --init-usage mov10,mov10-sentence,molora10",
-        "python experiments/peft_moe.py --report --verdict experiments/peft_moe_verdict.md",
+        ".venv/bin/python experiments/peft_moe.py --init-usage mov10,mov10-sentence,molora10",
+        ".venv/bin/python experiments/peft_moe.py --report --verdict experiments/peft_moe_verdict.md",
         "```",
     ]
     if args.verdict:
