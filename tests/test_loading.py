@@ -304,3 +304,26 @@ def test_adapter_and_composition_folders_open_with_load_trained_and_the_cli(tmp_
         with pytest.raises(SystemExit) as done:
             main(["eval", str(tmp_path / folder), "-d", "prose", "--max-tokens", "64", "--seq-len", "32"])
         assert done.value.code == 0 and "prose" in capsys.readouterr().out
+
+
+def test_an_incomplete_or_reshaped_mixtral_checkpoint_gets_one_clear_message(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tiny_mixtral().save_pretrained(tmp_path / "full")
+    full = load_file(tmp_path / "full" / "model.safetensors")
+    cases = {
+        "w1": ({"model.layers.1.block_sparse_moe.experts.0.w1.weight": None},
+               "missing tensor 'model.layers.1.block_sparse_moe.experts.0.w1.weight'"),
+        "gate": ({"model.layers.1.block_sparse_moe.gate.weight": None},
+                 "missing tensor 'model.layers.1.block_sparse_moe.gate.weight'"),
+        "embed": ({"model.embed_tokens.weight": torch.zeros(99, 32)},
+                  r"model.embed_tokens.weight \(99, 32\) \(expected \(100, 32\)\)"),
+    }
+    for name, (changes, message) in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text((tmp_path / "full" / "config.json").read_text())
+        sd = {k: changes.get(k, v) for k, v in full.items()}
+        save_file({k: v for k, v in sd.items() if v is not None}, tmp_path / name / "model.safetensors",
+                  metadata={"format": "pt"})
+        with pytest.raises(MoeforgeError, match=message):
+            moeforge.load(tmp_path / name)

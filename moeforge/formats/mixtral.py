@@ -104,12 +104,13 @@ def mixtral_state_to_moeforge(get, keys: set[str], config: MoeforgeConfig) -> di
         return t
 
     for i in range(config.num_hidden_layers):
-        if ROUTER.format(i=i) in keys:
+        if any(k.startswith(f"model.layers.{i}.block_sparse_moe.") for k in keys):  # per-expert layout
             out[MF_ROUTER.format(i=i)] = take(ROUTER.format(i=i), (e_count, hidden)).float()
-            gate_up = torch.empty(e_count, 2 * inter, hidden, dtype=get(EXPERT_W.format(i=i, e=0, w="w1")).dtype)
+            first = take(EXPERT_W.format(i=i, e=0, w="w1"), (inter, hidden))
+            gate_up = torch.empty(e_count, 2 * inter, hidden, dtype=first.dtype)
             down = torch.empty(e_count, hidden, inter, dtype=gate_up.dtype)
             for e in range(e_count):
-                gate_up[e, :inter] = take(EXPERT_W.format(i=i, e=e, w="w1"), (inter, hidden))
+                gate_up[e, :inter] = first if e == 0 else take(EXPERT_W.format(i=i, e=e, w="w1"), (inter, hidden))
                 gate_up[e, inter:] = take(EXPERT_W.format(i=i, e=e, w="w3"), (inter, hidden))
                 down[e] = take(EXPERT_W.format(i=i, e=e, w="w2"), (hidden, inter))
             out[MF_GATE_UP.format(i=i)] = gate_up

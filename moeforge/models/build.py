@@ -23,6 +23,14 @@ def model_from_state(config: MoeforgeConfig, state: dict[str, torch.Tensor], *, 
             f"checkpoint does not match the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}."
         )
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wrong = sorted(k for k, v in state.items() if tuple(v.shape) != shapes[k])
+    if wrong:
+        shown = ", ".join(f"{k} {tuple(state[k].shape)} (expected {shapes[k]})" for k in wrong[:3])
+        raise MoeforgeError(
+            f"checkpoint tensors have shapes its config does not imply: {shown}{', ...' if len(wrong) > 3 else ''}; "
+            "the config was edited or belongs to another model."
+        )
     state = {k: (v if ".router." in k else v.to(dtype)) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     # non-persistent buffers (rotary inv_freq, router load counters) are rebuilt on a real device

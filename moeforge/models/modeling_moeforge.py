@@ -54,7 +54,8 @@ from .configuration_moeforge import MoeforgeConfig
 class MoeforgeDecoderLayer(GradientCheckpointingLayer):
     """LLaMA decoder layer whose FFN is an MoE layer (or LLaMA's MLP outside ``moe_layers``).
 
-    Returns ``(hidden_states, moe_output)``; ``moe_output`` is None for dense layers.
+    Returns ``(hidden_states, moe_output, *aux_losses)``; ``moe_output`` is None for dense layers
+    (and no losses follow); the losses are ``moe_output.aux_losses``' values in their order.
     """
 
     def __init__(self, config: MoeforgeConfig, layer_idx: int) -> None:
@@ -77,7 +78,7 @@ class MoeforgeDecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[Tensor, Tensor] | None = None,
         token_mask: Tensor | None = None,
         **kwargs,
-    ) -> tuple[Tensor, MoEOutput | None]:
+    ) -> tuple[Tensor | MoEOutput | None, ...]:
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
         hidden_states, _ = self.self_attn(
@@ -92,13 +93,13 @@ class MoeforgeDecoderLayer(GradientCheckpointingLayer):
         hidden_states = residual + hidden_states
         residual = hidden_states
         hidden_states = self.post_attention_layernorm(hidden_states)
-        moe_out = None
-        if self.is_moe:
-            moe_out = self.mlp(hidden_states, token_mask=token_mask)
-            hidden_states = moe_out.hidden_states
-        else:
-            hidden_states = self.mlp(hidden_states)
-        return residual + hidden_states, moe_out
+        if not self.is_moe:
+            return residual + self.mlp(hidden_states), None
+        moe_out = self.mlp(hidden_states, token_mask=token_mask)
+        # the aux losses also travel as top-level tensors of the output tuple: reentrant activation
+        # checkpointing (use_reentrant=True) tracks gradients through those only, not through the
+        # tensors inside the MoEOutput object (the model reads the losses from these positions)
+        return (residual + moe_out.hidden_states, moe_out, *moe_out.aux_losses.values())
 
 
 def padding_mask(attention_mask: Tensor | None, batch_seq: tuple[int, int]) -> Tensor | None:
@@ -238,7 +239,7 @@ class MoeforgeModel(MoeforgePreTrainedModel):
         aux_losses: dict[str, Tensor] = {}
         routing: list[Routing | None] = []
         for layer in self.layers[: self.config.num_hidden_layers]:
-            hidden_states, moe_out = layer(
+            hidden_states, moe_out, *losses = layer(
                 hidden_states,
                 attention_mask=causal_mask,
                 position_embeddings=position_embeddings,
@@ -249,8 +250,10 @@ class MoeforgeModel(MoeforgePreTrainedModel):
                 **kwargs,
             )
             if moe_out is not None:
-                aux_total = moe_out.aux_loss if aux_total is None else aux_total + moe_out.aux_loss
-                for name, value in moe_out.aux_losses.items():
+                layer_losses = dict(zip(moe_out.aux_losses, losses))
+                layer_aux = torch.stack(list(layer_losses.values())).sum() if layer_losses else moe_out.aux_loss
+                aux_total = layer_aux if aux_total is None else aux_total + layer_aux
+                for name, value in layer_losses.items():
                     aux_losses[name] = aux_losses[name] + value if name in aux_losses else value
             if output_routing:
                 routing.append(None if moe_out is None else moe_out.routing.detach())

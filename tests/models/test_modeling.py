@@ -70,3 +70,25 @@ def test_cached_generation_equals_uncached():
 def test_hidden_states_are_recorded():
     out = tiny_moe()(torch.randint(0, 120, (1, 4)), output_hidden_states=True)
     assert len(out.hidden_states) == 3 and out.hidden_states[1].shape == (1, 4, 32)
+
+
+def test_aux_losses_keep_their_gradient_under_reentrant_activation_checkpointing():
+    """Reentrant checkpointing tracks gradients through a layer's top-level output tensors only."""
+
+    torch.manual_seed(0)
+    model = tiny_moe(router="switch", top_k=1, aux_loss_coef=1e-2, z_loss_coef=1e-2).train()
+    ids = torch.randint(0, 120, (2, 8))
+    grads = []
+    for kwargs in (None, {"use_reentrant": True}, {"use_reentrant": False}):
+        if kwargs is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.zero_grad()
+        torch.manual_seed(1)  # the same router jitter in every run
+        out = model(ids, labels=ids)
+        assert out.aux_loss.requires_grad and all(v.requires_grad for v in out.aux_losses.values())
+        out.aux_losses["balance_loss"].backward()
+        grads.append(model.model.layers[0].mlp.router.weight.grad.clone())
+        model.gradient_checkpointing_disable()
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0])
+    assert grads[0].abs().sum() > 0
