@@ -54,8 +54,9 @@ class MoEConfig:
     U(1-eps, 1+eps) in training (Mixtral's ``router_jitter_noise``); 0 disables it."""
     aux_loss_coef: float | None = None
     """Load-balancing loss weight per MoE layer (defaults: switch 1e-2, topk 1e-3, noisy_topk CV^2
-    weight 1e-2, sigmoid_bias 0: aux-loss-free, DeepSeek-V3's optional sequence-wise loss off);
-    the model sums the layers' losses."""
+    weight 1e-2, sigmoid_bias 0: aux-loss-free; a positive value there adds the Switch-style
+    alpha * E * sum_i f_i P_i over the whole batch on the normalised sigmoid scores, not DeepSeek-V3's
+    per-sequence complementary loss with its E/(k T) scaling of f); the model sums the layers' losses."""
     z_loss_coef: float = 0.0
     """Router z-loss weight in training (ST-MoE uses 1e-3); 0 disables it."""
     noise_floor: float = 1e-2
