@@ -50,7 +50,7 @@ def cv_squared(values: Tensor, eps: float = 1e-10) -> Tensor:
     Uses the unbiased variance, as the reference implementation and LLaMA-MoE do. A single
     value has no spread and gives 0.
     """
-    values = values.float()
+    values = values.to(torch.promote_types(values.dtype, torch.float32))
     if values.numel() <= 1:
         return values.sum() * 0.0
     return values.var() / (values.mean().square() + eps)

@@ -24,6 +24,12 @@ from .config import MoEConfig
 from .losses import cv_squared, load_balancing_loss, noisy_topk_load, router_z_loss
 from .routing import Routing, expert_counts, token_choice
 
+def router_dtype(x: Tensor) -> torch.dtype:
+    """The router's arithmetic dtype: float32 for float32 and lower-precision inputs (Switch
+    Transformer's selective precision), float64 for float64 inputs (exact gradient checks)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 ROUTERS: dict[str, type[Router]] = {}
 
 
@@ -96,8 +102,9 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=0.02 if std is None else std)
 
     def logits(self, x: Tensor) -> Tensor:
-        """(T, H) -> (T, E) float32 logits."""
-        return F.linear(x.float(), self.weight.float())
+        """(T, H) -> (T, E) logits in float32 (float64 for float64 inputs: never below float32)."""
+        dt = router_dtype(x)
+        return F.linear(x.to(dt), self.weight.to(dt))
 
     def forward(self, x: Tensor, batch_shape: tuple[int, ...] | None = None, token_mask: Tensor | None = None) -> Routing:
         """Route ``x`` (T, H); ``batch_shape`` is the (B, S) the T tokens came from, if any;
@@ -180,7 +187,7 @@ class NoisyTopKRouter(Router):
     def clean_logits(self, x: Tensor) -> Tensor:
         logits = self.logits(x)
         if self.mlp_out is not None:
-            logits = F.linear(torch.tanh(logits), self.mlp_out.float())
+            logits = F.linear(torch.tanh(logits), self.mlp_out.to(logits.dtype))
         return logits
 
     def route(self, x: Tensor, batch_shape: tuple[int, ...] | None) -> Routing:
@@ -188,7 +195,8 @@ class NoisyTopKRouter(Router):
         clean = self.clean_logits(x)
         noisy_training = self.training and k < e
         if noisy_training:
-            noise_std = F.softplus(F.linear(x.float(), self.noise.float())) + self.config.noise_floor
+            dt = router_dtype(x)
+            noise_std = F.softplus(F.linear(x.to(dt), self.noise.to(dt))) + self.config.noise_floor
             noisy = clean + torch.randn_like(clean) * noise_std
         else:
             noisy = clean
@@ -247,7 +255,7 @@ class SwitchRouter(Router):
 
     def route(self, x: Tensor, batch_shape: tuple[int, ...] | None) -> Routing:
         eps = 0.01 if self.config.jitter_eps is None else self.config.jitter_eps
-        x = x.float()
+        x = x.to(router_dtype(x))
         if self.training and eps > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
         logits = self.logits(x)

@@ -369,3 +369,28 @@ def test_lower_precision_input_than_weights(execution):
         assert out.dtype == torch.bfloat16
         out.float().sum().backward()
         assert x.grad is not None and layer.experts.gate_up_proj.grad is not None
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(router="topk", aux_loss_coef=0.1, z_loss_coef=0.1),
+        dict(router="topk", normalize_weights=False, aux_loss_coef=0.1),
+        dict(router="switch", top_k=1, jitter_eps=0.0, capacity_factor=1.0, aux_loss_coef=0.1, z_loss_coef=0.1),
+        dict(router="sigmoid_bias", aux_loss_coef=0.1),
+    ],
+)
+def test_gradcheck_float64_aux_losses_and_output_through_the_router(kw):
+    """In float64 the router computes in float64 too (never below float32), so the balance and z-losses
+    and the routed output pass a float64 gradcheck with respect to the router weight."""
+    torch.manual_seed(0)
+    layer = MoELayer(MoEConfig(hidden_size=4, expert_size=3, num_experts=3, **{"top_k": 2, **kw})).double().train()
+    x = torch.randn(6, 4, dtype=torch.float64)
+
+    def f(weight):
+        out = torch.func.functional_call(layer, {"router.weight": weight}, (x,))
+        assert out.routing.logits.dtype == torch.float64
+        return out.hidden_states.sum() + out.aux_loss
+
+    w = layer.router.weight.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(f, (w,), eps=1e-6, atol=1e-7)
