@@ -455,8 +455,25 @@ def parse_value(text: str) -> Any:
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
-    """``["--a.b", "1", "--c=x"]`` -> ``[("a.b", 1), ("c", "x")]``."""
+    """``["--a.b", "1", "--c=x"]`` -> ``[("a.b", 1), ("c", "x")]``.
+
+    A value is parsed as a number, bool, null or YAML, except for keys whose field is a string
+    (paths, names, prompts, separators): those keep the text as given (``null`` still unsets an
+    optional one), so ``--output_dir 0123`` is not the number 123 and ``--data.NAME.system_prompt
+    "Note: be brief"`` is not a mapping.
+    """
     pairs: list[tuple[str, Any]] = []
+    for key, text in _split_overrides(args):
+        value = parse_value(text)
+        if value is not None and _is_text_field(_override_field_type(key)):
+            value = text
+        pairs.append((key, value))
+    return pairs
+
+
+def _split_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """``["--a.b", "1", "--c=x"]`` -> ``[("a.b", "1"), ("c", "x")]`` (keys normalised, values as text)."""
+    pairs: list[tuple[str, str]] = []
     i = 0
     while i < len(args):
         arg = args[i]
@@ -471,8 +488,58 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
                 raise MoeforgeError(f"override --{key} needs a value (`--{key} VALUE`, e.g. `--{key} true` for a switch).")
             text = args[i + 1]
             i += 2
-        pairs.append((key.replace("-", "_"), parse_value(text)))
+        pairs.append((_normalise_key(key), text))
     return pairs
+
+
+#: dotted keys whose next part is a data source's name, kept as written (names may hold hyphens)
+_NAMED_BY_DOMAIN = ("data", "mixture.reference_losses")
+
+
+def _normalise_key(key: str) -> str:
+    """``micro-batch-size`` -> ``micro_batch_size`` in config field names, but never in a data source's
+    name (``--data.my-code.weight``, ``--mixture.reference_losses.my-code``)."""
+    out: list[str] = []
+    for part in key.split("."):
+        out.append(part if ".".join(out) in _NAMED_BY_DOMAIN else part.replace("-", "_"))
+    return ".".join(out)
+
+
+def _override_field_type(key: str) -> Any:
+    """The declared type of the config field a dotted override key sets; None when it is not a field
+    (a section, a data source as a whole, a key inside a free-form mapping, an unknown key)."""
+    parts = key.split(".")
+    cls: Any = TrainConfig
+    i = 0
+    while i < len(parts):
+        hints = typing.get_type_hints(cls)
+        if parts[i] not in hints:
+            return None
+        tp = hints[parts[i]]
+        i += 1
+        if i == len(parts):
+            return tp
+        inner = _without_none(tp)
+        if dataclasses.is_dataclass(inner):
+            cls = inner
+        elif typing.get_origin(inner) is list and typing.get_args(inner) == (DataSource,):
+            i += 1  # the source's name or index
+            cls = DataSource
+        else:
+            return None
+    return None
+
+
+def _without_none(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(inner) == 1:
+            return inner[0]
+    return tp
+
+
+def _is_text_field(tp: Any) -> bool:
+    return tp is not None and _without_none(tp) is str
 
 
 def apply_override(data: dict[str, Any], key: str, value: Any) -> None:

@@ -134,3 +134,21 @@ def test_config_files_that_are_not_configs(tmp_path):
         read_yaml(tmp_path / "bin.yaml")
     with pytest.raises(MoeforgeError, match="is a directory; pass the path of a YAML training config file"):
         read_yaml(tmp_path)
+
+
+def test_string_overrides_keep_their_text_and_domain_names_keep_their_hyphens():
+    # a string field takes the text as given: not a number, bool, mapping or YAML comment
+    base = {"model": "m", "output_dir": "o", "data": [{"name": "my-code", "builtin": "code"}, {"name": "prose", "builtin": "prose"}]}
+    cfg = load_config(base, ["--output_dir", "0123", "--tokenizer", "2024_01", "--separator", "[SEP]",
+                             "--data.my-code.system_prompt", "Note: be brief #math", "--data.prose.text-field", "no"])
+    assert (cfg.output_dir, cfg.tokenizer, cfg.separator) == ("0123", "2024_01", "[SEP]")
+    assert cfg.data[0].system_prompt == "Note: be brief #math" and cfg.data[1].text_field == "no"
+    # null still unsets an optional string; other types are still parsed
+    cfg = load_config(base, ["--distill.teacher", "null", "--steps", "1e3", "--resume", "false", "--betas", "[0.8, 0.9]"])
+    assert cfg.distill.teacher is None and cfg.steps == 1000 and cfg.resume is False and cfg.betas == [0.8, 0.9]
+    # --data.NAME.key and reference_losses address a domain by its name as written (hyphens too);
+    # hyphens in config field names still read as underscores
+    cfg = load_config(base, ["--data.my-code.weight", "0.25", "--micro-batch-size", "2", "--mixture.type", "dynamic",
+                             "--mixture.reference_losses.my-code", "2.5", "--mixture.reference_losses.prose", "3"])
+    assert cfg.data[0].weight == 0.25 and cfg.micro_batch_size == 2
+    assert cfg.mixture.reference_losses == {"my-code": 2.5, "prose": 3.0}
