@@ -59,7 +59,9 @@ class AdapterConfig:
     """Experts E per adapted module (1 for the single-adapter baselines)."""
     top_k: int | None = None
     """None: soft merging (softmax-weighted sum over all experts, the paper's default). k: keep the k
-    most probable experts per token and renormalise their weights to sum to one."""
+    most probable experts per token with their softmax weights, not renormalised (as the authors'
+    code); MoV gives the weight the kept experts leave (1 - sum of the k) to the identity vector, so a
+    top-k MoV starts equal to the base model like every other adapter."""
     target_modules: list[str] | str | None = None
     """Modules to adapt (list of names / suffixes, or one full-match regex); None: family defaults."""
     router_init_std: float = 0.02
@@ -126,8 +128,10 @@ class MoVConfig(AdapterConfig):
     """Mixture of (IA)^3 vectors (MoV; Zadouri et al. 2023, sec. 2.2, eq. 4).
 
     Per adapted module: E vectors l_i (initialised to ones) and a router W_g (E, d_router).
-    Output: a * sum_i s_i l_i with s = softmax(W_g r) (or its renormalised top-k), where a is the
-    rescaled activation. Keys and values are rescaled per head: each head's slice of k (or v)
+    Output: a * sum_i s_i l_i with s = softmax(W_g r), where a is the rescaled activation; with
+    ``top_k``, a * (sum_{i in top-k} s_i l_i + (1 - sum_{i in top-k} s_i)), i.e. the unkept weight
+    goes to the identity (all-ones) vector, so the model starts equal to the base (the paper's
+    a * sum_{top-k} s_i l_i would start scaled by sum s_i < 1). Keys and values are rescaled per head: each head's slice of k (or v)
     is routed on its own with one router shared across heads, and each head has its own vectors.
     """
 

@@ -280,6 +280,11 @@ def _build_layer(model: nn.Module, name: str, config: AdapterConfig, context: Ad
         if position == "output" and router_input == "activation" and head_dim and _is_attention(model, name):
             if linear.out_features % head_dim == 0 and linear.out_features > head_dim:
                 heads = linear.out_features // head_dim
+            elif isinstance(config, MoVConfig) and config.head_dim:  # the user's head size must fit
+                raise MoeforgeError(
+                    f"peft head_dim={config.head_dim} does not divide {name}'s width {linear.out_features}; give "
+                    "the attention head size (or leave head_dim out to read it from the model's config)."
+                )
         features = None
         if router_input == "activation":
             width = linear.in_features if position == "input" else linear.out_features
@@ -439,12 +444,35 @@ def _install_hooks(adapted: AdaptedModel, layers: dict[str, AdapterLayer]) -> No
             if run is None or run.length != past or run.total.shape[0] != emb.shape[0]:
                 raise MoeforgeError(
                     "sentence routing lost track of the cached prefix: continue a cached generation with the same "
-                    "adapted model that produced the cache, one sequence batch at a time (beam search reorders the "
-                    "cache and is not supported with router_input='sentence')."
+                    "adapted model that produced the cache, one sequence batch at a time (decoding strategies that "
+                    "crop or regroup the cache are not supported with router_input='sentence')."
                 )
             start_total, start_count = run.total, run.count
         means, total, count = prefix_mean(emb, mask, start_total, start_count)
         ctx.sentence = means
         ctx.running = _Running(total=total, count=count, length=past + length)
+        if cache is not None:
+            _follow_cache_reorders(cache, ctx)
 
     hooks.append(model.register_forward_pre_hook(dec_pre, with_kwargs=True))
+
+
+def _follow_cache_reorders(cache: Any, ctx: AdapterContext) -> None:
+    """Beam search reorders the KV cache's rows between steps (``cache.reorder_cache(beam_idx)``); the
+    running prefix sums of sentence routing belong to the same rows, so they must follow, or each beam
+    would continue with another beam's prefix embedding."""
+    if getattr(cache, "_moeforge_follows_reorders", False) or not hasattr(cache, "reorder_cache"):
+        return
+    original = cache.reorder_cache
+
+    def reorder_cache(beam_idx, *args, **kwargs):
+        result = original(beam_idx, *args, **kwargs)
+        run = ctx.running
+        if run is not None and run.total.shape[0] == beam_idx.shape[0]:
+            idx = beam_idx.to(run.total.device)
+            ctx.running = _Running(total=run.total.index_select(0, idx), count=run.count.index_select(0, idx),
+                                   length=run.length)
+        return result
+
+    cache.reorder_cache = reorder_cache
+    cache._moeforge_follows_reorders = True

@@ -2,7 +2,7 @@
 
 LoRA (Hu et al. 2021, arXiv 2106.09685, eq. 3): y = W x + (α/r) B A x, A random, B = 0.
 MoLoRA (Zadouri et al. 2023, arXiv 2309.05444, sec. 2.2): y = W x + (α/r) Σ_i s_i B_i A_i x with
-s = softmax(W_g x) (soft merging) or its renormalised top-k.
+s = softmax(W_g x) (soft merging) or its top-k, not renormalised (the authors' code).
 
 All experts run batched, with no loop over experts: the E down-projections are one matmul
 x (N, d_in) @ A (d_in, E·r); the router weights scale each expert's r-slice; the E

@@ -3,7 +3,10 @@
 (IA)^3 (Liu et al. 2022, arXiv 2205.05638, sec. 3.3): y = l ⊙ a with one learned vector l per
 module, initialised to ones. MoV (Zadouri et al. 2023, arXiv 2309.05444, eq. 4): E vectors
 l_1..l_E and a router; y = a ⊙ Σ_i s_i l_i with s = softmax(W_g r). Soft merging computes the
-weighted vector first and rescales once, so the cost is one (tokens, E) x (E, d) matmul.
+weighted vector first and rescales once, so the cost is one (tokens, E) x (E, d) matmul. It is
+computed as 1 + Σ_i s_i (l_i - 1), which is the same when the weights sum to one and, for top-k
+routing (weights not renormalised), gives the unkept weight 1 - Σ s_i to the identity vector, so
+a top-k MoV starts equal to the base model.
 
 Keys and values are rescaled per head (the paper's ``MoVAttention``): the activation (..., h·d_h)
 is viewed as (..., h, d_h); the router (E, d_h), shared across heads, routes each head's slice,

@@ -114,14 +114,40 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise MoeforgeError(f"{path} is not valid JSON ({err}); re-save the adapter.") from None
+    if not isinstance(meta, dict):
+        raise MoeforgeError(f"{path} is not an adapter config (a JSON object was expected); re-save the adapter.")
     if meta.get("format") != FORMAT:
         raise MoeforgeError(
             f"{path} was not written by moeforge.peft (format {meta.get('format')!r}); "
             "adapters from other libraries are not read here."
         )
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise MoeforgeError(f"{path} is damaged: format_version is {version!r}, not an integer; re-save the adapter.")
+    if version > FORMAT_VERSION:
         raise MoeforgeError(f"{path} uses adapter format version {meta['format_version']}; upgrade moeforge to read it.")
+    _check_structure(path, meta)
     return meta
+
+
+def _check_structure(path: Path, meta: dict) -> None:
+    """Refuse a damaged config (hand-edited, truncated by another tool) with one message, not a KeyError."""
+    def damaged(what: str) -> MoeforgeError:
+        return MoeforgeError(f"{path} is damaged: {what}; re-save the adapter.")
+
+    if not isinstance(meta.get("config"), dict):
+        raise damaged("'config' (the adapter settings) is missing or not an object")
+    if "base_model" in meta and not isinstance(meta["base_model"], dict):
+        raise damaged("'base_model' is not an object")
+    modules = meta.get("modules")
+    if not isinstance(modules, list) or not modules:
+        raise damaged("'modules' (the adapted modules) is missing or not a non-empty list")
+    for i, rec in enumerate(modules):
+        ok = isinstance(rec, dict) and isinstance(rec.get("name"), str) and rec["name"] and all(
+            isinstance(rec.get(k), int) and not isinstance(rec.get(k), bool) and rec[k] > 0
+            for k in ("in_features", "out_features"))
+        if not ok:
+            raise damaged(f"modules[{i}] needs a name and positive integer in_features and out_features, got {rec!r}")
 
 
 def _shape_disagreements(base_model: nn.Module, modules: dict[str, dict]) -> list[str]:

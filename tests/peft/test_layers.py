@@ -102,3 +102,30 @@ def test_prefix_mean_is_causal_and_skips_padding():
     first, t, c = prefix_mean(emb[:, :3], mask[:, :3])
     second, _, _ = prefix_mean(emb[:, 3:], mask[:, 3:], t, c)
     torch.testing.assert_close(torch.cat([first, second], 1), means)
+
+
+def test_mov_top_k_gives_the_unkept_weight_to_the_identity_vector():
+    """Top-k weights are not renormalised; MoV's scale is sum_{top-k} s_i l_i + (1 - sum_{top-k} s_i)."""
+    torch.manual_seed(0)
+    base = nn.Linear(6, 8)
+    layer = MoVLayer(base, "v", AdapterContext(), position="output", num_experts=4, router_input="activation",
+                     router_features=8, top_k=2)
+    _randomize(layer)
+    y = base(torch.randn(5, 6))
+    probs = layer.router(y)
+    kept = probs.sum(-1, keepdim=True)
+    assert bool((kept < 1 - 1e-3).all())  # the kept weights sum to less than one
+    want = probs @ layer.vectors.float() + (1 - kept)
+    torch.testing.assert_close(layer.scale(y), want)
+
+
+def test_a_head_dim_that_does_not_divide_the_key_width_is_refused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from moeforge.errors import MoeforgeError
+    from moeforge.peft import MoVConfig, wrap
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(MoeforgeError, match="head_dim=5 does not divide"):
+        wrap(model, MoVConfig(num_experts=2, head_dim=5))

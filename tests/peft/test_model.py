@@ -319,3 +319,45 @@ def test_load_adapter_refuses_a_base_with_other_weights(tmp_path):
     load_adapter(make_model("llama", seed=0).to(torch.float16), tmp_path / "adapter")
     with pytest.raises(MoeforgeError, match="trained on another base model"):
         load_adapter(make_model("llama", seed=1).to(torch.float16), tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("name", ["mov-sentence", "molora-sentence"])
+def test_beam_search_with_sentence_routing_scores_the_beams_it_returns(name):
+    """Beam search reorders the KV cache between steps; the running prefix sums of sentence routing
+    must follow the rows, so each returned beam's score equals a full forward over it."""
+    adapted = wrap(make_model("llama"), CONFIGS[name]())
+    randomize_adapters(adapted, scale=3.0)
+    prompt = torch.tensor([[5, 17, 33, 2]])
+    out = adapted.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, min_new_tokens=6, num_beams=3,
+                           num_return_sequences=3, do_sample=False, pad_token_id=0, length_penalty=0.0,
+                           output_scores=True, return_dict_in_generate=True)
+    seqs = out.sequences
+    with torch.no_grad():
+        logp = torch.log_softmax(adapted(seqs[:, :-1]).logits, -1)
+    recomputed = logp[:, prompt.shape[1] - 1 :].gather(-1, seqs[:, prompt.shape[1] :, None]).squeeze(-1).sum(-1)
+    torch.testing.assert_close(out.sequences_scores, recomputed, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("damage", ["no_modules", "no_in_features", "no_config", "a_list", "version_text"])
+def test_a_damaged_adapter_config_is_refused_with_one_message(tmp_path, damage):
+    import json
+
+    adapted = wrap(make_model("llama"), MoVConfig(num_experts=2))
+    adapted.save_adapter(tmp_path / "a")
+    path = tmp_path / "a" / "adapter_config.json"
+    meta = json.loads(path.read_text())
+    if damage == "no_modules":
+        del meta["modules"]
+    elif damage == "no_in_features":
+        del meta["modules"][0]["in_features"]
+    elif damage == "no_config":
+        del meta["config"]
+    elif damage == "version_text":
+        meta["format_version"] = "1"
+    else:
+        meta = [meta]
+    path.write_text(json.dumps(meta))
+    base = make_model("llama")
+    with pytest.raises(MoeforgeError, match="adapter_config.json is (damaged|not an adapter config)"):
+        load_adapter(base, tmp_path / "a")
+    assert not any(isinstance(m, type(adapted.adapter_layers()["model.layers.0.mlp.down_proj"])) for m in base.modules())
