@@ -237,6 +237,11 @@ def importance_pass(
             f"{n_windows} windows of {windows.shape[1]} tokens; raise calibration_tokens (--calibration-tokens) to at "
             f"least {num_clusters * windows.shape[1]}."
         )
+    if windows.shape[1] < 2:
+        raise MoeforgeError(
+            f"the importance method needs calibration windows of at least 2 tokens (a next-token loss), got "
+            f"{windows.shape[1]}; raise calibration_seq_len (--calibration-seq-len)."
+        )
     num_layers = runner.source.num_layers
     say = progress or (lambda _m: None)
     # forward, keeping every layer's input

@@ -175,6 +175,10 @@ class ConvertConfig:
             value = getattr(self, name)
             require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
                     f"{name} must be a positive integer, got {value!r}.")
+        require(self.calibration_seq_len >= 2,
+                f"calibration_seq_len (--calibration-seq-len) must be at least 2, got {self.calibration_seq_len}: a "
+                "window of one token has no next token to predict (the importance method's loss) and no context "
+                "for attention.")
         require(
             isinstance(self.shared_experts, int) and self.shared_experts >= 0,
             f"shared_experts must be an integer >= 0, got {self.shared_experts!r}.",

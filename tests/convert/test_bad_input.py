@@ -282,3 +282,11 @@ def test_calibration_without_a_tokenizer_names_the_data_free_choices(tmp_path):
         moeforge.convert(tmp_path / "notok", None, method="cluster", experts=3, shared_experts=1, top_k=1, eval_tokens=0)
     report = moeforge.convert(tmp_path / "notok", None, method="cluster", experts=4, top_k=2, eval_tokens=0)
     assert report.model is not None
+
+
+def test_one_token_calibration_windows_are_refused():
+    # a window of one token has no next-token loss: importance came out all zero and every
+    # SharingInner expert got the same neurons, silently
+    with pytest.raises(MoeforgeError, match="calibration_seq_len .* at least 2"):
+        moeforge.ConvertConfig(method="importance", calibration_seq_len=1)
+    moeforge.ConvertConfig(method="importance", calibration_seq_len=2)

@@ -181,3 +181,14 @@ def test_reported_layer_error_is_the_exported_layers(tiny_llama, router, options
         with torch.no_grad():
             out = model.model.layers[i].mlp(calib.x).hidden_states
         assert relative_error(calib.y, out) == pytest.approx(layer_report.error, rel=1e-4)
+
+
+def test_importance_refuses_one_token_windows(tiny_llama):
+    """One-token windows have no next-token loss; their importance would be all zero (meaningless experts)."""
+    from moeforge.errors import MoeforgeError
+
+    source = open_source(tiny_llama)
+    windows = torch.randint(0, 256, (4, 1), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(MoeforgeError, match="at least 2 tokens"):
+        importance_pass(DenseRunner(source), windows, 2, generator=torch.Generator().manual_seed(0),
+                        read_ffn=lambda i: DenseFFN(*source.read_ffn(i)))
