@@ -276,6 +276,9 @@ class ConvertConfig:
                     "experts to reproduce the input model's FFN, which would undo what each expert model learned. "
                     "Merge with --gate-init random, uniform or domain and --rescale auto, none or a number.")
         if self.gate_init == "domain":
+            require(self.calibration is None,
+                    "--calibration is not read with --gate-init domain: each expert's --expert-data text is its "
+                    "calibration text. Drop --calibration.")
             require(self.expert_data is not None and len(self.expert_data) == self.experts,
                     f"--gate-init domain needs one --expert-data text per expert ({self.experts}), got "
                     f"{0 if self.expert_data is None else len(self.expert_data)}: repeat --expert-data (a built-in "

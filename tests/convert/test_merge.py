@@ -179,6 +179,8 @@ def test_merge_refusals(family, tmp_path):
         (dict(method="random", gate_init="domain", expert_data=["prose", "code"], experts=2), "only means something"),
         (dict(method="merge", expert_models=[]), "must be a non-empty list"),
         (dict(method="merge", expert_models=models, merge_shared="mean"), "unknown merge_shared setting 'mean'"),
+        (dict(method="merge", expert_models=models, gate_init="domain", expert_data=["prose", "code"],
+              calibration="prose"), "--calibration is not read with --gate-init domain"),
     ]
     for options, match in cases:
         with pytest.raises(MoeforgeError, match=match):
@@ -288,3 +290,16 @@ def test_loaded_models_can_be_merged_and_are_recorded_by_name(family, tmp_path):
     torch.testing.assert_close(moe.model.layers[1].mlp.experts.down_proj[0], a.model.layers[1].mlp.down_proj.weight)
     with pytest.raises(MoeforgeError, match="paths, aliases or loaded models"):
         moeforge.ConvertConfig(method="merge", expert_models=[object()])
+
+
+def test_domain_progress_lines_report_how_well_the_router_tells_the_texts_apart(family, tmp_path):
+    root = family["root"]
+    (tmp_path / "digits.txt").write_text(DIGITS)
+    lines = []
+    moeforge.convert(root / "base", None, method="merge", expert_models=[str(root / "a"), str(root / "b")], top_k=1,
+                     gate_init="domain", expert_data=[str(tmp_path / "digits.txt")] * 2, calibration_tokens=1024,
+                     calibration_seq_len=128, eval_tokens=0, progress=lines.append)
+    reported = [line for line in lines if "router tells the domains apart on" in line]
+    assert len(reported) == 2  # one per layer; identical texts cannot be told apart (about chance, 50%)
+    assert all(int(line.split("apart on ")[1].split("%")[0]) <= 60 for line in reported)
+
