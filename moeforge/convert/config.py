@@ -222,7 +222,7 @@ class ConvertConfig:
                     "describe a dense layer. Use --gate-init random/uniform/centroid, --rescale auto or a number, "
                     "and --refine none with --router expert_choice."
                 )
-        if self.gate_init in ("centroid", "activation") and not self.is_split and self.method != "merge":
+        if self.gate_init in ("centroid", "activation") and not self.is_split:  # (merge: refused in _check_merge)
             raise MoeforgeError(
                 f"--gate-init {self.gate_init} derives router rows from each expert's own neurons, but {self.method} "
                 "makes experts that are copies of each other; use --gate-init random (or uniform) with upcycling."

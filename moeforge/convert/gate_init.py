@@ -122,11 +122,13 @@ def init_router(
     *,
     norm_weight: Tensor,
     expert_out: Tensor | None = None,
+    info: dict | None = None,
 ) -> Tensor:
     """The initial (E, H) float32 router weight for ``--gate-init name``.
 
     ``expert_out`` (T, E, H), the experts' outputs on ``ctx.calib.x``, is required for
     ``activation`` (the caller computes it once and reuses it for rescaling and refinement).
+    ``info``: the layer report's dict, given ``domain_accuracy`` by ``domain``.
     """
     hidden = ffn.hidden_size
     if name == "random":
@@ -145,6 +147,8 @@ def init_router(
     if name == "domain":
         if ctx.calib is None or ctx.calib.labels is None:
             raise RuntimeError("internal error: domain gate init needs labelled calibration data")
-        rows, _ = domain_rows(ctx.calib.x, ctx.calib.labels, experts.num_experts)
+        rows, accuracy = domain_rows(ctx.calib.x, ctx.calib.labels, experts.num_experts)
+        if info is not None:
+            info["domain_accuracy"] = accuracy
         return rows
     raise MoeforgeError(f"unknown gate init {name!r}")

@@ -31,7 +31,7 @@ from ..formats.export import MoELayerWeights
 from ..moe.config import MoEConfig
 from ..moe.routers import build_router
 from .config import ConvertConfig
-from .gate_init import domain_rows, init_router
+from .gate_init import init_router
 from .methods.base import DenseFFN, LayerCalibration, LayerContext, LayerExperts, get_method
 from .refine import refine_all, refine_down, refine_router
 from .rescale import fixed_scale, least_squares_scale, norm_matching_scale
@@ -104,10 +104,8 @@ class LayerConverter:
         # calibration below evaluates the router the export will hold
         extra = router_extra_state(self.moe, cfg.seed, index)
         report_info = dict(experts.info)
-        if cfg.gate_init == "domain":
-            router, report_info["domain_accuracy"] = domain_rows(calib.x, calib.labels, experts.num_experts)
-        else:
-            router = init_router(cfg.gate_init, experts, ffn, ctx, norm_weight=norm_weight, expert_out=expert_out)
+        router = init_router(cfg.gate_init, experts, ffn, ctx, norm_weight=norm_weight, expert_out=expert_out,
+                             info=report_info)
         scale = fixed_scale(cfg, experts.default_scale)
         if (cfg.gate_init == "domain" and cfg.rescale == "auto" and cfg.routed_weight_sum != 1.0
                 and self.moe.router != "expert_choice"):  # expert choice routes across a batch

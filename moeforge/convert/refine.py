@@ -30,7 +30,8 @@ from torch import Tensor
 
 from ..moe.config import MoEConfig
 from .methods.base import LayerExperts
-from .routing_sim import make_router, relative_error, routed_sum
+from ..utils.precision import at_least_float32
+from .routing_sim import load_router_state, make_router, relative_error, routed_sum
 
 
 @dataclass
@@ -165,7 +166,7 @@ def refine_all(
     from ..moe.layer import MoELayer
 
     layer = MoELayer(moe.replace(output_scale=scale)).float()
-    layer.router.load_state_dict({**layer.router.state_dict(), **(extra or {}), "weight": router_weight.float()})
+    load_router_state(layer.router, router_weight, extra)
     with torch.no_grad():
         layer.experts.gate_up_proj.copy_(experts.gate_up.float())
         layer.experts.down_proj.copy_(experts.down.float())
@@ -201,7 +202,7 @@ def refine_all(
             if err < best[0]:
                 best = (err, snapshot())
     layer.load_state_dict(best[1])
-    dtype = torch.promote_types(experts.gate_up.dtype, torch.float32)  # refitted weights are not rounded to a bf16 source
+    dtype = at_least_float32(experts.gate_up.dtype)  # refitted weights are not rounded to a bf16 source
     with torch.no_grad():
         new = LayerExperts(
             gate_up=layer.experts.gate_up_proj.detach().to(dtype).clone(),
@@ -300,7 +301,7 @@ def refine_down(
         return RefineResult(router_weight, scale, before, before, 0), experts
     gram_ho, rhs_ho = normal_equations(held)
     d = solve(gram_tr + gram_ho, rhs_tr + rhs_ho, best_lam)
-    dtype = torch.promote_types(experts.down.dtype, torch.float32)  # refitted weights are not rounded to a bf16 source
+    dtype = at_least_float32(experts.down.dtype)  # refitted weights are not rounded to a bf16 source
     new = LayerExperts(
         gate_up=experts.gate_up,
         down=torch.stack([d[:, e * m : (e + 1) * m] for e in range(e_count)]).to(dtype).contiguous(),

@@ -21,8 +21,14 @@ def make_router(moe: MoEConfig, weight: Tensor, extra: dict[str, Tensor] | None 
     parameters and buffers from ``extra`` (the state the export writes, e.g. noisy top-k's
     ``router_mlp`` matrix; without it they take a fresh random init, unlike the exported layer)."""
     router = build_router(moe)
-    router.load_state_dict({**router.state_dict(), **(extra or {}), "weight": weight.float()})
+    load_router_state(router, weight, extra)
     return router.eval()
+
+
+def load_router_state(router, weight: Tensor, extra: dict[str, Tensor] | None = None) -> None:
+    """Give ``router`` the (E, H) ``weight`` (as float32) and its other exported state ``extra``;
+    what ``extra`` does not name keeps its current value."""
+    router.load_state_dict({**router.state_dict(), **(extra or {}), "weight": weight.float()})
 
 
 def routed_sum(moe: MoEConfig, weight: Tensor, x: Tensor, expert_out: Tensor, router=None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..utils.precision import at_least_float32
 from .routing import expert_counts
 
 
@@ -50,7 +51,7 @@ def cv_squared(values: Tensor, eps: float = 1e-10) -> Tensor:
     Uses the unbiased variance, as the reference implementation and LLaMA-MoE do. A single
     value has no spread and gives 0.
     """
-    values = values.to(torch.promote_types(values.dtype, torch.float32))
+    values = values.to(at_least_float32(values.dtype))
     if values.numel() <= 1:
         return values.sum() * 0.0
     return values.var() / (values.mean().square() + eps)

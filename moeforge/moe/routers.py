@@ -19,16 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import MoeforgeError, unknown_name
-from ..utils.precision import autocast_off
+from ..utils.precision import at_least_float32, autocast_off
 from .config import MoEConfig
 from .losses import cv_squared, load_balancing_loss, noisy_topk_load, router_z_loss
 from .routing import Routing, expert_counts, token_choice
-
-def router_dtype(x: Tensor) -> torch.dtype:
-    """The router's arithmetic dtype: float32 for float32 and lower-precision inputs (Switch
-    Transformer's selective precision), float64 for float64 inputs (exact gradient checks)."""
-    return torch.promote_types(x.dtype, torch.float32)
-
 
 ROUTERS: dict[str, type[Router]] = {}
 
@@ -103,7 +97,7 @@ class Router(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         """(T, H) -> (T, E) logits in float32 (float64 for float64 inputs: never below float32)."""
-        dt = router_dtype(x)
+        dt = at_least_float32(x.dtype)
         return F.linear(x.to(dt), self.weight.to(dt))
 
     def forward(self, x: Tensor, batch_shape: tuple[int, ...] | None = None, token_mask: Tensor | None = None) -> Routing:
@@ -195,7 +189,7 @@ class NoisyTopKRouter(Router):
         clean = self.clean_logits(x)
         noisy_training = self.training and k < e
         if noisy_training:
-            dt = router_dtype(x)
+            dt = at_least_float32(x.dtype)
             noise_std = F.softplus(F.linear(x.to(dt), self.noise.to(dt))) + self.config.noise_floor
             noisy = clean + torch.randn_like(clean) * noise_std
         else:
@@ -255,7 +249,7 @@ class SwitchRouter(Router):
 
     def route(self, x: Tensor, batch_shape: tuple[int, ...] | None) -> Routing:
         eps = 0.01 if self.config.jitter_eps is None else self.config.jitter_eps
-        x = x.to(router_dtype(x))
+        x = x.to(at_least_float32(x.dtype))
         if self.training and eps > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
         logits = self.logits(x)

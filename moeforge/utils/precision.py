@@ -1,10 +1,16 @@
-"""Precision helpers shared by the routers of the MoE layer and of the PEFT experts."""
+"""Precision helpers shared by the routers (MoE layer, PEFT experts) and the conversion's refits."""
 
 from __future__ import annotations
 
 import contextlib
 
 import torch
+
+
+def at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """float32 for float32 and lower precisions, float64 for float64: the dtype of router arithmetic
+    (never below float32) and of weights refitted in float32 (never rounded back to a bf16 source)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
