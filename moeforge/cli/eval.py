@@ -1,9 +1,10 @@
-"""``moeforge eval MODEL``: perplexity per corpus, speed, cost and (for MoE models) routing per layer."""
+"""``moeforge eval MODEL``: perplexity per corpus, task accuracy, speed, cost and (for MoE models) routing per layer."""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import typer
 
@@ -44,6 +45,23 @@ def print_report(report) -> None:
           f"token, dropped {summary['dropped_fraction']:.2%}")
 
 
+def print_tasks(results, model: str, parameters: dict | None = None) -> None:
+    """Table of :class:`~moeforge.eval.tasks.TaskResult` (accuracy with its 95% interval)."""
+    if parameters is not None:
+        print(f"model: {model}")
+        print(f"parameters: {parameters['total']:,} total, {parameters['active']:,} active per token")
+    width = max(10, *(len(r.name) for r in results))
+    print(f"\n{'task':<{width}}  {'kind':<8}  {'accuracy':>8}  {'95% interval':>13}  {'problems':>8}  {'shots':>5}  "
+          f"{'prompts':<7}  {'seconds':>7}  source")
+    for r in results:
+        lo, hi = r.interval
+        prompts = "chat" if r.chat else "plain"
+        print(f"{r.name:<{width}}  {r.kind:<8}  {r.accuracy:>8.1%}  {f'{lo:.1%}-{hi:.1%}':>13}  {r.total:>8,}  "
+              f"{r.shots:>5}  {prompts:<7}  {r.seconds:>7.1f}  {r.source}")
+        if r.accuracy_norm is not None:
+            print(f"{'':<{width}}  {'':<8}  {r.accuracy_norm:>8.1%}  (highest log-likelihood per byte)")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_(
@@ -52,8 +70,24 @@ def register(app: typer.Typer) -> None:
             None, "--data", "-d", metavar="CORPUS",
             help="Corpus name (prose, code, arithmetic, wikitext2, gsm8k) or a text (.txt, .md, .text) or JSON "
                  "(.jsonl, .json) file; repeat for several. "
-                 "Default: the built-in domains plus WikiText-2 and GSM8K when the benchmark data folder exists.",
+                 "Default: the built-in domains plus WikiText-2 and GSM8K when the benchmark data folder exists, "
+                 "unless --task is given.",
         ),
+        task: list[str] = typer.Option(
+            None, "--task", "-t", metavar="TASK",
+            help="Accuracy task: arithmetic, arithmetic-choice, gsm8k, or a .jsonl file of question/answer "
+                 "(or question/choices/answer) records; repeat for several. With --task and no --data, "
+                 "perplexity is skipped.",
+        ),
+        limit: int = typer.Option(None, "--limit", min=1, help="Problems per task (default: all; built-in "
+                                  "arithmetic tasks: 500)."),
+        shots: int = typer.Option(0, "--shots", min=0, help="Solved examples shown before each problem."),
+        chat: str = typer.Option("auto", "--chat", help="Task prompts through the tokenizer's chat template: "
+                                 "auto (when it has one), on, or off (plain text)."),
+        max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1,
+                                           help="Tokens generated per problem (default: the task's, gsm8k 256)."),
+        samples: str = typer.Option(None, "--samples", help="JSONL file for every problem's prompt, reply and "
+                                    "verdict."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
         max_tokens: int = typer.Option(4096, "--max-tokens", min=2, help="Tokens per corpus."),
         seq_len: int = typer.Option(512, "--seq-len", min=2, help="Window length for perplexity."),
@@ -64,20 +98,52 @@ def register(app: typer.Typer) -> None:
         allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle (.bin) checkpoints."),
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run custom model code from the checkpoint."),
     ) -> None:
-        """Perplexity of MODEL per corpus, tokens/s, parameters and FLOPs per token, and routing per layer."""
+        """Perplexity of MODEL per corpus, task accuracy, tokens/s, parameters and FLOPs per token, and routing per layer."""
         from ..errors import MoeforgeError
         from ..eval.corpora import resolve_corpus
         from ..eval.evaluate import evaluate, unique_names, write_analysis
+        from ..eval.tasks import CHAT_MODES, evaluate_task, resolve_task
         from ..loading import load_tokenizer, load_trained
+        from ..utils.io import atomic_write_text, check_writable_dir
 
         corpora = unique_names([resolve_corpus(d) for d in data]) if data else None  # bad names fail before loading
+        tasks = [resolve_task(t, limit) for t in task or []]
+        names = [t.name for t in tasks]
+        if len(set(names)) < len(names):
+            raise MoeforgeError(f"task {sorted({n for n in names if names.count(n) > 1})[0]!r} given twice; name each task once.")
+        if chat not in CHAT_MODES:
+            raise MoeforgeError(f"--chat must be one of {', '.join(CHAT_MODES)}, got {chat!r}.")
+        if not tasks and (limit is not None or samples or max_new_tokens is not None or shots):
+            raise MoeforgeError("--limit, --shots, --max-new-tokens and --samples apply to tasks; add --task NAME.")
         if plots:
-            from ..utils.io import check_writable_dir
-
             check_writable_dir(plots, "--plots directory")  # before the evaluation, not after it
+        if samples:
+            if Path(samples).expanduser().is_dir():
+                raise MoeforgeError(f"--samples {samples} is a directory; name a file, e.g. {Path(samples) / 'samples.jsonl'}.")
+            check_writable_dir(str(Path(samples).expanduser().resolve().parent), "--samples file's directory")
         tok = load_tokenizer(model, trust_remote_code=trust_remote_code)  # the cheap half first: a missing tokenizer fails before the weights load
         m = load_trained(model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         log = None if as_json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+        results = []
+        for t in tasks:
+            results.append(evaluate_task(m, tok, t, shots=shots, chat=chat, batch_size=batch_size,
+                                         max_new_tokens=max_new_tokens, progress=log))
+            if log:
+                log(f"{t.name}: accuracy {results[-1].accuracy:.1%} on {results[-1].total:,} problems")
+        if samples:
+            lines = [json.dumps({"task": r.name, **s}) for r in results for s in r.samples]
+            atomic_write_text(Path(samples).expanduser(), "\n".join(lines) + "\n")
+        if tasks and not data:
+            from ..eval.cost import parameter_counts
+
+            if as_json:
+                print(json.dumps({"model": model, "parameters": parameter_counts(m),
+                                  "tasks": {r.name: r.to_dict() for r in results}}))
+            else:
+                print_tasks(results, model, parameter_counts(m))
+                if samples:
+                    print(f"wrote {samples}")
+            return
         report = evaluate(m, tok, corpora, name=model, max_tokens=max_tokens, seq_len=seq_len,
                           batch_size=batch_size, progress=log)
         files, plot_error = [], None
@@ -89,9 +155,15 @@ def register(app: typer.Typer) -> None:
         if as_json:
             out = report.to_dict()
             out["files"] = [str(f) for f in files]
+            if results:
+                out["tasks"] = {r.name: r.to_dict() for r in results}
             print(json.dumps(out))
         else:
             print_report(report)
+            if results:
+                print_tasks(results, model)
+                if samples:
+                    print(f"wrote {samples}")
             if plots and not files and plot_error is None:
                 print(f"\n(no plots written to {plots}: the model has no MoE layers)")
             for f in files:

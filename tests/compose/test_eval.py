@@ -63,3 +63,18 @@ def test_windows_past_the_augmenting_models_context_refused():
     composed = compose(llama(), augmenting, num_connections=2)  # the anchor's context is 64
     with pytest.raises(MoeforgeError, match="more than the model's context of 16 positions"):
         evaluate(composed, char_tokenizer(), ["arithmetic"], max_tokens=64, seq_len=32)
+
+
+def test_task_accuracy_runs_on_a_composition_and_batches_like_single_prompts():
+    """`moeforge eval --task` on a composition: its own generate() (no transformers stop strings),
+    batched with left padding, gives each prompt the replies it gets alone."""
+    from moeforge.eval.tasks import evaluate_task, generate_replies, resolve_task
+
+    tok = char_tokenizer()
+    composed = randomize_outputs(compose(llama(), moe(), num_connections=2)).eval()
+    prompts = [tok(t).input_ids for t in ("12 + 3 =", "7 * 8 =", "100 - 99 =")]
+    batched = generate_replies(composed, tok, prompts, max_new_tokens=5, batch_size=3)
+    alone = [generate_replies(composed, tok, [p], max_new_tokens=5, batch_size=1)[0] for p in prompts]
+    assert batched == alone
+    result = evaluate_task(composed, tok, resolve_task("arithmetic", limit=4), shots=1, chat="off", max_new_tokens=4)
+    assert result.total == 4 and all(isinstance(s["reply"], str) for s in result.samples)

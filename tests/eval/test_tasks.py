@@ -1,0 +1,280 @@
+"""Task accuracy (moeforge.eval.tasks): answer extraction, task files, batched greedy decoding
+against an unbatched reference, choice log-likelihoods against a hand-computed sum, and the CLI."""
+
+import json
+
+import pytest
+import torch
+
+from moeforge.cli import main
+from moeforge.errors import MoeforgeError
+from moeforge.eval.tasks import (
+    CHOICE,
+    GENERATE,
+    Task,
+    TaskExample,
+    TaskResult,
+    batch_loglikelihoods,
+    choice_loglikelihoods,
+    evaluate_task,
+    extract_number,
+    generate_replies,
+    is_correct,
+    prompt_ids,
+    resolve_task,
+)
+
+from .tiny import tiny_llama, tiny_moe, tiny_tokenizer
+
+
+# ----------------------------------------------------------------------------- answers
+
+
+@pytest.mark.parametrize("reply, number", [
+    ("She makes 9 * 2 = $18 every day.\n#### 18", 18),
+    ("#### 1,234 is the answer, not 5", 1234),
+    ("The answer is -3.50.", -3.5),
+    ("so 12 apples, then 7.", 7),
+    ("no digits here", None),
+    ("#### none\nbut 4 later", 4),  # a marker with no number falls back to the last number
+])
+def test_extract_number(reply, number):
+    assert extract_number(reply) == number
+
+
+def test_is_correct_numeric_and_text():
+    assert is_correct(" 42\n", "42") and is_correct("it is $1,050.00", "1050")
+    assert not is_correct("42 or 43", "42")  # the last number counts
+    assert not is_correct("", "42")
+    assert is_correct("  Paris.\nmore text", "paris") and not is_correct("Paris is big", "Paris")
+
+
+def test_wilson_interval_matches_the_formula():
+    lo, hi = TaskResult("t", GENERATE, "s", correct=5, total=10, seconds=0.0, shots=0, chat=False).interval
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    lo, hi = TaskResult("t", GENERATE, "s", correct=0, total=24, seconds=0.0, shots=0, chat=False).interval
+    assert lo == 0.0 and hi == pytest.approx(0.1380, abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def test_builtin_tasks_are_held_out_and_well_formed():
+    from moeforge.data import builtin_text
+
+    task = resolve_task("arithmetic", limit=50)
+    assert task.kind == GENERATE and len(task.examples) == 50 and len(task.fewshot) > 0
+    training = set(builtin_text("arithmetic", "train").splitlines()) | set(builtin_text("arithmetic", "valid").splitlines())
+    lines = {f"{ex.prompt} {ex.answer}" for ex in task.examples}
+    assert not lines & training  # no problem a model trained on the domain has seen
+    assert not lines & {f"{ex.prompt} {ex.answer}" for ex in task.fewshot}
+    for ex in task.examples:
+        assert eval(ex.prompt.rstrip("=")) == int(ex.answer)  # noqa: S307 - our own arithmetic strings
+    choice = resolve_task("arithmetic-choice", limit=50)
+    assert choice.kind == CHOICE
+    for ex, plain in zip(choice.examples, task.examples):
+        assert len(set(ex.choices)) == 4 and ex.choices[ex.label] == f" {plain.answer}"
+    assert sorted({ex.label for ex in choice.examples}) == [0, 1, 2, 3]  # the right answer's slot is shuffled
+
+
+def test_task_files(tmp_path):
+    gen = tmp_path / "qa.jsonl"
+    gen.write_text(json.dumps({"question": "2+2?", "answer": "Two and two.\n#### 4"}) + "\n"
+                   + json.dumps({"prompt": "Capital of France?", "target": "Paris"}) + "\n"
+                   + json.dumps({"input": "7*6", "output": 42}) + "\n")
+    task = resolve_task(str(gen))
+    assert task.name == "qa" and task.kind == GENERATE
+    assert [ex.answer for ex in task.examples] == ["4", "Paris", "42"]
+    assert task.examples[0].solution.endswith("#### 4")
+    assert len(resolve_task(str(gen), limit=2).examples) == 2
+    mc = tmp_path / "mc.json"
+    mc.write_text(json.dumps([{"question": "Sky?", "choices": [" blue", " green"], "answer": 0},
+                              {"context": "Grass is", "choices": [" blue", " green"], "answer": " green"}]))
+    task = resolve_task(str(mc))
+    assert task.kind == CHOICE and [ex.label for ex in task.examples] == [0, 1]
+    assert task.plain_template == "{prompt}"  # continued as written
+
+
+@pytest.mark.parametrize("records, message", [
+    ([{"question": "q"}], "needs an answer"),
+    ([{"answer": "a"}], "needs a question"),
+    ([{"question": "q", "choices": ["a"], "answer": 0}], "at least two"),
+    ([{"question": "q", "choices": ["a", "b"], "answer": 2}], r"index \(0\.\.1\) or the text"),
+    ([{"question": "q", "answer": "a"}, {"question": "q", "choices": ["a", "b"], "answer": 1}], "mixes"),
+    ([["not", "a", "record"]], "JSON object"),
+    ([], "holds no records"),
+])
+def test_bad_task_files(tmp_path, records, message):
+    f = tmp_path / "t.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(MoeforgeError, match=message):
+        resolve_task(str(f))
+
+
+def test_bad_task_names(tmp_path):
+    with pytest.raises(MoeforgeError, match="Did you mean 'arithmetic'"):
+        resolve_task("arithmetc")
+    with pytest.raises(MoeforgeError, match="does not exist"):
+        resolve_task(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(MoeforgeError, match="gsm8k/test.jsonl"):
+        resolve_task("gsm8k", root=tmp_path)
+    (tmp_path / "t.txt").write_text("x")
+    with pytest.raises(MoeforgeError, match="suffix"):
+        resolve_task(str(tmp_path / "t.txt"))
+
+
+def test_gsm8k_from_a_data_folder(tmp_path):
+    (tmp_path / "gsm8k").mkdir()
+    rec = {"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7"}
+    (tmp_path / "gsm8k" / "test.jsonl").write_text(json.dumps(rec) + "\n")
+    (tmp_path / "gsm8k" / "train.jsonl").write_text(json.dumps(rec) + "\n")
+    task = resolve_task("gsm8k", root=tmp_path)
+    assert task.examples[0].answer == "7" and task.fewshot[0].solution == rec["answer"]
+
+
+def test_plain_prompt_with_shots():
+    tok = tiny_tokenizer()
+    task = resolve_task("arithmetic", limit=1)
+    text = tok.decode(prompt_ids(task, task.examples[0], tok, shots=2, chat=False))
+    demos = [f"{d.prompt} {d.answer}" for d in task.fewshot[:2]]
+    assert text == f"{demos[0]}\n\n{demos[1]}\n\n{task.examples[0].prompt}"
+    with pytest.raises(MoeforgeError, match="fewer than the 99 shots"):
+        evaluate_task(tiny_llama(), tok, task, shots=99)
+
+
+def test_chat_on_needs_a_template():
+    task = resolve_task("arithmetic", limit=1)
+    with pytest.raises(MoeforgeError, match="chat template, and this one has none"):
+        evaluate_task(tiny_llama(), tiny_tokenizer(), task, chat="on")
+
+
+# ----------------------------------------------------------------------------- decoding and scoring
+
+
+def _greedy_reference(model, prompt: list[int], steps: int, eos: int) -> list[int]:
+    """Unbatched greedy decoding by full forward passes (no cache, no padding)."""
+    ids = list(prompt)
+    out = []
+    for _ in range(steps):
+        with torch.no_grad():
+            nxt = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        out.append(nxt)
+        ids.append(nxt)
+        if nxt == eos:
+            break
+    return out
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_moe], ids=["llama", "moeforge-moe"])
+def test_batched_left_padded_generation_equals_unbatched_greedy(make):
+    model, tok = make(), tiny_tokenizer()
+    texts = ["17 + 25 =", "def f(x):\n    return", "The", "a much longer prompt about the language reference"]
+    prompts = [tok(t).input_ids for t in texts]
+    replies = generate_replies(model, tok, prompts, max_new_tokens=6, batch_size=3)
+    for p, r in zip(prompts, replies):
+        assert r == _greedy_reference(model, p, 6, tok.eos_token_id)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_moe], ids=["llama", "moeforge-moe"])
+def test_choice_loglikelihoods_equal_a_hand_computed_sum(make):
+    """Problems of different lengths batched in one right-padded pass score as each row alone."""
+    model, tok = make(), tiny_tokenizer()
+    problems = [("17 + 25 =", [" 42", " 1042", " x"]), ("def f(x):\n    return", [" x", " x + 1"])]
+    got = batch_loglikelihoods(model, tok, problems)
+    assert got[0] == pytest.approx(choice_loglikelihoods(model, tok, *problems[0]), abs=1e-5)  # alone
+    for (context, choices), values in zip(problems, got):
+        ctx = tok(context).input_ids
+        for choice, value in zip(choices, values):
+            cont = tok(choice, add_special_tokens=False).input_ids
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont])).logits[0].double(), -1)
+            want = sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
+            assert value == pytest.approx(want, abs=1e-4)
+
+
+class _Oracle(torch.nn.Module):
+    """Stands in for a model that answers arithmetic prompts: generate() appends ' <result + offset>\\n'."""
+
+    def __init__(self, tok, offset: int) -> None:
+        super().__init__()
+        self.tok, self.offset, self.w = tok, offset, torch.nn.Parameter(torch.zeros(1))
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **_):
+        rows = []
+        for ids, mask in zip(input_ids, attention_mask):
+            prompt = self.tok.decode(ids[mask.bool()].tolist()).rsplit("\n\n", 1)[-1]
+            reply = self.tok(f" {eval(prompt.rstrip('=')) + self.offset}\n7 * 7 = 49").input_ids  # noqa: S307
+            rows.append(ids.tolist() + reply[:max_new_tokens])
+        width = max(map(len, rows))
+        return torch.tensor([r + [0] * (width - len(r)) for r in rows])
+
+
+@pytest.mark.parametrize("offset, accuracy", [(0, 1.0), (1, 0.0)])
+def test_generation_scoring_end_to_end(offset, accuracy):
+    """Rendering, decoding, cutting at the stop string and matching, on replies whose truth is known
+    (the reply's extra line would be scored as the answer if it were not cut off)."""
+    tok = tiny_tokenizer()
+    task = resolve_task("arithmetic", limit=12)
+    result = evaluate_task(_Oracle(tok, offset), tok, task, shots=2, chat="off", batch_size=5, max_new_tokens=40)
+    assert result.accuracy == accuracy and result.total == 12
+    assert all(s["reply"].strip().lstrip("-").isdigit() for s in result.samples)
+
+
+def test_choice_scoring_picks_the_most_likely(monkeypatch):
+    import moeforge.eval.tasks as tasks
+
+    task = Task("t", CHOICE, (TaskExample("a", " y", choices=(" x", " y"), label=1),
+                              TaskExample("b", " x", choices=(" x", " yyyyyyyy"), label=0)), "test",
+                plain_template="{prompt}")
+    scores = {"a": [-5.0, -1.0], "b": [-2.0, -8.0]}  # per byte, b's long choice wins (-1.0 vs -2.0)
+    monkeypatch.setattr(tasks, "batch_loglikelihoods", lambda m, t, problems: [scores[ctx] for ctx, _ in problems])
+    result = evaluate_task(tiny_llama(), tiny_tokenizer(), task)
+    assert result.correct == 2 and result.accuracy_norm == 0.5
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("llama")
+    tiny_llama().save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return d
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def test_cli_tasks_json_and_samples(llama_dir, tmp_path, capsys):
+    samples = tmp_path / "out" / "samples.jsonl"
+    code, out, _ = run(["eval", str(llama_dir), "--task", "arithmetic", "--task", "arithmetic-choice", "--limit", "3",
+                        "--max-new-tokens", "4", "--json", "--samples", str(samples)], capsys)
+    assert code in (0, None)
+    report = json.loads(out)
+    assert set(report["tasks"]) == {"arithmetic", "arithmetic-choice"} and "perplexity" not in report
+    assert report["tasks"]["arithmetic"]["total"] == 3 and report["tasks"]["arithmetic"]["chat"] is False
+    records = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert [r["task"] for r in records] == ["arithmetic"] * 3 + ["arithmetic-choice"] * 3
+
+
+def test_cli_tasks_with_perplexity(llama_dir, capsys):
+    code, out, _ = run(["eval", str(llama_dir), "-t", "arithmetic", "--limit", "2", "--max-new-tokens", "2",
+                        "-d", "prose", "--max-tokens", "64", "--seq-len", "32"], capsys)
+    assert code in (0, None)
+    assert "perplexity" in out and "arithmetic" in out and "95% interval" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "arithmetc"], "Did you mean 'arithmetic'"),
+    (["--shots", "2"], "apply to tasks"),
+    (["--task", "arithmetic", "--chat", "maybe"], "--chat must be one of"),
+    (["--task", "arithmetic", "--task", "arithmetic"], "given twice"),
+])
+def test_cli_bad_task_options(llama_dir, capsys, argv, message):
+    code, _, err = run(["eval", str(llama_dir), *argv], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
