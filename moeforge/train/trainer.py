@@ -914,6 +914,15 @@ class Trainer:
             )
         return final
 
+    def _drop_stale_final(self) -> None:
+        """Remove a ``final/`` left by an earlier, shorter run before the last checkpoint is written (main process).
+
+        A rerun takes the ``final/`` beside a checkpoint at ``steps`` for that checkpoint's model; an
+        extended run stopped between its last checkpoint and its final save must not leave the
+        shorter run's model there to be taken for its own.
+        """
+        shutil.rmtree(self.output_dir / FINAL_DIR, ignore_errors=True)  # the other processes wait in save()
+
     # ============================================================================== run
     def run(self) -> TrainResult:
         start = time.perf_counter()
@@ -989,6 +998,8 @@ class Trainer:
                         self.writer.write(rec)
                     self._callback("on_eval", rec)
                 if step % cfg.save_every == 0 or step == cfg.steps or self.should_stop:
+                    if step == cfg.steps and ctx.is_main:
+                        self._drop_stale_final()
                     self.save()
                     if cfg.plots and ctx.is_main and time.perf_counter() - last_plot > PLOT_INTERVAL_S:
                         write_plots(self.output_dir)

@@ -4,6 +4,7 @@ resumed run must be the same run, and unusable directories get one clear message
 from pathlib import Path
 
 import pytest
+import torch
 
 from moeforge.errors import MoeforgeError
 from moeforge.train import train
@@ -61,6 +62,31 @@ def test_steps_on_resume(tmp_path, make_cfg):
     again = train(make_cfg(steps=6, save_every=2, keep_last=3))
     assert again.resumed_from == 6 and again.steps == 6
     assert [s for s, _ in list_checkpoints(cfg["output_dir"])] == [2, 4, 6]
+
+
+def test_extended_run_interrupted_before_its_final_save_does_not_keep_the_old_final(tmp_path, make_cfg):
+    """A finished 2-step run extended to 4 steps and stopped between its last checkpoint and its
+    final save: the rerun took the 2-step run's final/ for its own and reported the stale model."""
+    import moeforge
+    from moeforge.train.checkpoint import load_checkpoint
+
+    train(make_cfg(steps=2))
+
+    class StopInFinalEval:
+        def on_eval(self, trainer, record):
+            if record.get("final"):
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(make_cfg(steps=4), callbacks=[StopInFinalEval()])
+    out = Path(make_cfg()["output_dir"])
+    assert [s for s, _ in list_checkpoints(out)][-1] == 4
+    res = train(make_cfg(steps=4))
+    assert res.resumed_from == 4 and res.final_dir == out / "final"
+    saved = load_checkpoint(list_checkpoints(out)[-1][1], 0)["model"]
+    final = moeforge.load(out / "final").state_dict()
+    for key, value in saved.items():
+        assert torch.equal(final[key], value), key
 
 
 def test_seq_len_longer_than_the_model_context(make_cfg):
