@@ -880,7 +880,7 @@ class Trainer:
 
     # ============================================================================= final
     def _save_final(self) -> Path:
-        from ..utils.io import atomic_output_dir
+        from ..utils.io import atomic_output_dir, safetensors_errors_as_os_errors
 
         final = self.output_dir / FINAL_DIR
         model = self.model
@@ -894,7 +894,7 @@ class Trainer:
         if self.ctx.is_main:
             try:
                 # written aside and renamed: a final/ that exists is complete (a rerun relies on it)
-                with atomic_output_dir(final, overwrite=True) as tmp:
+                with atomic_output_dir(final, overwrite=True) as tmp, safetensors_errors_as_os_errors(final):
                     if hasattr(model, "save_trained"):  # adapters, compositions: their own files only
                         model.save_trained(tmp)
                         if hasattr(self.tokenizer, "save_pretrained"):

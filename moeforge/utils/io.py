@@ -19,13 +19,22 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
     """``safetensors.torch.save_file``, with its I/O failures (a full disk, a vanished directory)
     raised as :class:`OSError` like every other write, so callers' cleanup and messages apply:
     safetensors reports them as its own ``SafetensorError``."""
+    from safetensors.torch import save_file
+
+    with safetensors_errors_as_os_errors(path):
+        save_file(tensors, str(path), metadata=metadata)
+
+
+@contextlib.contextmanager
+def safetensors_errors_as_os_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Raise a ``SafetensorError`` from the body (safetensors' report of a full disk or a vanished
+    directory, also from transformers' ``save_pretrained``) as :class:`OSError` about ``path``."""
     import errno
 
     from safetensors import SafetensorError
-    from safetensors.torch import save_file
 
     try:
-        save_file(tensors, str(path), metadata=metadata)
+        yield
     except SafetensorError as err:
         text = str(err)
         code = errno.ENOSPC if "No space left" in text else errno.EIO

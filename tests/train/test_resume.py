@@ -184,3 +184,25 @@ def test_damaged_checkpoint_state_is_one_clear_message(tmp_path, make_cfg, state
     (list_checkpoints(cfg["output_dir"])[-1][1] / "state.json").write_text(state)
     with pytest.raises(MoeforgeError, match="is damaged .*delete it to resume from an earlier one"):
         train(make_cfg(steps=4, save_every=2))
+
+
+def test_full_disk_while_saving_the_final_model_is_one_clear_message(tmp_path, make_cfg, monkeypatch):
+    """transformers' save_pretrained reports a full disk as safetensors' own SafetensorError, which
+    escaped the final save as a traceback; the checkpoint is kept and a rerun writes final/."""
+    import transformers.modeling_utils
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    real = transformers.modeling_utils.safe_save_file
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    cfg = make_cfg(steps=2)
+    with pytest.raises(MoeforgeError, match=r"could not write the final model .*No space left on device.*checkpoint is intact"):
+        train(cfg)
+    out = Path(cfg["output_dir"])
+    assert [s for s, _ in list_checkpoints(out)] == [2]
+    assert not (out / "final").exists() and not list(out.glob(".final*"))  # nothing half-written
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", real)
+    res = train(cfg)
+    assert res.resumed_from == 2 and (out / "final" / "config.json").is_file()
