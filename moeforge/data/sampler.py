@@ -37,7 +37,8 @@ class MixtureSampler:
         epoch = self.epochs[domain]
         cached = self._perms.get(domain)
         if cached is None or cached[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + domain * 7_919 + epoch * 104_729)
+            # modulo 2^64, the range torch's generator takes: the config's seeds go up to 2^63
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + domain * 7_919 + epoch * 104_729) % 2**64)
             cached = (epoch, torch.randperm(self.sizes[domain], generator=g))
             self._perms[domain] = cached
         return cached[1]

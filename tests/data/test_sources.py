@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from moeforge.data.chat import IGNORE_INDEX
 from moeforge.data.dataset import build_domain
@@ -217,6 +218,18 @@ def test_sampler_tracks_weights_and_resumes():
     assert all(d == 0 for d, _ in zero)
     with pytest.raises(MoeforgeError, match="blocks per domain"):
         MixtureSampler([4, 4]).load_state_dict(MixtureSampler([4, 5]).state_dict())
+
+
+def test_sampler_takes_every_seed_the_config_accepts():
+    """Seeds from about 9.2e12 up (e.g. a nanosecond timestamp; the config takes any seed below
+    2^63) overflowed torch's generator seed at the first batch, a ValueError in mid-run."""
+    big = MixtureSampler([3, 4], seed=2**63 - 1)
+    picks = big.draw([0.5, 0.5], 16)
+    second = [b for d, b in picks if d == 1]
+    assert sorted(second[:4]) == sorted(second[4:]) == [0, 1, 2, 3]  # one permutation per epoch
+    # seeds that worked before give the same order as before
+    g = torch.Generator().manual_seed(5 * 1_000_003 + 1 * 7_919)
+    assert [b for d, b in MixtureSampler([3, 4], seed=5).draw([0.0, 1.0], 4)] == torch.randperm(4, generator=g).tolist()
 
 
 def test_damaged_cache_entry_is_rebuilt(tmp_path, tokenizer):
