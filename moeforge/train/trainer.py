@@ -892,6 +892,9 @@ class Trainer:
             full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         error = ""
         if self.ctx.is_main:
+            # what a save killed midway left (atomic_output_dir's folders beside final/): whole models
+            for stale in [*self.output_dir.glob(f".{FINAL_DIR}.tmp-*"), *self.output_dir.glob(f".{FINAL_DIR}.old-*")]:
+                shutil.rmtree(stale, ignore_errors=True)
             try:
                 # written aside and renamed: a final/ that exists is complete (a rerun relies on it)
                 with atomic_output_dir(final, overwrite=True) as tmp, safetensors_errors_as_os_errors(final):

@@ -206,3 +206,19 @@ def test_full_disk_while_saving_the_final_model_is_one_clear_message(tmp_path, m
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", real)
     res = train(cfg)
     assert res.resumed_from == 2 and (out / "final" / "config.json").is_file()
+
+
+def test_leftovers_of_a_final_save_killed_midway_are_removed_by_the_rerun(tmp_path, make_cfg):
+    """SIGKILL while final/ was written left its temporary folder (a whole model) in output_dir for good."""
+    import shutil
+
+    cfg = make_cfg(steps=2)
+    train(cfg)
+    out = Path(cfg["output_dir"])
+    shutil.rmtree(out / "final")  # as after a kill: final/ not renamed into place yet...
+    (out / ".final.tmp-k1ll3d").mkdir()  # ...its half-written folder...
+    (out / ".final.tmp-k1ll3d" / "model.safetensors").write_bytes(b"partial")
+    (out / ".final.old-4242").mkdir()  # ...or the replaced one, not yet deleted
+    res = train(cfg)
+    assert res.resumed_from == 2 and (out / "final" / "config.json").is_file()
+    assert not list(out.glob(".final*"))
