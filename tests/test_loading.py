@@ -327,3 +327,20 @@ def test_an_incomplete_or_reshaped_mixtral_checkpoint_gets_one_clear_message(tmp
                   metadata={"format": "pt"})
         with pytest.raises(MoeforgeError, match=message):
             moeforge.load(tmp_path / name)
+
+
+def test_qwen2_moe_decoder_sparse_step_below_one_gets_one_clear_message(tmp_path):
+    """decoder_sparse_step=0 made the importer divide by zero (a ZeroDivisionError traceback from
+    moeforge.load and moeforge info); a step below 1 names no MoE layers and is refused."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    cfg = Qwen2MoeConfig(vocab_size=100, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                         shared_expert_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    Qwen2MoeForCausalLM(cfg).save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    for step in (0, -2):
+        (tmp_path / "config.json").write_text(json.dumps({**data, "decoder_sparse_step": step}))
+        with pytest.raises(MoeforgeError, match=f"decoder_sparse_step={step}.*positive integer"):
+            moeforge.load(tmp_path)

@@ -179,7 +179,13 @@ def moeforge_config_from_qwen2_moe(cfg: dict[str, Any]) -> MoeforgeConfig:
     if types == {"sliding_attention"}:
         fields["sliding_window"] = qc.sliding_window
     n = qc.num_hidden_layers
-    moe_layers = [i for i in range(n) if i not in qc.mlp_only_layers and (i + 1) % qc.decoder_sparse_step == 0]
+    step = qc.decoder_sparse_step
+    if not isinstance(step, int) or step < 1:
+        raise MoeforgeError(
+            f"the Qwen2-MoE config.json has decoder_sparse_step={step!r}; it must be a positive integer (every "
+            "step-th layer is MoE: 1 for every layer); fix the file."
+        )
+    moe_layers = [i for i in range(n) if i not in qc.mlp_only_layers and (i + 1) % step == 0]
     shared = qc.shared_expert_intermediate_size
     fields["moe"] = {
         "num_experts": qc.num_experts,
