@@ -344,3 +344,26 @@ def test_qwen2_moe_decoder_sparse_step_below_one_gets_one_clear_message(tmp_path
         (tmp_path / "config.json").write_text(json.dumps({**data, "decoder_sparse_step": step}))
         with pytest.raises(MoeforgeError, match=f"decoder_sparse_step={step}.*positive integer"):
             moeforge.load(tmp_path)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("moe", 0, "moe must be a mapping"),
+    ("moe", {}, "lack.*expert_size.*num_experts"),
+    ("moe_layers", 1, "moe_layers must be a list"),
+    ("moe_overrides", "x", "moe_overrides must be a mapping"),
+    ("moe_overrides", {"1": 2}, r"moe_overrides\['1'\] must be a mapping"),
+    ("sliding_window", "x", "sliding_window must be"),
+    ("sliding_window", -1, "sliding_window must be"),
+])
+def test_a_damaged_moeforge_config_gets_one_clear_message(tmp_path, key, value, message):
+    """moeforge's own config fields with the wrong type or value were accepted and failed later inside
+    the model (TypeError / AttributeError tracebacks from moeforge.load and moeforge info)."""
+    from moeforge.models import MoeforgeConfig
+
+    cfg = MoeforgeConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, moe={"num_experts": 4, "top_k": 2, "expert_size": 16})
+    MoeforgeForCausalLM(cfg).save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**data, key: value}))
+    with pytest.raises(MoeforgeError, match=message):
+        moeforge.load(tmp_path)

@@ -39,6 +39,7 @@ class MoeforgeConfig(LlamaConfig):
         if self.moe is None:
             self.moe = {"num_experts": 1, "top_k": 1, "expert_size": self.intermediate_size}
         super().__post_init__(**kwargs)
+        self._check_moe_fields()
         if self.moe_layers is not None:
             bad = [i for i in self.moe_layers if not isinstance(i, int) or not 0 <= i < self.num_hidden_layers]
             if bad:
@@ -46,6 +47,29 @@ class MoeforgeConfig(LlamaConfig):
                     f"moe_layers {bad} name no layer of this {self.num_hidden_layers}-layer model; use indices "
                     f"0-{self.num_hidden_layers - 1}."
                 )
+
+    def _check_moe_fields(self) -> None:
+        """Refuse moeforge's own fields with the wrong type (e.g. from a hand-edited config.json), which
+        would otherwise fail later inside the model with an error that names no field."""
+        if not isinstance(self.moe, dict):
+            raise MoeforgeError(f"moe must be a mapping of MoE settings, got {self.moe!r} ({type(self.moe).__name__}).")
+        if self.moe_layers is not None and not isinstance(self.moe_layers, list):
+            raise MoeforgeError(
+                f"moe_layers must be a list of layer indices or null (every layer), got {self.moe_layers!r} "
+                f"({type(self.moe_layers).__name__})."
+            )
+        if self.moe_overrides is not None:
+            if not isinstance(self.moe_overrides, dict):
+                raise MoeforgeError(
+                    f"moe_overrides must be a mapping of layer index to MoE settings, got {self.moe_overrides!r} "
+                    f"({type(self.moe_overrides).__name__})."
+                )
+            for key, value in self.moe_overrides.items():
+                if not isinstance(value, dict):
+                    raise MoeforgeError(f"moe_overrides[{key!r}] must be a mapping of MoE settings, got {value!r}.")
+        window = self.sliding_window
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 0):
+            raise MoeforgeError(f"sliding_window must be a non-negative integer or null (full attention), got {window!r}.")
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return self.moe_layers is None or layer_idx in self.moe_layers

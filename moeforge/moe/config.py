@@ -181,6 +181,11 @@ class MoEConfig:
         for key in data:
             if key not in names:
                 raise MoeforgeError(f"unknown MoE setting {key!r}.{closest(key, names)}")
+        required = sorted(f.name for f in dataclasses.fields(cls)
+                          if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise MoeforgeError(f"the MoE settings lack {', '.join(missing)}, which have no default.")
         return cls(**data)
 
     def replace(self, **changes: Any) -> MoEConfig:
