@@ -233,6 +233,12 @@ class ConvertConfig:
         require(isinstance(self.seed, int) and 0 <= self.seed < 2**63, f"seed must be an integer in [0, 2^63), got {self.seed}.")
         if self.refine_lr is not None:
             require(math.isfinite(self.refine_lr) and self.refine_lr > 0, f"refine_lr must be a positive number, got {self.refine_lr}.")
+        from .streaming import parse_size
+
+        try:
+            parse_size(self.max_shard_size)  # now, not when the first shard opens (after calibration)
+        except MoeforgeError as err:
+            raise MoeforgeError(f"max_shard_size (--max-shard-size): {err}") from None
         self.layers = parse_layers(self.layers)
         if self.layers is not None:
             require(len(self.layers) > 0, "--layers selects no layer; name at least one or omit it to convert all.")

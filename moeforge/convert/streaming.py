@@ -20,6 +20,7 @@ length N, N bytes of JSON ``{key: {"dtype", "shape", "data_offsets": [begin, end
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import zlib
@@ -203,18 +204,25 @@ class PlanEntry:
 
 
 def parse_size(size: int | str) -> int:
-    """'2GB', '500MB', '1.5GiB' or an int -> bytes."""
-    if isinstance(size, int):
-        return size
-    text = size.strip().upper().replace(" ", "")
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    for unit, mult in units.items():
-        if text.endswith(unit):
-            try:
-                return int(float(text[: -len(unit)]) * mult)
-            except ValueError:
-                break
-    raise MoeforgeError(f"cannot read size {size!r}; write it like '2GB', '500MB' or a number of bytes.")
+    """'2GB', '500MB', '1.5GiB', '500000' (bytes) or an int -> a positive number of bytes.
+
+    Raises :class:`MoeforgeError` for anything else, zero and negative sizes included.
+    """
+    if isinstance(size, int) and not isinstance(size, bool):
+        value: float = size
+    else:
+        text = str(size).strip().upper().replace(" ", "")
+        units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+        unit = next((u for u in units if text.endswith(u)), "")
+        try:
+            value = float(text[: len(text) - len(unit)]) * units.get(unit, 1)
+        except ValueError:
+            value = math.nan
+    if not (math.isfinite(value) and value >= 1):
+        raise MoeforgeError(
+            f"cannot read size {size!r} as a shard size; write a positive size like '2GB', '500MB' or a number of bytes."
+        )
+    return int(value)
 
 
 class ShardedWriter:

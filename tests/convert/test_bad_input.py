@@ -290,3 +290,16 @@ def test_one_token_calibration_windows_are_refused():
     with pytest.raises(MoeforgeError, match="calibration_seq_len .* at least 2"):
         moeforge.ConvertConfig(method="importance", calibration_seq_len=1)
     moeforge.ConvertConfig(method="importance", calibration_seq_len=2)
+
+
+def test_max_shard_size_is_read_and_checked_up_front():
+    """A plain byte count (what the error message offers) was refused, '0KB' / '-5KB' were accepted
+    (a shard per tensor), 'infGB' raised OverflowError, and a bad size was only noticed when the
+    first shard was opened, after calibration."""
+    from moeforge.convert.streaming import parse_size
+
+    assert parse_size("500000") == 500_000 and parse_size(" 2 GB ") == 2 * 10**9
+    assert moeforge.ConvertConfig(max_shard_size="500000").max_shard_size == "500000"
+    for bad in ("lots", "0KB", "-5KB", "0", "infGB", "nanMB"):
+        with pytest.raises(MoeforgeError, match="max_shard_size|cannot read size"):
+            moeforge.ConvertConfig(max_shard_size=bad)
