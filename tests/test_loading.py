@@ -367,3 +367,37 @@ def test_a_damaged_moeforge_config_gets_one_clear_message(tmp_path, key, value, 
     (tmp_path / "config.json").write_text(json.dumps({**data, key: value}))
     with pytest.raises(MoeforgeError, match=message):
         moeforge.load(tmp_path)
+
+
+def _window_kernel(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs):
+    """Causal attention the way flash-attention computes it: no mask tensor, the local window comes
+    from the ``sliding_window`` argument alone."""
+    rep = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    q_pos = torch.arange(kv_len - q_len, kv_len)[:, None]
+    kv_pos = torch.arange(kv_len)[None, :]
+    allowed = kv_pos <= q_pos
+    if sliding_window is not None:
+        allowed &= kv_pos > q_pos - sliding_window
+    scores = ((query @ key.transpose(-1, -2)) * scaling).masked_fill(~allowed, float("-inf"))
+    return (scores.softmax(-1) @ value).transpose(1, 2).contiguous(), None
+
+
+def test_sliding_window_reaches_mask_free_attention_kernels(tmp_path):
+    """flash-attention takes the window as an argument, not from the mask: moeforge's decoder did not
+    pass it, so a Mistral/Mixtral window was ignored under attn_implementation="flash_attention_2"
+    (emulated here by a registered kernel with flash-attention's mask convention)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register("moeforge_test_window_kernel", _window_kernel)
+    AttentionMaskInterface.register("moeforge_test_window_kernel", flash_attention_mask)
+    ref = tiny_mixtral(sliding_window=4)
+    ref.save_pretrained(tmp_path)
+    model = moeforge.load(tmp_path)
+    ids = torch.randint(0, 100, (1, 12))
+    with torch.no_grad():
+        ref.set_attn_implementation("moeforge_test_window_kernel")
+        model.set_attn_implementation("moeforge_test_window_kernel")
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)

@@ -88,6 +88,8 @@ class MoeforgeDecoderLayer(GradientCheckpointingLayer):
             past_key_values=past_key_values,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
+            # as Mistral/Mixtral do: kernels without a mask tensor (flash-attention) take the window here
+            sliding_window=self.self_attn.config.sliding_window or None,
             **kwargs,
         )
         hidden_states = residual + hidden_states
