@@ -1001,7 +1001,7 @@ class Trainer:
                         self.writer.write(rec)
                     self._callback("on_eval", rec)
                 if step % cfg.save_every == 0 or step == cfg.steps or self.should_stop:
-                    if step == cfg.steps and ctx.is_main:
+                    if step == cfg.steps and ctx.is_main and cfg.save_final:  # it is about to be replaced
                         self._drop_stale_final()
                     self.save()
                     if cfg.plots and ctx.is_main and time.perf_counter() - last_plot > PLOT_INTERVAL_S:
