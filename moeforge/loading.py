@@ -368,8 +368,8 @@ def load(
     Dense checkpoints come back as the transformers class of their ``model_type``; Mixtral and
     moeforge checkpoints as :class:`~moeforge.models.MoeforgeForCausalLM`, whose MoE layers are
     moeforge's. The model is in eval mode, float32 unless ``dtype`` says otherwise; ``dtype="auto"``
-    keeps a dense checkpoint's own dtype, while MoE checkpoints (Mixtral, Qwen2-MoE, moeforge) and
-    GGUF files open in float32 under "auto" (name the dtype to get another).
+    keeps the dtype of a dense or moeforge-format checkpoint, while imported Mixtral and Qwen2-MoE
+    checkpoints and GGUF files open in float32 under "auto" (name the dtype to get another).
     """
     from transformers import AutoModelForCausalLM
 
