@@ -505,10 +505,29 @@ def _normalise_key(key: str) -> str:
     return ".".join(out)
 
 
+def _section_field_type(section: str, name: str) -> Any:
+    """The declared type of ``name`` in the free-form ``peft:`` or ``compose:`` section (the
+    settings of every adapter method, or of CALM; paths are strings), None when unknown."""
+    if section == "compose":
+        from ..compose.config import CALMConfig
+
+        if name in ("augmenting", "init_from"):
+            return str
+        return typing.get_type_hints(CALMConfig).get(name)
+    from ..peft.config import PEFT_CONFIGS
+
+    if name == "method":
+        return str
+    types_ = {typing.get_type_hints(cls).get(name) for cls in PEFT_CONFIGS.values()} - {None}
+    return types_.pop() if len(types_) == 1 else None
+
+
 def _override_field_type(key: str) -> Any:
     """The declared type of the config field a dotted override key sets; None when it is not a field
     (a section, a data source as a whole, a key inside a free-form mapping, an unknown key)."""
     parts = key.split(".")
+    if len(parts) == 2 and parts[0] in ("peft", "compose"):
+        return _section_field_type(parts[0], parts[1])
     cls: Any = TrainConfig
     i = 0
     while i < len(parts):

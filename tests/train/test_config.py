@@ -152,3 +152,14 @@ def test_string_overrides_keep_their_text_and_domain_names_keep_their_hyphens():
                              "--mixture.reference_losses.my-code", "2.5", "--mixture.reference_losses.prose", "3"])
     assert cfg.data[0].weight == 0.25 and cfg.micro_batch_size == 2
     assert cfg.mixture.reference_losses == {"my-code": 2.5, "prose": 3.0}
+
+
+def test_peft_and_compose_overrides_keep_text_for_their_string_settings():
+    """The peft:/compose: sections are free-form mappings, so `--compose.augmenting 0123` used to
+    become the number 123; their string settings now keep the text, their numbers are still parsed."""
+    base = {"model": "m", "output_dir": "o", "data": [{"name": "prose", "builtin": "prose"}]}
+    cfg = load_config({**base, "compose": {"augmenting": "x"}},
+                      ["--compose.augmenting", "0123", "--compose.init_from", "007", "--compose.num_connections", "2"])
+    assert cfg.compose == {"augmenting": "0123", "init_from": "007", "num_connections": 2}
+    cfg = load_config({**base, "peft": {"method": "mov"}}, ["--peft.num_experts", "4", "--peft.method", "lora"])
+    assert cfg.peft == {"method": "lora", "num_experts": 4}
