@@ -428,3 +428,17 @@ def test_gguf_cache_is_keyed_by_contents_and_drops_stale_entries(tmp_path):
     removed = _evict_stale_entries(cache, b)
     assert sorted(p.name for p in removed) == ["of-gone", "old-of-b"]
     assert sorted(p.name for p in cache.iterdir()) == ["keys.json", "of-a"]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("num_key_value_heads", 0, "num_key_value_heads must be a positive integer, got 0"),
+    ("num_key_value_heads", 3, r"multiple of num_key_value_heads \(3\)"),
+    ("head_dim", -8, "head_dim must be a positive integer, got -8"),
+])
+def test_impossible_attention_sizes_in_a_mixtral_config_get_one_message(tmp_path, key, value, message):
+    """Were a ZeroDivisionError / RuntimeError traceback from moeforge.load."""
+    tiny_mixtral().save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**data, key: value}))
+    with pytest.raises(MoeforgeError, match=message):
+        moeforge.load(tmp_path)

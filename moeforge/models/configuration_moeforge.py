@@ -39,6 +39,7 @@ class MoeforgeConfig(LlamaConfig):
         if self.moe is None:
             self.moe = {"num_experts": 1, "top_k": 1, "expert_size": self.intermediate_size}
         super().__post_init__(**kwargs)
+        self._check_shape_fields()
         self._check_moe_fields()
         if self.moe_layers is not None:
             bad = [i for i in self.moe_layers if not isinstance(i, int) or not 0 <= i < self.num_hidden_layers]
@@ -47,6 +48,22 @@ class MoeforgeConfig(LlamaConfig):
                     f"moe_layers {bad} name no layer of this {self.num_hidden_layers}-layer model; use indices "
                     f"0-{self.num_hidden_layers - 1}."
                 )
+
+    def _check_shape_fields(self) -> None:
+        """Refuse impossible attention/stack sizes (e.g. from a hand-edited or foreign config.json),
+        which would otherwise fail inside the model with a ZeroDivisionError that names no field."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim"):
+            value = getattr(self, name, None)
+            if name == "head_dim" and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise MoeforgeError(f"{name} must be a positive integer, got {value!r}; fix the checkpoint's config.json.")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise MoeforgeError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
+                f"({self.num_key_value_heads}); fix the checkpoint's config.json."
+            )
 
     def _check_moe_fields(self) -> None:
         """Refuse moeforge's own fields with the wrong type (e.g. from a hand-edited config.json), which
