@@ -398,6 +398,14 @@ def load(
             "reads safetensors. Convert it once with transformers (from_pretrained, then save_pretrained), which "
             "writes safetensors, and load that."
         )
+    quant = cfg.get("quantization_config")
+    if loader is not None and quant:
+        method = quant.get("quant_method", "unknown method") if isinstance(quant, dict) else "unknown method"
+        raise MoeforgeError(
+            f"{directory} is a quantized {model_type} checkpoint ({method}); moeforge's {model_type} importer reads "
+            "full-precision weights (float32, bfloat16 or float16). Load an unquantized copy of the model, or "
+            "dequantize this one with the tool that quantized it and save_pretrained the result."
+        )
     if loader is not None:
         model = loader(directory, cfg, dtype=torch.float32 if torch_dtype == "auto" else torch_dtype)
         return _finish(model, device, source)

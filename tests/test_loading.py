@@ -442,3 +442,13 @@ def test_impossible_attention_sizes_in_a_mixtral_config_get_one_message(tmp_path
     (tmp_path / "config.json").write_text(json.dumps({**data, key: value}))
     with pytest.raises(MoeforgeError, match=message):
         moeforge.load(tmp_path)
+
+
+def test_a_quantized_mixtral_checkpoint_is_named_as_such(tmp_path):
+    """Was reported as missing or unexpected tensors (the quantized weights' other names)."""
+    tiny_mixtral().save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(MoeforgeError, match=r"quantized mixtral checkpoint \(gptq\).*unquantized copy"):
+        moeforge.load(tmp_path)
