@@ -22,8 +22,13 @@ Tasks by name (:data:`TASK_NAMES`):
 
 A JSONL (or JSON list) file is a task too: records with ``question`` (or ``prompt``/``input``) and
 ``answer`` (or ``target``/``output``) are ``generate``; records that add ``choices`` (a list of
-strings, ``answer`` the index or the text of the right one) are ``choice``, scored as continuations of
-the record's text exactly as written (put any "Question:/Answer:" framing in the record).
+strings, ``answer`` the index or the text of the right one) are ``choice``: a ``question`` is asked
+as ``Question: ...\nAnswer:``, a ``context`` (or ``prompt``/``input``) is continued as written, and
+each choice follows after a space (unless one side already has it). The JSON exports of ARC
+(``choices.text``/``choices.label``, ``answerKey``), HellaSwag (``ctx``, ``endings``, ``label``), PIQA
+(``goal``, ``sol1``, ``sol2``, ``label``) and SciQ (``support``, ``question``, ``distractor1-3``,
+``correct_answer``) are read as they come, with lm-evaluation-harness's prompts for those datasets
+(not checked against that harness's own numbers).
 
 Prompts: ``generate`` tasks go through the tokenizer's chat template when it has one (``chat="auto"``),
 as a user turn, with few-shot examples as earlier turns; otherwise (or ``chat="off"``) they are
@@ -329,24 +334,79 @@ def _first_str(record: dict, keys: Sequence[str]) -> str | None:
     return None
 
 
+def _label_index(value, count: int, where: str, labels: Sequence[str] | None = None) -> int:
+    """A choice index from an int, a digit string, or one of ``labels`` (ARC's answerKey)."""
+    if labels is not None and isinstance(value, str) and value in labels:
+        return list(labels).index(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < count:
+        return value
+    raise MoeforgeError(f"{where}: the answer of a choice record must be the index (0..{count - 1}) or the text of "
+                        f"one of its choices, got {value!r}.")
+
+
+def _hellaswag_clean(text: str) -> str:
+    """HellaSwag's WikiHow markup removed (lm-evaluation-harness's preprocessing)."""
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def _choice_layout(record: dict, where: str) -> tuple[str, list, int] | None:
+    """(context, choices, right index) for the multiple-choice layouts of well-known datasets'
+    JSON exports (ARC, HellaSwag, PIQA, SciQ) and the generic one (``choices`` list); None when the
+    record has no choices. Contexts follow lm-evaluation-harness's prompts for those datasets."""
+    choices = record.get("choices")
+    if isinstance(choices, dict) and isinstance(record.get("question"), str):  # ARC: {"text": [...], "label": [...]}
+        texts, labels = choices.get("text"), choices.get("label")
+        if not isinstance(texts, list) or not isinstance(labels, list) or len(texts) != len(labels):
+            raise MoeforgeError(f"{where}: ARC-style 'choices' must hold equally long 'text' and 'label' lists.")
+        label = _label_index(record.get("answerKey", record.get("answer")), len(texts), where, labels)
+        return f"Question: {record['question']}\nAnswer:", texts, label
+    if isinstance(record.get("goal"), str) and "sol1" in record:  # PIQA
+        return (f"Question: {record['goal']}\nAnswer:", [record.get("sol1"), record.get("sol2")],
+                _label_index(record.get("label"), 2, where))
+    if isinstance(record.get("correct_answer"), str) and "distractor1" in record:  # SciQ
+        support = record.get("support") or ""
+        options = [record.get(f"distractor{i}") for i in (1, 2, 3)] + [record["correct_answer"]]
+        return f"{support.strip()}\nQuestion: {record['question']}\nAnswer:".lstrip(), options, 3
+    if isinstance(record.get("endings"), list) and isinstance(record.get("ctx"), str):  # HellaSwag
+        context = _hellaswag_clean(record["ctx"])
+        if isinstance(record.get("activity_label"), str):
+            context = f"{record['activity_label']}: {context}"
+        return context, [_hellaswag_clean(e) if isinstance(e, str) else e for e in record["endings"]], \
+            _label_index(record.get("label"), len(record["endings"]), where)
+    if choices is None:
+        return None
+    if not isinstance(choices, list):
+        raise MoeforgeError(f"{where}: 'choices' must be a list of at least two non-empty strings.")
+    if isinstance(record.get("question"), str):
+        context = f"Question: {record['question']}\nAnswer:"
+    else:
+        context = _first_str(record, ("context", "prompt", "input"))
+        if context is None:
+            raise MoeforgeError(f"{where}: a task record needs a question (or prompt/input/context) string; "
+                                f"its keys are {sorted(record)}.")
+    answer = record.get("answer", record.get("target", record.get("output", record.get("label"))))
+    if isinstance(answer, str) and answer in choices:
+        return context, choices, choices.index(answer)
+    return context, choices, _label_index(answer, len(choices), where)
+
+
 def _file_example(record: dict, where: str) -> TaskExample:
+    layout = _choice_layout(record, where)
+    if layout is not None:
+        context, choices, label = layout
+        if len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
+            raise MoeforgeError(f"{where}: 'choices' must be a list of at least two non-empty strings.")
+        # lm-evaluation-harness's target delimiter: a space between context and choice unless there is one
+        spaced = tuple(c if c[:1].isspace() or context[-1:].isspace() else " " + c for c in choices)
+        return TaskExample(prompt=context, answer=spaced[label], choices=spaced, label=label)
     prompt = _first_str(record, ("question", "prompt", "input", "context"))
     if prompt is None:
         raise MoeforgeError(f"{where}: a task record needs a question (or prompt/input/context) string; "
                             f"its keys are {sorted(record)}.")
     answer = record.get("answer", record.get("target", record.get("output", record.get("label"))))
-    choices = record.get("choices")
-    if choices is not None:
-        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-            raise MoeforgeError(f"{where}: 'choices' must be a list of at least two non-empty strings.")
-        if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(choices):
-            label = answer
-        elif isinstance(answer, str) and answer in choices:
-            label = choices.index(answer)
-        else:
-            raise MoeforgeError(f"{where}: the answer of a choice record must be the index (0..{len(choices) - 1}) "
-                                f"or the text of one of its choices, got {answer!r}.")
-        return TaskExample(prompt=prompt, answer=choices[label], choices=tuple(choices), label=label)
     if isinstance(answer, bool) or not isinstance(answer, str | int | float) or str(answer).strip() == "":
         raise MoeforgeError(f"{where}: a task record needs an answer (or target/output) string or number; "
                             f"its keys are {sorted(record)}.")
@@ -374,8 +434,7 @@ def read_task_file(path: str | Path, limit: int | None = None) -> Task:
     if len(kinds) > 1:
         raise MoeforgeError(f"task file {path} mixes choice records (with 'choices') and answer records; "
                             "put them in two files.")
-    kind = kinds.pop()
-    # a choice record's context is continued as written; a question gets the plain Question/Answer frame
+    kind = kinds.pop()  # choice contexts are rendered per record (their layouts differ)
     return Task(path.stem, kind, examples, str(path), plain_template="{prompt}" if kind == CHOICE else Task.plain_template)
 
 

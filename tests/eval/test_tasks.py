@@ -95,6 +95,34 @@ def test_task_files(tmp_path):
     assert task.plain_template == "{prompt}"  # continued as written
 
 
+DATASET_RECORDS = {
+    "arc": ({"id": "Mercury_1", "question": "Which gas do plants take in?", "answerKey": "B",
+             "choices": {"text": ["oxygen", "carbon dioxide", "helium"], "label": ["A", "B", "C"]}},
+            "Question: Which gas do plants take in?\nAnswer:", (" oxygen", " carbon dioxide", " helium"), 1),
+    "arc-digits": ({"question": "2+2?", "answerKey": "2", "choices": {"text": ["3", "4"], "label": ["1", "2"]}},
+                   "Question: 2+2?\nAnswer:", (" 3", " 4"), 1),
+    "hellaswag": ({"activity_label": "Baking cookies", "ctx": "A woman [header] puts dough on a tray. She",
+                   "endings": ["bakes it.", "eats the tray."], "label": "0"},
+                  "Baking cookies: A woman puts dough on a tray. She", (" bakes it.", " eats the tray."), 0),
+    "piqa": ({"goal": "Open a jar", "sol1": "twist the lid", "sol2": "freeze it", "label": 0},
+             "Question: Open a jar\nAnswer:", (" twist the lid", " freeze it"), 0),
+    "sciq": ({"question": "What do bees make?", "distractor1": "milk", "distractor2": "silk", "distractor3": "wax paper",
+              "correct_answer": "honey", "support": "Bees collect nectar."},
+             "Bees collect nectar.\nQuestion: What do bees make?\nAnswer:", (" milk", " silk", " wax paper", " honey"), 3),
+    "mmlu": ({"question": "7 * 6 =", "subject": "math", "choices": ["42", "36", "48", "13"], "answer": 0},
+             "Question: 7 * 6 =\nAnswer:", (" 42", " 36", " 48", " 13"), 0),
+}
+
+
+@pytest.mark.parametrize("name", list(DATASET_RECORDS))
+def test_well_known_dataset_layouts_are_read_as_they_come(tmp_path, name):
+    record, context, choices, label = DATASET_RECORDS[name]
+    f = tmp_path / f"{name}.jsonl"
+    f.write_text(json.dumps(record) + "\n")
+    (ex,) = resolve_task(str(f)).examples
+    assert (ex.prompt, ex.choices, ex.label, ex.answer) == (context, choices, label, choices[label])
+
+
 @pytest.mark.parametrize("records, message", [
     ([{"question": "q"}], "needs an answer"),
     ([{"answer": "a"}], "needs a question"),
