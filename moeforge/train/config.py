@@ -193,6 +193,39 @@ class DistillConfig:
 
 
 @dataclass
+class TaskEvalConfig:
+    """Task accuracy measured during training (:mod:`moeforge.eval.tasks`, as ``moeforge eval --task``),
+    at every ``eval_every`` evaluation and at the end; results go to metrics.jsonl as ``kind: tasks``."""
+
+    tasks: list[str] = field(default_factory=list)
+    """Task names (arithmetic, arithmetic-choice, gsm8k) or .jsonl task files; empty: none."""
+    limit: int = 100
+    """Problems per task."""
+    shots: int = 0
+    """Solved examples shown before each problem."""
+    chat: str = "auto"
+    """Generation prompts through the tokenizer's chat template: auto, on or off."""
+    max_new_tokens: int | None = None
+    """Tokens generated per problem (default: the task's)."""
+    batch_size: int = 8
+    """Problems per forward pass."""
+
+    def __post_init__(self) -> None:
+        from ..eval.tasks import CHAT_MODES
+
+        require(isinstance(self.tasks, list) and all(isinstance(t, str) and t.strip() for t in self.tasks),
+                f"eval_tasks.tasks must be a list of task names or files, got {self.tasks!r}.")
+        require(len(set(self.tasks)) == len(self.tasks), f"eval_tasks.tasks names a task twice: {self.tasks}.")
+        for name in ("limit", "batch_size"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value > 0, f"eval_tasks.{name} must be a positive integer, got {value!r}.")
+        require(isinstance(self.shots, int) and self.shots >= 0, f"eval_tasks.shots must be >= 0, got {self.shots!r}.")
+        require(self.max_new_tokens is None or self.max_new_tokens > 0,
+                f"eval_tasks.max_new_tokens must be > 0, got {self.max_new_tokens}.")
+        _choice("eval_tasks.chat", self.chat, CHAT_MODES)
+
+
+@dataclass
 class TrainConfig:
     """A training run. Field docstrings double as ``moeforge train --help`` text."""
 
@@ -250,6 +283,8 @@ class TrainConfig:
     """Steps between per-domain validation evaluations (0: only at the end)."""
     eval_tokens: int = 16384
     """Validation tokens per domain per evaluation."""
+    eval_tasks: TaskEvalConfig = field(default_factory=TaskEvalConfig)
+    """Task accuracy at each evaluation: {tasks: [arithmetic-choice, ...], limit, shots, chat, ...}."""
     seed: int = 0
     """Seed of model-side randomness (dropout, router noise); the data order is seed-determined too."""
     resume: bool = True

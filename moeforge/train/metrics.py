@@ -9,6 +9,9 @@ MoE layer, the fraction of routed (token, expert) pairs each expert got). Evalua
 (``"kind": "eval"``) hold ``step``, ``loss`` (mean over domains weighted by the tokens evaluated)
 and ``eval`` (per-domain validation loss); the end-of-run evaluation carries ``"final": true``
 (a dynamic mixture's update may have evaluated the same step on its own, smaller budget).
+Task records (``"kind": "tasks"``, with ``eval_tasks``) hold ``step`` and ``tasks`` (per task:
+``accuracy``, ``correct``, ``total``, and ``accuracy_norm`` for multiple choice); the end-of-run one
+carries ``"final": true``.
 """
 
 from __future__ import annotations

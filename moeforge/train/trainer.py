@@ -278,6 +278,12 @@ class Trainer:
         self.accum = self.per_rank // self.micro
         if cfg.parallel == "fsdp" and (cfg.peft is not None or cfg.compose is not None):
             raise MoeforgeError("parallel: fsdp is not supported with a peft/compose section (their weights are small); use ddp.")
+        if cfg.parallel == "fsdp" and ctx.distributed and cfg.eval_tasks.tasks:
+            raise MoeforgeError("eval_tasks needs the whole model on one process, which parallel: fsdp shards; use ddp, "
+                                "or measure the checkpoints with `moeforge eval CHECKPOINT --task NAME`.")
+        from ..eval.tasks import resolve_task
+
+        self.tasks = [resolve_task(t, cfg.eval_tasks.limit) for t in cfg.eval_tasks.tasks]  # bad names fail before loading
         latest = self._inspect_output_dir()
 
         # model: seeded identically on every process (wrappers initialise new weights)
@@ -571,6 +577,31 @@ class Trainer:
                 results[dom.name] = float(sums[0] / sums[1])
         model.train(was_training)
         return results
+
+    def evaluate_tasks(self) -> dict[str, dict[str, Any]]:
+        """Accuracy on ``eval_tasks`` (:func:`moeforge.eval.tasks.evaluate_task`), name -> {accuracy,
+        correct, total[, accuracy_norm]}; the main process measures, the others wait for it."""
+        from ..eval.tasks import evaluate_task
+
+        te, results = self.config.eval_tasks, {}
+        devices = [self.ctx.device] if self.ctx.device.type == "cuda" else []
+        # the training run's random streams are left as they were: it trains the same with or without tasks
+        with torch.random.fork_rng(devices=devices, enabled=self.ctx.is_main):
+            for task in self.tasks if self.ctx.is_main else ():
+                with self._autocast():
+                    r = evaluate_task(self.model, self.tokenizer, task, shots=te.shots, chat=te.chat,
+                                      batch_size=te.batch_size, max_new_tokens=te.max_new_tokens)
+                results[task.name] = {"accuracy": r.accuracy, "correct": r.correct, "total": r.total}
+                if r.accuracy_norm is not None:
+                    results[task.name]["accuracy_norm"] = r.accuracy_norm
+        self.ctx.barrier()
+        return results
+
+    def _tasks_record(self, final: bool = False) -> dict[str, Any]:
+        rec = {"kind": "tasks", "step": self.step, "tasks": self.evaluate_tasks()}
+        if final:
+            rec["final"] = True
+        return rec
 
     def _eval_record(self, losses: dict[str, float], budget: int | None = None, final: bool = False) -> dict[str, Any]:
         """A metrics record of per-domain validation losses evaluated on up to ``budget`` tokens each
@@ -1000,6 +1031,11 @@ class Trainer:
                     if ctx.is_main:
                         self.writer.write(rec)
                     self._callback("on_eval", rec)
+                if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps and self.tasks:
+                    rec = self._tasks_record()
+                    if ctx.is_main:
+                        self.writer.write(rec)
+                    self._callback("on_eval", rec)
                 if step % cfg.save_every == 0 or step == cfg.steps or self.should_stop:
                     if step == cfg.steps and ctx.is_main and cfg.save_final:  # it is about to be replaced
                         self._drop_stale_final()
@@ -1024,6 +1060,14 @@ class Trainer:
                 if ctx.is_main and not recorded:
                     self.writer.write(rec)
             self._callback("on_eval", rec)
+        if self.tasks and self.step >= cfg.steps:
+            done = [r for r in read_metrics(self.output_dir)
+                    if r.get("kind") == "tasks" and r["step"] == self.step and r.get("final")]
+            if not ctx.all_true(bool(done)):  # a finished run rerun keeps its recorded accuracies
+                rec = self._tasks_record(final=True)
+                if ctx.is_main:
+                    self.writer.write(rec)
+                self._callback("on_eval", rec)
         final_dir = None
         if cfg.save_final and self.step >= cfg.steps:
             final = self.output_dir / FINAL_DIR
@@ -1084,7 +1128,7 @@ def _within(path: Path, directory: Path) -> bool:
 #: data, batch, sequence length, optimiser, objective, wrappers, seed) would splice two runs.
 RESUMABLE_CHANGES = frozenset({
     "output_dir", "resume", "overwrite", "progress", "plots", "save_final", "save_every", "keep_last",
-    "log_every", "eval_every", "eval_tokens", "cache_dir", "device", "precision", "steps", "parallel",
+    "log_every", "eval_every", "eval_tokens", "eval_tasks", "cache_dir", "device", "precision", "steps", "parallel",
     "micro_batch_size", "find_unused_parameters", "gradient_checkpointing", "fused_cross_entropy",
 })
 

@@ -73,6 +73,9 @@ def test_two_process_gloo_equals_one_process(tmp_path, make_cfg, tokenizer, para
         mixture={"type": "dynamic", "update_every": 2, "eval_tokens": 256},
         parallel=parallel,
         distill={"teacher": str(teacher), "weight": 0.3},
+        # ddp: task accuracy measured by the main process while the other waits (fsdp refuses it)
+        eval_tasks={"tasks": ["arithmetic-choice"], "limit": 2} if parallel == "ddp" else {},
+        eval_every=2,
     )
     train({**cfg, "output_dir": str(tmp_path / "one")})
 
@@ -97,6 +100,9 @@ def test_two_process_gloo_equals_one_process(tmp_path, make_cfg, tokenizer, para
             assert b["expert_load"][layer] == pytest.approx(a["expert_load"][layer], abs=1e-9)
     for a, b in zip(recs(tmp_path / "one", "eval"), recs(tmp_path / "two", "eval")):
         assert b["eval"] == pytest.approx(a["eval"], abs=1e-5)
+    tasks = recs(tmp_path / "two", "tasks")
+    assert [r["step"] for r in tasks] == ([2, 4] if parallel == "ddp" else [])
+    assert [r["tasks"] for r in tasks] == [r["tasks"] for r in recs(tmp_path / "one", "tasks")]
     # the trained weights, router biases included, agree
     wa = load_checkpoint(list_checkpoints(tmp_path / "one")[-1][1], 0)["model"]
     wb = load_checkpoint(list_checkpoints(tmp_path / "two")[-1][1], 0)["model"]

@@ -265,3 +265,36 @@ def test_no_eval_records_without_validation_data(make_cfg):
     data = [{"name": "prose", "builtin": "prose", "weight": 1.0, "max_tokens": 3000, "valid_fraction": 0}]
     res = train(make_cfg(steps=4, eval_every=2, data=data))
     assert not [r for r in read_metrics(res.output_dir) if r["kind"] == "eval"]
+
+
+def test_eval_tasks_are_measured_during_training_without_changing_it(make_cfg, tmp_path):
+    """Task accuracy at each evaluation and at the end (kind: tasks in metrics.jsonl), equal to
+    `moeforge eval --task` on the saved model, and the run trains exactly as it does without them."""
+    from moeforge.eval.tasks import evaluate_task, resolve_task
+
+    tasks = {"tasks": ["arithmetic-choice", "arithmetic"], "limit": 3, "max_new_tokens": 3, "shots": 1}
+    res = train(make_cfg(steps=4, eval_every=2, eval_tasks=tasks))
+    recs = [r for r in read_metrics(res.output_dir) if r["kind"] == "tasks"]
+    assert [(r["step"], bool(r.get("final"))) for r in recs] == [(2, False), (4, True)]
+    assert all(set(r["tasks"]) == {"arithmetic-choice", "arithmetic"} for r in recs)
+    assert all(r["tasks"][t]["total"] == 3 for r in recs for t in r["tasks"])
+    model, tok = moeforge.load_with_tokenizer(str(res.final_dir))
+    again = evaluate_task(model, tok, resolve_task("arithmetic-choice", limit=3), shots=1)
+    assert recs[-1]["tasks"]["arithmetic-choice"]["accuracy"] == again.accuracy
+    plain = train(make_cfg(steps=4, eval_every=2, output_dir=str(tmp_path / "plain")))
+    losses = [r["loss"] for r in read_metrics(res.output_dir) if r["kind"] == "train"]
+    assert losses == [r["loss"] for r in read_metrics(plain.output_dir) if r["kind"] == "train"]
+    rerun = train(make_cfg(steps=4, eval_every=2, eval_tasks=tasks))  # a finished run rerun: nothing remeasured
+    assert rerun.steps == 4 and len([r for r in read_metrics(res.output_dir) if r["kind"] == "tasks"]) == 2
+
+
+@pytest.mark.parametrize("eval_tasks, message", [
+    ({"tasks": ["arithmetc"]}, "Did you mean 'arithmetic'"),
+    ({"tasks": ["arithmetic"], "limit": 0}, "eval_tasks.limit must be a positive integer"),
+    ({"tasks": ["arithmetic"], "chat": "maybe"}, "eval_tasks.chat must be one of"),
+    ({"tasks": ["arithmetic", "arithmetic"]}, "names a task twice"),
+])
+def test_bad_eval_tasks_fail_before_training(make_cfg, tmp_path, eval_tasks, message):
+    with pytest.raises(MoeforgeError, match=message):
+        train(make_cfg(eval_tasks=eval_tasks))
+    assert not (tmp_path / "out").exists()
