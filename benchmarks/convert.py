@@ -153,6 +153,11 @@ def run_convert(src: Path, out: Path, method: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _ram_gib() -> float:
+    """This machine's physical memory in GiB."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=positive_int, default=8, help="decoder layers of the synthetic checkpoint (LLaMA-2-7B has 32)")
@@ -224,7 +229,7 @@ def main() -> None:
         update_section(
             "convert-benchmark",
             f"`OMP_NUM_THREADS=1 .venv/bin/python benchmarks/convert.py --layers {args.layers}`. "
-            f"Device: {device_description()}, 24 GiB RAM, shared with other jobs (times are indicative).\n\n" + text,
+            f"Device: {device_description()}, {_ram_gib():.0f} GiB RAM, shared with other jobs (times are indicative).\n\n" + text,
             title="Streaming conversion at LLaMA-2-7B scale",
         )
 

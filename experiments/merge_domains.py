@@ -14,9 +14,9 @@ that on SmolLM2-135M-Instruct with the built-in domains:
 3. measures held-out perplexity (the domains' validation split) of every model on each domain,
    and the share of each domain's tokens that the merged model routes to that domain's expert.
 
-Run (about 15 minutes on the project's 2-core CPU with the defaults)::
+Run (about 30 minutes on the project's 2-core CPU with the defaults; 28 on 2026-11-23)::
 
-    OMP_NUM_THREADS=2 python experiments/merge_domains.py [--steps 30] [--out runs/merge_domains]
+    OMP_NUM_THREADS=2 .venv/bin/python experiments/merge_domains.py [--steps 30] [--out runs/merge_domains]
 
 The table goes to docs/results.md (section merging-domain-fine-tunes) and runs/merge_domains/result.json.
 """
@@ -37,10 +37,12 @@ import torch  # noqa: E402
 
 import moeforge  # noqa: E402
 from moeforge.eval.evaluate import evaluate  # noqa: E402
+from moeforge.eval.report import device_description, update_section  # noqa: E402
 from moeforge.train import train  # noqa: E402
 
 DOMAINS = ("prose", "code", "arithmetic")
 SECTION = "## Merging domain fine-tunes"
+DEFAULT_DEVICE = "the project's 2-core CPU"  # results recorded before the device was
 
 
 def fine_tune(domain: str, out: Path, args) -> Path:
@@ -81,7 +83,11 @@ def main() -> None:
     ap.add_argument("--calibration-tokens", type=int, default=6144)
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--no-report", action="store_true", help="do not rewrite docs/results.md")
+    ap.add_argument("--report-only", action="store_true", help="rewrite docs/results.md from OUT/result.json (no runs)")
     args = ap.parse_args()
+    if args.report_only:
+        write_report(json.loads((Path(args.out) / "result.json").read_text()))
+        return
     out = Path(args.out)
     t0 = time.perf_counter()
     tuned = {d: fine_tune(d, out / f"{d}-ft", args) for d in ("code", "arithmetic")}
@@ -109,7 +115,8 @@ def main() -> None:
         if "merged" in label:
             shares[label] = routing_shares(model, tok, args.eval_tokens)
         print(label, results[label], shares.get(label))
-    record = {"date": datetime.date.today().isoformat(), "args": vars(args), "seconds_training": t_train,
+    record = {"date": datetime.date.today().isoformat(), "device": device_description(), "args": vars(args),
+              "seconds_training": t_train,
               "seconds_total": time.perf_counter() - t0, "perplexity": results, "own_expert_share": shares,
               "torch": torch.__version__, "threads": torch.get_num_threads()}
     (out / "result.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -119,9 +126,8 @@ def main() -> None:
 
 def write_report(record: dict) -> None:
     a = record["args"]
-    lines = [SECTION, "",
-             f"`OMP_NUM_THREADS=2 python experiments/merge_domains.py --steps {a['steps']}` on {record['date']}, the "
-             f"project's 2-core CPU, {record['threads']} torch threads, torch {record['torch']}; "
+    lines = [f"`OMP_NUM_THREADS=2 .venv/bin/python experiments/merge_domains.py --steps {a['steps']}` on {record['date']}, "
+             f"{record.get('device', DEFAULT_DEVICE)}, {record['threads']} torch threads, torch {record['torch']}; "
              f"{record['seconds_total'] / 60:.0f} min in all (on a CPU shared with other jobs). Two full fine-tunes of SmolLM2-135M-Instruct "
              f"({a['steps']} steps x {a['batch']} x {a['seq_len']} tokens, lr {a['lr']}, each on one built-in "
              "domain's train split), merged with SmolLM2 itself into 3 experts, top-1, router by "
@@ -144,7 +150,7 @@ def write_report(record: dict) -> None:
     worst_gap = min(max(v[d] / best[d] for d in DOMAINS) for v in dense.values()) - 1
     merged_gap = max(merged[d] / best[d] for d in DOMAINS) - 1
     lines += ["", f"On every domain the merged model with averaged attention comes close to the best dense model for "
-              f"that domain ({'; '.join(parts)}; at most {merged_gap:.0%} above) at one dense model's active "
+              f"that domain ({'; '.join(parts)}; at most {merged_gap:.1%} above) at one dense model's active "
               f"parameters plus {extra:,} router weights, while every dense model is at least {worst_gap:.0%} above "
               "the best on some domain. (The built-in prose is Python's own documentation, so the code fine-tune "
               "helps it too.) Taking the base model's attention "
@@ -155,17 +161,7 @@ def write_report(record: dict) -> None:
               "|---|---:|---:|---:|"]
     for label, row in record["own_expert_share"].items():
         lines.append(f"| {label} | " + " | ".join(f"{row[d]:.1%}" for d in DOMAINS) + " |")
-    lines.append("")
-    path = REPO / "docs" / "results.md"
-    text = path.read_text()
-    block = "\n".join(lines) + "\n"
-    if SECTION in text:
-        start = text.index(SECTION)
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + block + (text[nxt + 1:] if nxt != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
+    update_section("merging-domain-fine-tunes", "\n".join(lines), title=SECTION.removeprefix("## "))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 import moeforge  # noqa: E402
 from moeforge.eval.cost import parameter_counts  # noqa: E402
-from moeforge.eval.report import update_section  # noqa: E402
+from moeforge.eval.report import device_description, update_section  # noqa: E402
 from moeforge.eval.tasks import evaluate_task, resolve_task  # noqa: E402
 
 TASKS = ("arithmetic", "arithmetic-choice")
@@ -77,7 +77,8 @@ def main() -> None:
             row[task.name] = r.to_dict()
             print(f"{label}: {task.name} {r.accuracy:.1%} ({r.correct}/{r.total}, {r.seconds:.0f} s)", flush=True)
         results[label] = row
-    record = {"date": datetime.date.today().isoformat(), "args": vars(args), "seconds": time.perf_counter() - t0,
+    record = {"date": datetime.date.today().isoformat(), "device": device_description(), "args": vars(args),
+              "seconds": time.perf_counter() - t0,
               "results": results, "skipped": skipped, "torch": torch.__version__, "threads": torch.get_num_threads()}
     out = REPO / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +90,8 @@ def main() -> None:
 def write_report(record: dict) -> None:
     a = record["args"]
     lines = [f"`OMP_NUM_THREADS=2 .venv/bin/python experiments/task_accuracy.py --limit {a['limit']} --shots "
-             f"{a['shots']}` on {record['date']}, the project's 2-core CPU, {record['threads']} torch threads, torch "
+             f"{a['shots']}` on {record['date']}, {record.get('device', 'the project' + chr(39) + 's 2-core CPU')}, "
+             f"{record['threads']} torch threads, torch "
              f"{record['torch']}; {record['seconds'] / 60:.0f} min in all. {a['limit']} built-in arithmetic problems "
              "that no document of the arithmetic training domain holds, plain-text prompts after "
              f"{a['shots']} solved examples: `arithmetic` = greedy generation, exact match; `arithmetic-choice` = "
