@@ -620,14 +620,15 @@ def apply_override(data: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _list_index(items: list, part: str, where: str) -> int:
+    """The entry ``part`` names: a data source of that name (so all-digit names work), else an index."""
+    names = [it.get("name") if isinstance(it, dict) else None for it in items]
+    if part in names:
+        return names.index(part)
     if part.isdigit():
         idx = int(part)
         if idx >= len(items):
             raise MoeforgeError(f"--{where}: index {idx} is out of range; the list has {len(items)} entries.")
         return idx
-    names = [it.get("name") for it in items if isinstance(it, dict)]
-    if part in names:
-        return names.index(part)
     raise MoeforgeError(f"--{where}: no data source named {part!r}.{closest(part, [n for n in names if n])}")
 
 

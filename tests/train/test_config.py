@@ -163,3 +163,10 @@ def test_peft_and_compose_overrides_keep_text_for_their_string_settings():
     assert cfg.compose == {"augmenting": "0123", "init_from": "007", "num_connections": 2}
     cfg = load_config({**base, "peft": {"method": "mov"}}, ["--peft.num_experts", "4", "--peft.method", "lora"])
     assert cfg.peft == {"method": "lora", "num_experts": 4}
+
+
+def test_an_all_digit_source_name_is_addressed_by_name():
+    """`--data.2024.weight` read 2024 as a list index ("out of range") even with a source named 2024."""
+    base = {"model": "m", "output_dir": "o", "data": [{"name": "2023", "builtin": "prose"}, {"name": "2024", "builtin": "code"}]}
+    cfg = load_config(base, ["--data.2024.weight", "3", "--data.0.weight", "2"])
+    assert [d.weight for d in cfg.data] == [2.0, 3.0]
