@@ -148,7 +148,8 @@ class TaskResult:
 
 # ----------------------------------------------------------------------------- answers
 
-_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+# a decimal may start at its point (``.5``, as parse_number reads a gold answer), but not continue a number (``1.2.3``)
+_NUMBER = re.compile(r"-?\$?(?:\d[\d,]*(?:\.\d+)?|(?<!\d)\.\d+)")
 
 
 def parse_number(text: str) -> float | None:

@@ -37,12 +37,14 @@ from .tiny import tiny_llama, tiny_moe, tiny_tokenizer
     ("so 12 apples, then 7.", 7),
     ("no digits here", None),
     ("#### none\nbut 4 later", 4),  # a marker with no number falls back to the last number
+    (".5", 0.5), ("-.25 left", -0.25), ("$.75 each", 0.75), ("version 1.2.3", 3),  # decimals without a leading 0
 ])
 def test_extract_number(reply, number):
     assert extract_number(reply) == number
 
 
 def test_is_correct_numeric_and_text():
+    assert is_correct(".5", ".5") and is_correct("0.5", ".5")  # a reply equal to the gold answer matches
     assert is_correct(" 42\n", "42") and is_correct("it is $1,050.00", "1050")
     assert not is_correct("42 or 43", "42")  # the last number counts
     assert not is_correct("", "42")
