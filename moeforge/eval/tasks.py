@@ -148,8 +148,9 @@ class TaskResult:
 
 # ----------------------------------------------------------------------------- answers
 
-# a decimal may start at its point (``.5``, as parse_number reads a gold answer), but not continue a number (``1.2.3``)
-_NUMBER = re.compile(r"-?\$?(?:\d[\d,]*(?:\.\d+)?|(?<!\d)\.\d+)")
+# a decimal may start at its point (``.5``, as parse_number reads a gold answer), but not continue a number (``1.2.3``);
+# a minus sign never follows a letter or digit (``10-20`` and ``COVID-19`` hold a hyphen, not -20 and -19)
+_NUMBER = re.compile(r"(?:(?<![^\W_])-)?\$?(?:\d[\d,]*(?:\.\d+)?|(?<!\d)\.\d+)")
 
 
 def parse_number(text: str) -> float | None:
