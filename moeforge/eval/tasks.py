@@ -149,8 +149,9 @@ class TaskResult:
 # ----------------------------------------------------------------------------- answers
 
 # a decimal may start at its point (``.5``, as parse_number reads a gold answer), but not continue a number (``1.2.3``);
-# a minus sign never follows a letter or digit (``10-20`` and ``COVID-19`` hold a hyphen, not -20 and -19)
-_NUMBER = re.compile(r"(?:(?<![^\W_])-)?\$?(?:\d[\d,]*(?:\.\d+)?|(?<!\d)\.\d+)")
+# a minus sign never follows a letter or digit (``10-20`` and ``COVID-19`` hold a hyphen, not -20 and -19);
+# commas separate thousands (``1,234,567``), not the numbers of a list (``2,3,5`` is three numbers, not 235)
+_NUMBER = re.compile(r"(?:(?<![^\W_])-)?\$?(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|(?<!\d)\.\d+)")
 
 
 def parse_number(text: str) -> float | None:
