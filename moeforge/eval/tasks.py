@@ -284,6 +284,8 @@ def gsm8k_task(limit: int | None = None, root: Path | None = None) -> Task:
             "gsm8k/test.jsonl, or pass the file's path as the task."
         )
     examples = tuple(_gsm8k_example(r, w) for r, w in _read_records(test, limit))
+    if not examples:
+        raise MoeforgeError(f"task 'gsm8k': {test} holds no records; it needs GSM8K's test split, one JSON object per line.")
     fewshot = tuple(_gsm8k_example(r, w) for r, w in _read_records(train, 16)) if train.is_file() else ()
     return Task("gsm8k", GENERATE, examples, str(test), fewshot=fewshot)
 
@@ -599,6 +601,8 @@ def evaluate_task(model, tokenizer, task: Task, *, shots: int = 0, chat: str = "
                             f"the {shots} shots asked for; use --shots {have} or less.")
     if batch_size < 1:
         raise MoeforgeError(f"batch_size must be at least 1, got {batch_size}.")
+    if not task.examples:
+        raise MoeforgeError(f"task {task.name!r} ({task.source}) has no problems; give it at least one.")
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()

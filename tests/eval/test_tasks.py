@@ -155,6 +155,18 @@ def test_bad_task_names(tmp_path):
         resolve_task(str(tmp_path / "t.txt"))
 
 
+@pytest.mark.parametrize("kind", [GENERATE, CHOICE])
+def test_a_task_without_problems_is_refused(tmp_path, kind):
+    """An empty GSM8K test split, or a Task built with no examples, is one clear error (was a
+    ValueError from max() or a ZeroDivisionError)."""
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text("\n")
+    with pytest.raises(MoeforgeError, match="holds no records"):
+        resolve_task("gsm8k", root=tmp_path)
+    with pytest.raises(MoeforgeError, match="has no problems"):
+        evaluate_task(tiny_llama(), tiny_tokenizer(), Task("empty", kind, (), "test", plain_template="{prompt}"))
+
+
 def test_gsm8k_from_a_data_folder(tmp_path):
     (tmp_path / "gsm8k").mkdir()
     rec = {"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = <<3+4=7>>7\n#### 7"}
