@@ -619,11 +619,21 @@ def evaluate_task(model, tokenizer, task: Task, *, shots: int = 0, chat: str = "
     return result
 
 
+def model_context(model) -> int | None:
+    """Positions ``model`` can attend to (``max_position_embeddings``), None when it does not say; a CALM
+    composition runs both its models on every token, so its context is the smaller of theirs."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    augmenting = getattr(getattr(getattr(model, "augmenting", None), "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and isinstance(augmenting, int):
+        context = min(context, augmenting)
+    return context if isinstance(context, int) else None
+
+
 def _score_generation(model, tokenizer, task, *, shots, chat, batch_size, max_new_tokens, progress) -> TaskResult:
     prompts = [prompt_ids(task, ex, tokenizer, shots=shots, chat=chat) for ex in task.examples]
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    context = model_context(model)
     longest = max(len(p) for p in prompts) + max_new_tokens
-    if isinstance(context, int) and longest > context:
+    if context is not None and longest > context:
         raise MoeforgeError(f"task {task.name!r}: its longest prompt plus {max_new_tokens} new tokens is {longest} "
                             f"tokens, more than the model's context of {context}; use fewer shots or --max-new-tokens.")
     report = (lambda n: progress(f"{task.name}: {n}/{len(prompts)} problems")) if progress else None

@@ -78,3 +78,19 @@ def test_task_accuracy_runs_on_a_composition_and_batches_like_single_prompts():
     assert batched == alone
     result = evaluate_task(composed, tok, resolve_task("arithmetic", limit=4), shots=1, chat="off", max_new_tokens=4)
     assert result.total == 4 and all(isinstance(s["reply"], str) for s in result.samples)
+
+
+def test_task_prompts_past_the_augmenting_models_context_refused():
+    """A composition runs both models on every token: generation prompts longer than the augmenting
+    model's context are refused as perplexity windows are (they ran, silently, past its positions)."""
+    import pytest
+
+    from moeforge.errors import MoeforgeError
+    from moeforge.eval.tasks import evaluate_task, resolve_task
+
+    augmenting = moe()
+    augmenting.config.max_position_embeddings = 16
+    composed = compose(llama(), augmenting, num_connections=2)  # the anchor's context is 64
+    with pytest.raises(MoeforgeError, match="more than the model's context of 16"):
+        evaluate_task(composed, char_tokenizer(), resolve_task("arithmetic", limit=2), shots=2, chat="off",
+                      max_new_tokens=8)
