@@ -571,6 +571,11 @@ def batch_loglikelihoods(model, tokenizer, problems: Sequence[tuple[str, Sequenc
             rows.append(ctx + cont)
             conts.append((len(ctx), cont))
     width = max(len(r) for r in rows)
+    context_size = model_context(model)
+    if context_size is not None and width > context_size:
+        tail = [context for context, choices in problems for _ in choices][[len(r) for r in rows].index(width)][-40:]
+        raise MoeforgeError(f"the choice problem ending {tail!r} is {width} tokens with its longest choice, more than "
+                            f"the model's context of {context_size}; use fewer shots or shorter contexts.")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     ids = torch.full((len(rows), width), pad, dtype=torch.long)

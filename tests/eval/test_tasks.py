@@ -236,6 +236,19 @@ def test_choice_loglikelihoods_equal_a_hand_computed_sum(make):
             assert value == pytest.approx(want, abs=1e-4)
 
 
+def test_choice_problems_past_the_models_context_are_refused():
+    """A context plus choice longer than max_position_embeddings (256 here) was scored silently, at
+    positions the model never trained on; generation prompts are refused, and so are these now."""
+    model, tok = tiny_llama(), tiny_tokenizer()
+    assert len(tok("word " * 400).input_ids) > 256
+    with pytest.raises(MoeforgeError, match="more than the model's context of 256"):
+        choice_loglikelihoods(model, tok, "word " * 400, [" a", " b"])
+    task = Task("long", CHOICE, (TaskExample("word " * 400, " a", choices=(" a", " b"), label=0),), "test",
+                plain_template="{prompt}")
+    with pytest.raises(MoeforgeError, match="more than the model's context of 256"):
+        evaluate_task(model, tok, task)
+
+
 class _Oracle(torch.nn.Module):
     """Stands in for a model that answers arithmetic prompts: generate() appends ' <result + offset>\\n'."""
 
