@@ -552,8 +552,11 @@ def generate_replies(model, tokenizer, prompts: Sequence[list[int]], *, max_new_
 def choice_loglikelihoods(model, tokenizer, context: str, choices: Sequence[str]) -> list[float]:
     """Sum of log p(choice tokens | context) for each choice (one right-padded forward pass).
 
-    The context is tokenised with the tokenizer's special tokens and each choice on its own
-    (lm-evaluation-harness's convention), so every choice is scored after the same context tokens.
+    lm-evaluation-harness's boundary: whitespace ending the context moves to the front of each choice,
+    the context is tokenised with the tokenizer's special tokens, and a choice's tokens are those that
+    context + choice tokenised together has after the context's (a choice tokenised on its own gets a
+    lone space token from tokenizers that prepend one, as LLaMA-2's and Mistral's do). Every choice is
+    scored after the same context tokens.
     """
     return batch_loglikelihoods(model, tokenizer, [(context, choices)])[0]
 
@@ -563,9 +566,13 @@ def batch_loglikelihoods(model, tokenizer, problems: Sequence[tuple[str, Sequenc
     """:func:`choice_loglikelihoods` of several (context, choices) problems in one forward pass."""
     rows, conts = [], []
     for context, choices in problems:
-        ctx = tokenizer(context).input_ids
+        stripped = context.rstrip()
+        ctx = tokenizer(stripped).input_ids
+        if not ctx:
+            raise MoeforgeError(f"the choice context {context!r} tokenises to nothing (and the tokenizer adds no BOS "
+                                "token); give each problem some context.")
         for c in choices:
-            cont = tokenizer(c, add_special_tokens=False).input_ids
+            cont = tokenizer(context + c).input_ids[len(ctx):]
             if not cont:
                 raise MoeforgeError(f"choice {c!r} of {context[-40:]!r} tokenises to nothing; give each choice some text.")
             rows.append(ctx + cont)

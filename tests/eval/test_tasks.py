@@ -236,6 +236,41 @@ def test_choice_loglikelihoods_equal_a_hand_computed_sum(make):
             assert value == pytest.approx(want, abs=1e-4)
 
 
+def _prefix_space_tokenizer():
+    """A tokenizer that, like LLaMA-2's and Mistral's legacy ones, writes spaces as '▁' and always
+    prepends one: ' 42' tokenised alone is ['▁', '▁42'], but ['▁42'] after a context."""
+    import tokenizers as tk
+    from transformers import PreTrainedTokenizerFast
+
+    from moeforge.data import builtin_text
+
+    bpe = tk.Tokenizer(tk.models.BPE(unk_token="<unk>"))
+    bpe.normalizer = tk.normalizers.Sequence([tk.normalizers.Prepend("\u2581"), tk.normalizers.Replace(" ", "\u2581")])
+    bpe.pre_tokenizer = tk.pre_tokenizers.Split("\u2581", behavior="merged_with_next")  # no merges across words
+    bpe.decoder = tk.decoders.Sequence([tk.decoders.Replace("\u2581", " "), tk.decoders.Fuse(), tk.decoders.Strip(" ", 1, 0)])
+    trainer = tk.trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    bpe.train_from_iterator([builtin_text(d, "train")[:8000] for d in ("prose", "arithmetic")], trainer)
+    bpe.post_processor = tk.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_choice_tokens_are_those_of_context_and_choice_together():
+    """lm-evaluation-harness's boundary: a context's trailing whitespace moves to the choice, and the
+    choice's tokens are those the whole text has after the context's (a choice tokenised alone got
+    a lone space token with a '▁'-prepending tokenizer, or after a context ending in a space)."""
+    model, tok = tiny_llama(), tiny_tokenizer()
+    spaced = choice_loglikelihoods(model, tok, "17 + 25 =", [" 42", " 43"])
+    assert choice_loglikelihoods(model, tok, "17 + 25 = ", ["42", "43"]) == pytest.approx(spaced, abs=1e-6)
+    sp = _prefix_space_tokenizer()
+    assert len(sp(" 42", add_special_tokens=False).input_ids) > len(sp("x 42").input_ids) - len(sp("x").input_ids)
+    ctx, whole = sp("17 + 25 =").input_ids, sp("17 + 25 = 42").input_ids
+    assert whole[:len(ctx)] == ctx
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([whole])).logits[0].double(), -1)
+    want = sum(float(logp[j - 1, whole[j]]) for j in range(len(ctx), len(whole)))
+    assert choice_loglikelihoods(model, sp, "17 + 25 =", [" 42"])[0] == pytest.approx(want, abs=1e-4)
+
+
 def test_choice_problems_past_the_models_context_are_refused():
     """A context plus choice longer than max_position_embeddings (256 here) was scored silently, at
     positions the model never trained on; generation prompts are refused, and so are these now."""
