@@ -59,7 +59,7 @@ def print_tasks(results, model: str, parameters: dict | None = None) -> None:
         print(f"{r.name:<{width}}  {r.kind:<8}  {r.accuracy:>8.1%}  {f'{lo:.1%}-{hi:.1%}':>13}  {r.total:>8,}  "
               f"{r.shots:>5}  {prompts:<7}  {r.seconds:>7.1f}  {r.source}")
         if r.accuracy_norm is not None:
-            print(f"{'':<{width}}  {'':<8}  {r.accuracy_norm:>8.1%}  (highest log-likelihood per byte)")
+            print(f"{'':<{width}}  {'':<8}  {r.accuracy_norm:>8.1%}  (highest log-likelihood per character)")
 
 
 def register(app: typer.Typer) -> None:

@@ -9,8 +9,8 @@ gets right (LLaMA-MoE: accuracy on downstream tasks; the SFT recipe: GSM8K). Two
   "flexible extract"). Other answers are compared as normalised text (case, surrounding whitespace
   and final punctuation ignored) with the reply's first line.
 * ``choice``: the model's log-likelihood of each candidate continuation after the context; the
-  highest sum wins (``accuracy``), and the highest sum per byte of the continuation
-  (``accuracy_norm``, lm-evaluation-harness's ``acc_norm``).
+  highest sum wins (``accuracy``), and the highest sum per character of the choice, the space before
+  it not counted (``accuracy_norm``, lm-evaluation-harness's ``acc_norm``).
 
 Tasks by name (:data:`TASK_NAMES`):
 
@@ -664,6 +664,12 @@ def _score_generation(model, tokenizer, task, *, shots, chat, batch_size, max_ne
                       generated_tokens=generated, samples=samples)
 
 
+def _choice_length(choice: str) -> int:
+    """Characters of a choice without the whitespace that separates it from the context (what
+    lm-evaluation-harness's ``acc_norm`` divides by: the choice as the dataset has it)."""
+    return len(choice.lstrip()) or len(choice) or 1
+
+
 def _score_choices(model, tokenizer, task, shots, batch_size, progress) -> TaskResult:
     samples, correct, correct_norm = [], 0, 0
     demos = plain_demos(task, shots)
@@ -673,9 +679,9 @@ def _score_choices(model, tokenizer, task, shots, batch_size, progress) -> TaskR
         batch = batch_loglikelihoods(model, tokenizer,
                                      [(demos + task.plain_template.format(prompt=ex.prompt), ex.choices) for ex in chunk])
         for ex, scores in zip(chunk, batch):
-            per_byte = [s / len(c.encode("utf-8")) for s, c in zip(scores, ex.choices)]
+            per_char = [s / _choice_length(c) for s, c in zip(scores, ex.choices)]
             pick = max(range(len(scores)), key=scores.__getitem__)
-            pick_norm = max(range(len(per_byte)), key=per_byte.__getitem__)
+            pick_norm = max(range(len(per_char)), key=per_char.__getitem__)
             correct += pick == ex.label
             correct_norm += pick_norm == ex.label
             samples.append({"prompt": ex.prompt, "gold": ex.answer, "reply": ex.choices[pick],

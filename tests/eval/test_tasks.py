@@ -324,6 +324,20 @@ def test_choice_scoring_picks_the_most_likely(monkeypatch):
     assert result.correct == 2 and result.accuracy_norm == 0.5
 
 
+def test_accuracy_norm_divides_by_the_choices_characters(monkeypatch):
+    """lm-evaluation-harness's acc_norm: log-likelihood over the choice's length in characters, the
+    space before it not counted (was UTF-8 bytes with the space, which picked the other option here)."""
+    import moeforge.eval.tasks as tasks
+
+    task = Task("t", CHOICE, (TaskExample("a", " bbbb", choices=(" a", " bbbb"), label=1),
+                              TaskExample("b", " ee", choices=(" \u00e9", " ee"), label=1)), "test",
+                plain_template="{prompt}")
+    scores = {"a": [-2.0, -7.0], "b": [-3.0, -5.0]}  # per character: -2 vs -1.75, -3 vs -2.5
+    monkeypatch.setattr(tasks, "batch_loglikelihoods", lambda m, t, problems: [scores[ctx] for ctx, _ in problems])
+    result = evaluate_task(tiny_llama(), tiny_tokenizer(), task)
+    assert result.correct == 0 and result.accuracy_norm == 1.0
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
