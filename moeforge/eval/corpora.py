@@ -90,6 +90,31 @@ def _record_text(record: dict, where: str) -> str:
     )
 
 
+def json_records(path: Path, raw: str, limit: int | None = None) -> list[tuple[object, str]]:
+    """(record, where) pairs of a JSON Lines text, or of a ``.json`` file holding one JSON document
+    (a record or a list of records), up to ``limit``; ``where`` names the file and line for messages."""
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError:
+            data = None
+        if data is not None:
+            items = data if isinstance(data, list) else [data]
+            return [(r, f"{path} record {i}") for i, r in enumerate(items[:limit], 1)]
+    out: list[tuple[object, str]] = []
+    for lineno, line in enumerate(raw.splitlines(), 1):
+        if limit is not None and len(out) >= limit:
+            break
+        if not line.strip():
+            continue
+        try:
+            out.append((json.loads(line), f"{path}:{lineno}"))
+        except json.JSONDecodeError as err:
+            what = "a JSON document nor JSON Lines" if path.suffix.lower() == ".json" else "valid JSON"
+            raise MoeforgeError(f"{path}:{lineno} is not {what} ({err}); one JSON object per line.") from None
+    return out
+
+
 def read_corpus_file(path: Path, name: str | None = None) -> EvalCorpus:
     """Read a text or JSON(L) file as an :class:`EvalCorpus`; empty or unreadable files raise."""
     path = Path(path).expanduser()
@@ -104,26 +129,7 @@ def read_corpus_file(path: Path, name: str | None = None) -> EvalCorpus:
         raise MoeforgeError(f"corpus file {path} is not UTF-8 text; pass a .txt or .jsonl file.") from None
     suffix = path.suffix.lower()
     if suffix in JSON_SUFFIXES:
-        data = None
-        if suffix == ".json":  # one JSON document (a record or a list of them), else JSON Lines
-            try:
-                data = json.loads(raw)
-            except json.JSONDecodeError:
-                pass
-        if data is not None:
-            records = data if isinstance(data, list) else [data]
-            docs = [_record_text(r, str(path)) for r in records]
-        else:
-            docs = []
-            for lineno, line in enumerate(raw.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    what = "a JSON document nor JSON Lines" if suffix == ".json" else "valid JSON"
-                    raise MoeforgeError(f"{path}:{lineno} is not {what} ({err}); one JSON object per line.") from None
-                docs.append(_record_text(record, f"{path}:{lineno}"))
+        docs = [_record_text(r, where) for r, where in json_records(path, raw)]
     elif suffix in TEXT_SUFFIXES or suffix == "":
         docs = [raw]
     else:

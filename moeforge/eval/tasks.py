@@ -39,7 +39,6 @@ at the task's stop strings. ``choice`` tasks are always scored on plain text.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import random
 import re
@@ -53,7 +52,7 @@ from transformers import PreTrainedModel
 
 from ..data.builtin import arithmetic_lines
 from ..errors import MoeforgeError, closest
-from .corpora import data_root
+from .corpora import data_root, json_records
 
 GENERATE, CHOICE = "generate", "choice"
 CHAT_MODES = ("auto", "on", "off")
@@ -304,31 +303,11 @@ def _read_records(path: Path, limit: int | None = None) -> list[tuple[dict, str]
         raw = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise MoeforgeError(f"task file {path} is not UTF-8 text; pass a UTF-8 .jsonl file.") from None
-    out: list[tuple[dict, str]] = []
-    data = None
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError:
-            pass
-    if data is not None:
-        items = data if isinstance(data, list) else [data]
-        out = [(r, f"{path} record {i}") for i, r in enumerate(items, 1)]
-    else:
-        for lineno, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                out.append((json.loads(line), f"{path}:{lineno}"))
-            except json.JSONDecodeError as err:
-                raise MoeforgeError(f"{path}:{lineno} is not valid JSON ({err}); one JSON object per line.") from None
-            if limit is not None and len(out) >= limit:
-                break
-    out = out[:limit] if limit is not None else out
+    out = json_records(path, raw, limit)
     for record, where in out:
         if not isinstance(record, dict):
             raise MoeforgeError(f"{where}: expected a JSON object per record, got {type(record).__name__}.")
-    return out
+    return out  # type: ignore[return-value]
 
 
 def _first_str(record: dict, keys: Sequence[str]) -> str | None:

@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-from moeforge.cli import main
 from moeforge.errors import MoeforgeError
 from moeforge.eval.tasks import (
     CHOICE,
@@ -24,6 +23,7 @@ from moeforge.eval.tasks import (
     resolve_task,
 )
 
+from .test_cli_eval import run
 from .tiny import tiny_llama, tiny_moe, tiny_tokenizer
 
 
@@ -347,13 +347,6 @@ def llama_dir(tmp_path_factory):
     tiny_llama().save_pretrained(d)
     tiny_tokenizer().save_pretrained(d)
     return d
-
-
-def run(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 def test_cli_tasks_json_and_samples(llama_dir, tmp_path, capsys):
