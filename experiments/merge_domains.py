@@ -127,7 +127,7 @@ def main() -> None:
 def write_report(record: dict) -> None:
     a = record["args"]
     lines = [f"`OMP_NUM_THREADS=2 .venv/bin/python experiments/merge_domains.py --steps {a['steps']}` on {record['date']}, "
-             f"{record.get('device', DEFAULT_DEVICE)}, {record['threads']} torch threads, torch {record['torch']}; "
+             f"{record.get('device') or DEFAULT_DEVICE + ', torch ' + record['torch']}, {record['threads']} torch threads; "
              f"{record['seconds_total'] / 60:.0f} min in all (on a CPU shared with other jobs). Two full fine-tunes of SmolLM2-135M-Instruct "
              f"({a['steps']} steps x {a['batch']} x {a['seq_len']} tokens, lr {a['lr']}, each on one built-in "
              "domain's train split), merged with SmolLM2 itself into 3 experts, top-1, router by "

@@ -87,12 +87,16 @@ def main() -> None:
         write_report(record)
 
 
+def _device(record: dict) -> str:
+    """The recorded device (which names torch), or the machine results before it was recorded came from."""
+    return record.get("device") or f"the project's 2-core CPU, torch {record['torch']}"
+
+
 def write_report(record: dict) -> None:
     a = record["args"]
     lines = [f"`OMP_NUM_THREADS=2 .venv/bin/python experiments/task_accuracy.py --limit {a['limit']} --shots "
-             f"{a['shots']}` on {record['date']}, {record.get('device', 'the project' + chr(39) + 's 2-core CPU')}, "
-             f"{record['threads']} torch threads, torch "
-             f"{record['torch']}; {record['seconds'] / 60:.0f} min in all. {a['limit']} built-in arithmetic problems "
+             f"{a['shots']}` on {record['date']}, {_device(record)}, {record['threads']} torch threads; "
+             f"{record['seconds'] / 60:.0f} min in all. {a['limit']} built-in arithmetic problems "
              "that no document of the arithmetic training domain holds, plain-text prompts after "
              f"{a['shots']} solved examples: `arithmetic` = greedy generation, exact match; `arithmetic-choice` = "
              "the same problems with 4 options scored by log-likelihood (chance 25%). Brackets: 95% Wilson interval.",
