@@ -452,3 +452,24 @@ def test_a_quantized_mixtral_checkpoint_is_named_as_such(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(data))
     with pytest.raises(MoeforgeError, match=r"quantized mixtral checkpoint \(gptq\).*unquantized copy"):
         moeforge.load(tmp_path)
+
+
+def test_a_folder_with_both_a_single_file_and_an_index_is_read_as_transformers_reads_it(tmp_path):
+    """transformers takes model.safetensors over an index; moeforge read the index, so the two opened
+    different weights from one folder (e.g. one re-saved with another shard size)."""
+    sharded = tiny_mixtral()
+    sharded.save_pretrained(tmp_path, max_shard_size="20KB")
+    single = tiny_mixtral()
+    with torch.no_grad():
+        for p in single.parameters():
+            p.add_(0.05)
+    single.save_pretrained(tmp_path / "single")
+    (tmp_path / "single" / "model.safetensors").rename(tmp_path / "model.safetensors")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    ids = torch.randint(0, 100, (1, 9))
+    with torch.no_grad():
+        want = MixtralForCausalLM.from_pretrained(tmp_path).eval()(ids).logits
+        got = moeforge.load(tmp_path)(ids).logits
+        other = single(ids).logits
+    torch.testing.assert_close(want, other, atol=1e-5, rtol=1e-5)  # transformers read the single file
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

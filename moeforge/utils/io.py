@@ -148,11 +148,15 @@ def atomic_write_json(path: str | os.PathLike, data) -> None:
 
 
 def safetensors_files(directory: Path) -> list[Path]:
-    """The safetensors shards of a checkpoint directory: the files its index names, else
-    ``model.safetensors`` alone when present (as transformers), else every ``*.safetensors``.
+    """The safetensors shards of a checkpoint directory, in transformers' order of preference:
+    ``model.safetensors`` when present, else the files its index names, else every ``*.safetensors``
+    (a folder holding both a single file and an index is read as transformers reads it).
 
     Raises :class:`MoeforgeError` when the index names a missing shard.
     """
+    single = directory / "model.safetensors"
+    if single.is_file():  # what transformers reads; other files (e.g. Mistral's consolidated.safetensors) are not shards
+        return [single]
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -167,9 +171,6 @@ def safetensors_files(directory: Path) -> list[Path]:
                 f"checkpoint {directory} is incomplete: its index names {', '.join(missing)}, which are missing."
             )
         return files
-    single = directory / "model.safetensors"
-    if single.is_file():  # what transformers reads; other files (e.g. Mistral's consolidated.safetensors) are not shards
-        return [single]
     return sorted(directory.glob("*.safetensors"))
 
 
