@@ -43,6 +43,10 @@ def register(app: typer.Typer) -> None:
                           f"final loss {loss}")
                 if result.eval_losses:
                     print("validation loss: " + ", ".join(f"{k} {v:.4f}" for k, v in result.eval_losses.items()))
+                tasks = [r for r in result.history if r.get("kind") == "tasks" and r.get("final")]
+                if tasks:
+                    print("task accuracy: " + ", ".join(f"{k} {v['accuracy']:.1%} ({v['correct']}/{v['total']})"
+                                                        for k, v in tasks[-1]["tasks"].items()))
                 print(f"metrics: {result.metrics_path}")
                 if result.final_dir is not None:
                     print(f"model: {result.final_dir}")

@@ -1,5 +1,7 @@
 """``moeforge train``: one-line errors with exit status 2, overrides reach the run, help lists the keys."""
 
+import re
+
 import pytest
 import yaml
 
@@ -33,12 +35,15 @@ def test_cli_bad_input_one_line_exit_2(tmp_path, make_cfg, capsys, extra, messag
 def test_cli_runs_with_overrides(tmp_path, make_cfg, capsys):
     out = tmp_path / "cli-out"
     with pytest.raises(SystemExit) as err:
-        main(["train", _write(tmp_path, make_cfg(steps=50)), "--steps", "2", f"--output_dir={out}", "--data.prose.weight", "0"])
+        main(["train", _write(tmp_path, make_cfg(steps=50)), "--steps", "2", f"--output_dir={out}", "--data.prose.weight", "0",
+              "--eval_tasks.tasks", "[arithmetic-choice]", "--eval_tasks.limit", "2"])
     assert err.value.code == 0
     recs = [r for r in read_metrics(out) if r["kind"] == "train"]
     assert [r["step"] for r in recs] == [1, 2]
     assert all(r["weights"] == {"prose": 0.0, "arith": 1.0} and set(r["domain_loss"]) == {"arith"} for r in recs)
-    assert "trained 2 steps" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "trained 2 steps" in printed
+    assert re.search(r"task accuracy: arithmetic-choice \d+\.\d% \(\d/2\)", printed)
     assert (out / "final" / "config.json").is_file()
 
 
