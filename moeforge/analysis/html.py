@@ -81,11 +81,13 @@ def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
 def capture_token_routing(model, tokenizer, text: str, *, label: str = "text", max_tokens: int = 64) -> TokenRouting:
     """Run a moeforge MoE model on the first ``max_tokens`` tokens of ``text`` and keep its routing.
 
-    At most the model's context (``max_position_embeddings``) is shown: routing at positions the
-    model was never trained on is not the model's behaviour.
+    At most the model's context (:func:`~moeforge.utils.positions.model_context`) is shown: routing at
+    positions the model was never trained on is not the model's behaviour.
     """
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(context, int):
+    from ..utils.positions import model_context
+
+    context = model_context(model)
+    if context is not None:
         max_tokens = min(max_tokens, context)
     ids = tokenizer(text, add_special_tokens=False).input_ids[:max_tokens]
     if not ids:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..analysis.stats import RoutingStats, specialisation
 from ..errors import MoeforgeError
+from ..utils.positions import model_context
 from .corpora import EvalCorpus, default_corpora, resolve_corpus, tokenize_corpus
 from .cost import flops_per_token, parameter_counts
 from .perplexity import NLLResult, evaluate_nll
@@ -134,11 +135,8 @@ def evaluate(
             raise MoeforgeError(f"corpus {corpus.name!r} ({corpus.source}) has fewer than two tokens; give it more text.")
         token_ids[corpus.name] = ids
     window = max(min(seq_len, ids.numel()) for ids in token_ids.values())
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    augmenting = getattr(getattr(getattr(model, "augmenting", None), "config", None), "max_position_embeddings", None)
-    if isinstance(context, int) and isinstance(augmenting, int):  # a CALM composition runs both models on every token
-        context = min(context, augmenting)
-    if isinstance(context, int) and window > context:
+    context = model_context(model)
+    if context is not None and window > context:
         raise MoeforgeError(
             f"seq_len (--seq-len) {seq_len} gives windows of {window} tokens"
             + ("" if window == seq_len else " (all the tokens of the longest corpus)")

@@ -52,6 +52,7 @@ from transformers import PreTrainedModel
 
 from ..data.builtin import arithmetic_lines
 from ..errors import MoeforgeError, closest
+from ..utils.positions import model_context
 from .corpora import data_root, json_records
 
 GENERATE, CHOICE = "generate", "choice"
@@ -608,16 +609,6 @@ def evaluate_task(model, tokenizer, task: Task, *, shots: int = 0, chat: str = "
         model.train(was_training)
     result.seconds = time.perf_counter() - t0
     return result
-
-
-def model_context(model) -> int | None:
-    """Positions ``model`` can attend to (``max_position_embeddings``), None when it does not say; a CALM
-    composition runs both its models on every token, so its context is the smaller of theirs."""
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    augmenting = getattr(getattr(getattr(model, "augmenting", None), "config", None), "max_position_embeddings", None)
-    if isinstance(context, int) and isinstance(augmenting, int):
-        context = min(context, augmenting)
-    return context if isinstance(context, int) else None
 
 
 def _score_generation(model, tokenizer, task, *, shots, chat, batch_size, max_new_tokens, progress) -> TaskResult:
