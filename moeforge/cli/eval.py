@@ -102,15 +102,12 @@ def register(app: typer.Typer) -> None:
         from ..errors import MoeforgeError
         from ..eval.corpora import resolve_corpus
         from ..eval.evaluate import evaluate, unique_names, write_analysis
-        from ..eval.tasks import CHAT_MODES, evaluate_task, resolve_task
+        from ..eval.tasks import CHAT_MODES, evaluate_task, resolve_tasks
         from ..loading import load_tokenizer, load_trained
         from ..utils.io import atomic_write_text, check_writable_dir
 
         corpora = unique_names([resolve_corpus(d) for d in data]) if data else None  # bad names fail before loading
-        tasks = [resolve_task(t, limit) for t in task or []]
-        names = [t.name for t in tasks]
-        if len(set(names)) < len(names):
-            raise MoeforgeError(f"task {sorted({n for n in names if names.count(n) > 1})[0]!r} given twice; name each task once.")
+        tasks = resolve_tasks(task or [], limit)
         if chat not in CHAT_MODES:
             raise MoeforgeError(f"--chat must be one of {', '.join(CHAT_MODES)}, got {chat!r}.")
         if not tasks and (limit is not None or samples or max_new_tokens is not None or shots):

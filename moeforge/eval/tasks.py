@@ -439,6 +439,18 @@ def resolve_task(name_or_path: str, limit: int | None = None, root: Path | None 
                         f"{', '.join(TASK_NAMES)}; or pass a .jsonl file of question/answer records.")
 
 
+def resolve_tasks(names_or_paths: Sequence[str], limit: int | None = None) -> list[Task]:
+    """:func:`resolve_task` of each, refusing two that come out under one name (results are keyed by
+    it: ``a/test.jsonl`` and ``b/test.jsonl`` would overwrite each other)."""
+    tasks = [resolve_task(t, limit) for t in names_or_paths]
+    names = [t.name for t in tasks]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise MoeforgeError(f"task {twice[0]!r} given twice; name each task once (task files are named by their "
+                            "file name without the suffix: rename one of them).")
+    return tasks
+
+
 # ----------------------------------------------------------------------------- prompts
 
 

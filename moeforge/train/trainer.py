@@ -281,9 +281,9 @@ class Trainer:
         if cfg.parallel == "fsdp" and ctx.distributed and cfg.eval_tasks.tasks:
             raise MoeforgeError("eval_tasks needs the whole model on one process, which parallel: fsdp shards; use ddp, "
                                 "or measure the checkpoints with `moeforge eval CHECKPOINT --task NAME`.")
-        from ..eval.tasks import resolve_task
+        from ..eval.tasks import resolve_tasks
 
-        self.tasks = [resolve_task(t, cfg.eval_tasks.limit) for t in cfg.eval_tasks.tasks]  # bad names fail before loading
+        self.tasks = resolve_tasks(cfg.eval_tasks.tasks, cfg.eval_tasks.limit)  # bad names fail before loading
         latest = self._inspect_output_dir()
 
         # model: seeded identically on every process (wrappers initialise new weights)

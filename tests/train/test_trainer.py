@@ -298,3 +298,14 @@ def test_bad_eval_tasks_fail_before_training(make_cfg, tmp_path, eval_tasks, mes
     with pytest.raises(MoeforgeError, match=message):
         train(make_cfg(eval_tasks=eval_tasks))
     assert not (tmp_path / "out").exists()
+
+
+def test_two_eval_task_files_with_one_name_are_refused(make_cfg, tmp_path):
+    """Results are keyed by task name: a/test.jsonl and b/test.jsonl used to overwrite each other."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "test.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
+    tasks = [str(tmp_path / "a" / "test.jsonl"), str(tmp_path / "b" / "test.jsonl")]
+    with pytest.raises(MoeforgeError, match="task 'test' given twice"):
+        train(make_cfg(eval_tasks={"tasks": tasks}))
+    assert not (tmp_path / "out").exists()
