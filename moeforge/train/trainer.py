@@ -597,6 +597,12 @@ class Trainer:
         self.ctx.barrier()
         return results
 
+    def _emit_eval(self, rec: dict[str, Any]) -> None:
+        """An evaluation record to metrics.jsonl (main process) and to the callbacks' ``on_eval``."""
+        if self.ctx.is_main:
+            self.writer.write(rec)
+        self._callback("on_eval", rec)
+
     def _tasks_record(self, final: bool = False) -> dict[str, Any]:
         rec = {"kind": "tasks", "step": self.step, "tasks": self.evaluate_tasks()}
         if final:
@@ -1016,26 +1022,18 @@ class Trainer:
                     self.mixture.update(losses)
                     self._train_loss_since_update = self._zeros_domain()
                     if cfg.mixture.signal == "valid":
-                        rec = self._eval_record(losses, budget=cfg.mixture.eval_tokens)
-                        if ctx.is_main:
-                            self.writer.write(rec)
-                        self._callback("on_eval", rec)
+                        self._emit_eval(self._eval_record(losses, budget=cfg.mixture.eval_tokens))
                 if step % cfg.log_every == 0 or step == cfg.steps or self.should_stop:
                     rec = self._log_record()
                     if ctx.is_main:
                         self.writer.write(rec)
                     self._callback("on_log", rec)
                     self._reset_window()
-                if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps and has_valid:
-                    rec = self._eval_record(self.evaluate())
-                    if ctx.is_main:
-                        self.writer.write(rec)
-                    self._callback("on_eval", rec)
-                if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps and self.tasks:
-                    rec = self._tasks_record()
-                    if ctx.is_main:
-                        self.writer.write(rec)
-                    self._callback("on_eval", rec)
+                periodic = bool(cfg.eval_every) and step % cfg.eval_every == 0 and step != cfg.steps
+                if periodic and has_valid:
+                    self._emit_eval(self._eval_record(self.evaluate()))
+                if periodic and self.tasks:
+                    self._emit_eval(self._tasks_record())
                 if step % cfg.save_every == 0 or step == cfg.steps or self.should_stop:
                     if step == cfg.steps and ctx.is_main and cfg.save_final:  # it is about to be replaced
                         self._drop_stale_final()
@@ -1064,10 +1062,7 @@ class Trainer:
             done = [r for r in read_metrics(self.output_dir)
                     if r.get("kind") == "tasks" and r["step"] == self.step and r.get("final")]
             if not ctx.all_true(bool(done)):  # a finished run rerun keeps its recorded accuracies
-                rec = self._tasks_record(final=True)
-                if ctx.is_main:
-                    self.writer.write(rec)
-                self._callback("on_eval", rec)
+                self._emit_eval(self._tasks_record(final=True))
         final_dir = None
         if cfg.save_final and self.step >= cfg.steps:
             final = self.output_dir / FINAL_DIR
