@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MoeforgeError
-from ..utils.fingerprint import sampled_digest
+from ..utils.fingerprint import fingerprints, fingerprints_match, sampled_digest
 from ..utils.io import atomic_write_json, check_safetensors, save_safetensors
 
 FORMAT = "moeforge-calm"
@@ -64,8 +64,7 @@ def describe_model(model: torch.nn.Module, source: str | None) -> dict:
         "hidden_size": int(cfg.hidden_size),
         "num_layers": len(decoder_layers(model)),
         "vocab_size": int(model.get_input_embeddings().num_embeddings),
-        "fingerprint": model_fingerprint(model),
-        "fingerprint_fp16": model_fingerprint(model, via=torch.float16),
+        **fingerprints(lambda via: model_fingerprint(model, via=via)),
     }
 
 
@@ -119,9 +118,7 @@ def check_models_match(meta: dict, current: dict[str, dict], directory: Path, *,
                     f"({label} {saved.get(key)}), but the {role} model given ({now.get('source')!r}) has {label} "
                     f"{now.get(key)}; load it with the models it was trained for."
                 )
-        same = saved.get("fingerprint") == now.get("fingerprint") or (
-            saved.get("fingerprint_fp16") is not None and saved.get("fingerprint_fp16") == now.get("fingerprint_fp16")
-        )
+        same = fingerprints_match(saved, lambda via, now=now: now["fingerprint_fp16" if via else "fingerprint"])
         if not same and not allow_other_models:
             raise MoeforgeError(
                 f"the composition in {directory} was trained with the {role} model {saved.get('source')!r} "

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import MoeforgeError
-from ..utils.fingerprint import sampled_digest
+from ..utils.fingerprint import fingerprints, fingerprints_match, sampled_digest
 from ..utils.io import atomic_write_json, check_safetensors, save_safetensors, temp_file
 from .config import MoVConfig, config_from_dict
 
@@ -81,8 +81,7 @@ def save_adapter(model: AdaptedModel, directory: str | os.PathLike, *, overwrite
             "model_type": getattr(base_cfg, "model_type", None),
             "name_or_path": getattr(base_cfg, "name_or_path", None) or getattr(base_cfg, "_name_or_path", None),
             "num_parameters": sum(p.numel() for p in base.parameters() if id(p) not in adapter_ids),
-            "fingerprint": base_fingerprint(base, adapter_ids),
-            "fingerprint_fp16": base_fingerprint(base, adapter_ids, via=torch.float16),
+            **fingerprints(lambda via: base_fingerprint(base, adapter_ids, via=via)),
         },
         # a list, so the model's module order survives the JSON writer's key sorting
         "modules": [{"name": name, **_module_record(layer)} for name, layer in model.adapter_layers().items()],
@@ -217,15 +216,12 @@ def load_adapter(base_model: nn.Module, directory: str | os.PathLike, *, allow_o
     problems = _shape_disagreements(base_model, modules)
     if problems:
         raise _refuse(directory, meta, problems, "module shapes")
-    saved_print = meta.get("base_model", {}).get("fingerprint")
-    saved_fp16 = meta.get("base_model", {}).get("fingerprint_fp16")
-    same = saved_print is None or base_fingerprint(base_model) == saved_print or (
-        saved_fp16 is not None and base_fingerprint(base_model, via=torch.float16) == saved_fp16)
+    saved = meta.get("base_model", {})
+    same = saved.get("fingerprint") is None or fingerprints_match(saved, lambda via: base_fingerprint(base_model, via=via))
     if not same and not allow_other_base:
-        base = meta.get("base_model", {})
         raise MoeforgeError(
-            f"the adapter in {directory} was trained on another base model ({base.get('name_or_path')!r}, "
-            f"{base.get('num_parameters')} parameters; this one has {sum(p.numel() for p in base_model.parameters())}): "
+            f"the adapter in {directory} was trained on another base model ({saved.get('name_or_path')!r}, "
+            f"{saved.get('num_parameters')} parameters; this one has {sum(p.numel() for p in base_model.parameters())}): "
             "its adapted modules fit, but the weights differ, so the adapter would not do what it was trained "
             "to. Load the base it was trained on, or pass allow_other_base=True to apply it anyway."
         )

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -43,3 +44,22 @@ def sampled_digest(
             sample = sample.float().to(torch.bfloat16).view(torch.int16)
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+#: a digest of some weights, given the ``via`` rounding of :func:`sampled_digest` (None or float16)
+Digest = Callable[[torch.dtype | None], str]
+
+
+def fingerprints(digest: Digest) -> dict[str, str]:
+    """The two digests a saved record keeps of the weights it was made for: ``fingerprint`` (matched by
+    float32 and bfloat16 copies) and ``fingerprint_fp16`` (matched by float16 copies)."""
+    return {"fingerprint": digest(None), "fingerprint_fp16": digest(torch.float16)}
+
+
+def fingerprints_match(saved: Mapping[str, Any], digest: Digest) -> bool:
+    """Whether a record of :func:`fingerprints` names the weights ``digest`` describes: either of its
+    digests matches (computed only as needed; a record without ``fingerprint_fp16`` predates it)."""
+    if saved.get("fingerprint") is not None and digest(None) == saved["fingerprint"]:
+        return True
+    fp16 = saved.get("fingerprint_fp16")
+    return fp16 is not None and digest(torch.float16) == fp16
