@@ -167,7 +167,7 @@ class ConvertConfig:
         self.expert_models = _name_list(self.expert_models, "expert_models", "--expert-model", models=True)
         self.expert_data = _name_list(self.expert_data, "expert_data", "--expert-data")
         if self.experts is None:
-            self.experts = len(self.expert_models) if self.method == "merge" and self.expert_models else 8
+            self.experts = len(self.expert_models) if self.merges and self.expert_models else 8
         _choice("gate init", self.gate_init, GATE_INIT_NAMES, "--gate-init")
         _choice("refine mode", str(self.refine), REFINE_NAMES, "--refine")
         _choice("format", self.format, FORMAT_NAMES, "--format")
@@ -254,7 +254,7 @@ class ConvertConfig:
 
     def _check_merge(self) -> None:
         """method merge and --gate-init domain: what they need and what they cannot combine with."""
-        if self.method != "merge":
+        if not self.merges:
             require(self.expert_models is None,
                     f"--expert-model names the models whose FFNs become the experts of --method merge; --method "
                     f"{self.method} builds its experts from the input model alone. Use --method merge, or drop --expert-model.")
