@@ -23,6 +23,7 @@ model has it, else ``save_pretrained`` plus the tokenizer).
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import math
 import os
@@ -77,7 +78,8 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     """All metrics.jsonl records."""
     model: nn.Module | None = None
-    """The trained model in memory (this process's replica)."""
+    """The trained model in memory (this process's replica); None under ``parallel: fsdp`` with
+    several processes, whose shards die with the process group (load ``final_dir`` instead)."""
 
 
 def train(
@@ -979,11 +981,28 @@ class Trainer:
             return result
         finally:
             if hasattr(self, "ctx"):
-                # the DDP wrapper (its reducer holds the process group) goes first, while the group is
-                # alive: a stuck fresh-clone run showed a worker hung after run() returned, with no
-                # Python frame, as the trainer was freed after the group was destroyed
-                self.wrapped = None
+                self._release_process_group_holders()
                 teardown(self.ctx)
+
+    def _release_process_group_holders(self) -> None:
+        """Free what holds the process group before the group is destroyed.
+
+        The DDP reducer and FSDP2's parameter groups reference the group, and their module <->
+        state cycles wait for the cycle collector: left alone, the group outlived
+        ``destroy_process_group`` into interpreter shutdown (a worker of a successful 2-process
+        fsdp run once aborted there, "terminate called without an active exception"; an earlier
+        run hung after ``run()`` returned). Under DDP the group's last reference is then the one
+        ``destroy_process_group`` drops; torch 2.13's ``fully_shard`` keeps one more that is out
+        of moeforge's reach.
+        """
+        self.wrapped = None
+        if self.ctx.distributed and self.config.parallel == "fsdp":
+            # the sharded model and its optimizer state are DTensors over the group: useless once it is gone
+            for name in ("model", "optimizer"):
+                if hasattr(self, name):
+                    setattr(self, name, None)
+        if self.ctx.distributed:
+            gc.collect()
 
     def _run(self, latest: Path | None, start: float) -> TrainResult:
         cfg, ctx = self.config, self.ctx
@@ -1085,7 +1104,8 @@ class Trainer:
             wall_time_s=time.perf_counter() - start,
             metrics_path=self.writer.path,
             history=history,
-            model=self.model,
+            # FSDP2 shards are DTensors over the process group, which is destroyed when run() returns
+            model=None if ctx.distributed and cfg.parallel == "fsdp" else self.model,
         )
         self._callback("on_train_end", result)
         return result
