@@ -43,6 +43,7 @@ import math
 import random
 import re
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,7 +166,12 @@ def parse_number(text: str) -> float | None:
 
 
 def extract_number(reply: str) -> float | None:
-    """The number a reply commits to: the first after ``####`` when there is one, else the last one."""
+    """The number a reply commits to: the first after ``####`` when there is one, else the last one.
+
+    A typographic minus (U+2212, as in "−8" from a model that writes maths typography) is a minus
+    sign; full-width digits are read as digits.
+    """
+    reply = unicodedata.normalize("NFKC", reply).replace("\u2212", "-")
     if "####" in reply:
         found = _NUMBER.findall(reply.split("####", 1)[1])
         if found:

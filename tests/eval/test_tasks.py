@@ -40,6 +40,7 @@ from .tiny import tiny_llama, tiny_moe, tiny_tokenizer
     ("pages 10-20", 20), ("COVID-19", 19), ("x=-5", -5), ("17 - 25 = -8", -8),  # a hyphen after a word is no sign
     ("the primes 2,3,5", 5), ("scores 12,15", 15), ("1,000,000 or 1,234.5", 1234.5),  # commas group thousands only
     (".5", 0.5), ("-.25 left", -0.25), ("$.75 each", 0.75), ("version 1.2.3", 3),  # decimals without a leading 0
+    ("17 \u2212 25 = \u22128", -8), ("#### \uff14\uff12", 42),  # typographic minus, full-width digits
 ])
 def test_extract_number(reply, number):
     assert extract_number(reply) == number
