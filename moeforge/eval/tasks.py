@@ -471,6 +471,18 @@ def use_chat(tokenizer, chat: str) -> bool:
     return has_template if chat == "auto" else chat == "on"
 
 
+def encode(tokenizer, text: str) -> list[int]:
+    """``text``'s token ids with the special tokens the tokenizer puts in front (a BOS) but none it
+    appends: a tokenizer set to end every input with an end-of-sequence token (``add_eos_token``, a
+    ``$A </s>`` post-processor) would otherwise end each prompt there and shift every choice's tokens."""
+    ids = list(tokenizer(text).input_ids)
+    probe = list(tokenizer("a").input_ids)
+    plain = list(tokenizer("a", add_special_tokens=False).input_ids)
+    start = next((i for i in range(len(probe) - len(plain) + 1) if probe[i:i + len(plain)] == plain), None)
+    appended = 0 if start is None else len(probe) - start - len(plain)
+    return ids[:len(ids) - appended] if appended else ids
+
+
 def prompt_ids(task: Task, example: TaskExample, tokenizer, *, shots: int, chat: bool) -> list[int]:
     """Token ids of a ``generate`` prompt with ``shots`` demonstrations from ``task.fewshot``."""
     demos = task.fewshot[:shots]
@@ -481,7 +493,7 @@ def prompt_ids(task: Task, example: TaskExample, tokenizer, *, shots: int, chat:
         messages.append({"role": "user", "content": example.prompt})
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
         return list(ids)
-    return tokenizer(plain_demos(task, shots) + task.plain_template.format(prompt=example.prompt)).input_ids
+    return encode(tokenizer, plain_demos(task, shots) + task.plain_template.format(prompt=example.prompt))
 
 
 def plain_demos(task: Task, shots: int) -> str:
@@ -565,12 +577,12 @@ def batch_loglikelihoods(model, tokenizer, problems: Sequence[tuple[str, Sequenc
     rows, conts = [], []
     for context, choices in problems:
         stripped = context.rstrip()
-        ctx = tokenizer(stripped).input_ids
+        ctx = encode(tokenizer, stripped)
         if not ctx:
             raise MoeforgeError(f"the choice context {context!r} tokenises to nothing (and the tokenizer adds no BOS "
                                 "token); give each problem some context.")
         for c in choices:
-            cont = tokenizer(context + c).input_ids[len(ctx):]
+            cont = encode(tokenizer, context + c)[len(ctx):]
             if not cont:
                 raise MoeforgeError(f"choice {c!r} of {context[-40:]!r} tokenises to nothing; give each choice some text.")
             rows.append(ctx + cont)

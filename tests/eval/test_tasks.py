@@ -237,7 +237,7 @@ def test_choice_loglikelihoods_equal_a_hand_computed_sum(make):
             assert value == pytest.approx(want, abs=1e-4)
 
 
-def _prefix_space_tokenizer():
+def _prefix_space_tokenizer(append_eos: bool = False):
     """A tokenizer that, like LLaMA-2's and Mistral's legacy ones, writes spaces as '▁' and always
     prepends one: ' 42' tokenised alone is ['▁', '▁42'], but ['▁42'] after a context."""
     import tokenizers as tk
@@ -251,7 +251,8 @@ def _prefix_space_tokenizer():
     bpe.decoder = tk.decoders.Sequence([tk.decoders.Replace("\u2581", " "), tk.decoders.Fuse(), tk.decoders.Strip(" ", 1, 0)])
     trainer = tk.trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
     bpe.train_from_iterator([builtin_text(d, "train")[:8000] for d in ("prose", "arithmetic")], trainer)
-    bpe.post_processor = tk.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    single = "<s> $A </s>" if append_eos else "<s> $A"  # append_eos: as LLaMA tokenizers with add_eos_token=True
+    bpe.post_processor = tk.processors.TemplateProcessing(single=single, special_tokens=[("<s>", 1), ("</s>", 2)])
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
@@ -270,6 +271,19 @@ def test_choice_tokens_are_those_of_context_and_choice_together():
         logp = torch.log_softmax(model(input_ids=torch.tensor([whole])).logits[0].double(), -1)
     want = sum(float(logp[j - 1, whole[j]]) for j in range(len(ctx), len(whole)))
     assert choice_loglikelihoods(model, sp, "17 + 25 =", [" 42"])[0] == pytest.approx(want, abs=1e-4)
+
+
+def test_a_tokenizer_that_appends_an_end_token_scores_and_prompts_as_one_that_does_not():
+    """A tokenizer that ends every input with </s> put it after the context (shifting each choice's
+    tokens by one and scoring </s> as part of the choice) and at the end of every generation prompt."""
+    model, bos_only, with_eos = tiny_llama(), _prefix_space_tokenizer(), _prefix_space_tokenizer(append_eos=True)
+    assert with_eos("17 + 25").input_ids == bos_only("17 + 25").input_ids + [2]
+    problems = [("17 + 25 =", [" 42", " 43", " 1042"]), ("The language", [" reference", " model"])]
+    for got, want in zip(batch_loglikelihoods(model, with_eos, problems), batch_loglikelihoods(model, bos_only, problems)):
+        assert got == pytest.approx(want, abs=1e-6)
+    task = resolve_task("arithmetic", limit=2)
+    for ex in task.examples:
+        assert prompt_ids(task, ex, with_eos, shots=1, chat=False) == prompt_ids(task, ex, bos_only, shots=1, chat=False)
 
 
 def test_choice_problems_past_the_models_context_are_refused():
