@@ -14,7 +14,7 @@ config (dynamic mixture over the built-in domains with the dense model as refere
 Each conversion and each run is skipped when its output exists (``OUT/<recipe>/moe``,
 ``OUT/<recipe>/train-<lr>/final``), so an interrupted experiment continues. Then held-out
 perplexity of the dense model, of each conversion and of each trained model (4,096 tokens per
-corpus, 512-token windows). Run (about 45 minutes on the project's 2-core CPU)::
+corpus, 512-token windows) and multiple-choice arithmetic accuracy (200 problems, 3 shots). Run (about 45 minutes on the project's 2-core CPU)::
 
     OMP_NUM_THREADS=2 .venv/bin/python experiments/shipped_cpt.py
 
@@ -40,6 +40,7 @@ import moeforge  # noqa: E402
 from moeforge.eval.corpora import available_benchmarks  # noqa: E402
 from moeforge.eval.evaluate import evaluate  # noqa: E402
 from moeforge.eval.report import device_description, update_section  # noqa: E402
+from moeforge.eval.tasks import evaluate_task, resolve_task  # noqa: E402
 from moeforge.train import read_metrics, train  # noqa: E402
 
 CONFIG = REPO / "configs" / "cpt_smollm2_moe.yaml"
@@ -51,10 +52,12 @@ RECIPES = {
 RUNS = [("random-8x2", 2e-4), ("random-8x2", 5e-5), ("coact-7e1s", 5e-5)]
 
 
-def perplexities(path: str, corpora: list[str], tokens: int) -> dict:
+def measure(path: str, corpora: list[str], tokens: int, choice) -> dict:
     model, tok = moeforge.load_with_tokenizer(path)
     report = evaluate(model, tok, corpora, max_tokens=tokens, seq_len=512)
-    return {"perplexity": report.perplexity, "active_parameters": report.parameters["active"]}
+    acc = evaluate_task(model, tok, choice, shots=3, batch_size=16)
+    return {"perplexity": report.perplexity, "active_parameters": report.parameters["active"],
+            "arithmetic_choice": acc.accuracy, "arithmetic_choice_interval": list(acc.interval)}
 
 
 def hot_share(record: dict) -> float | None:
@@ -97,11 +100,12 @@ def main() -> None:
             "train": [(r["step"], r["loss"], hot_share(r)) for r in trains],
             "eval": [(r["step"], r["eval"], r.get("weights")) for r in history if r["kind"] == "eval" and r.get("final")],
         }
-    rows = {"SmolLM2 (dense)": perplexities("smollm2", corpora, args.eval_tokens)}
+    choice = resolve_task("arithmetic-choice", limit=200)
+    rows = {"SmolLM2 (dense)": measure("smollm2", corpora, args.eval_tokens, choice)}
     for name in RECIPES:
-        rows[f"{name}, converted"] = perplexities(str(out / name / "moe"), corpora, args.eval_tokens)
+        rows[f"{name}, converted"] = measure(str(out / name / "moe"), corpora, args.eval_tokens, choice)
     for label, run in runs.items():
-        rows[f"{label}, after CPT"] = perplexities(str(REPO / run["dir"] / "final"), corpora, args.eval_tokens)
+        rows[f"{label}, after CPT"] = measure(str(REPO / run["dir"] / "final"), corpora, args.eval_tokens, choice)
     for label, row in rows.items():
         print(label, row, flush=True)
     record = {"date": datetime.date.today().isoformat(), "device": device_description(), "torch": torch.__version__,
@@ -122,14 +126,17 @@ def write_report(record: dict) -> None:
         f"`model`, `output_dir` and `lr` set: {some_run['tokens']:,} tokens (100 steps x 8 x 256) of the built-in "
         "domains under the config's dynamic mixture (SmolLM2 as reference), warmup then cosine, AdamW, fp32. "
         f"Held-out perplexity ({record['eval_tokens']:,} tokens per corpus, 512-token windows; built-in valid splits"
-        + (", WikiText-2 test" if "wikitext2" in corpora else "") + "):",
+        + (", WikiText-2 test" if "wikitext2" in corpora else "")
+        + ") and accuracy on 200 held-out arithmetic-choice problems (3 shots, 4 options: chance 25%; 95% interval):",
         "",
-        "| model | active params | " + " | ".join(corpora) + " |",
-        "|---|---:|" + "---:|" * len(corpora),
+        "| model | active params | " + " | ".join(corpora) + " | arithmetic-choice |",
+        "|---|---:|" + "---:|" * len(corpora) + "---:|",
     ]
     for label, row in rows.items():
+        lo, hi = row["arithmetic_choice_interval"]
         lines.append(f"| {_label(label)} | {row['active_parameters'] / 1e6:.1f}M | "
-                     + " | ".join(_ppl(row['perplexity'][c]) for c in corpora) + " |")
+                     + " | ".join(_ppl(row['perplexity'][c]) for c in corpora)
+                     + f" | {row['arithmetic_choice']:.1%} [{lo:.0%}-{hi:.0%}] |")
     dense = rows["SmolLM2 (dense)"]["perplexity"]
     notes = []
     for label, run in record["runs"].items():
@@ -165,8 +172,19 @@ def write_report(record: dict) -> None:
             f"learns more slowly still ({_ppl(slow['perplexity'][p])}), so the learning rate does not explain the "
             "difference: the starting point does. The dynamic mixture moves almost all weight to code for the random "
             "split (its largest gap to the dense model) and keeps prose and code near even for the co-activation "
-            "model; arithmetic, where both come closest to the dense model, gets almost none.")]
+            "model; arithmetic, where both come closest to the dense model, gets almost none. "
+            + _choice_sentence(rows))]
     update_section("shipped-cpt", "\n".join(lines), title="The shipped CPT config, end to end (SmolLM2)")
+
+
+def _choice_sentence(rows: dict) -> str:
+    dense = rows["SmolLM2 (dense)"]["arithmetic_choice"]
+    moe = {k: r["arithmetic_choice"] for k, r in rows.items() if k != "SmolLM2 (dense)"}
+    best = max(moe, key=moe.get)
+    lo, hi = rows[best]["arithmetic_choice_interval"]
+    verdict = "within the range of chance (25%)" if lo <= 0.25 else "above chance"
+    return (f"On multiple-choice arithmetic the best MoE row is {_label(best)} at {moe[best]:.1%} "
+            f"(95% interval {lo:.0%}-{hi:.0%}, {verdict}), against the dense model's {dense:.1%}.")
 
 
 def _label(label: str) -> str:

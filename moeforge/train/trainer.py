@@ -989,11 +989,11 @@ class Trainer:
 
         The DDP reducer and FSDP2's parameter groups reference the group, and their module <->
         state cycles wait for the cycle collector: left alone, the group outlived
-        ``destroy_process_group`` into interpreter shutdown (a worker of a successful 2-process
-        fsdp run once aborted there, "terminate called without an active exception"; an earlier
-        run hung after ``run()`` returned). Under DDP the group's last reference is then the one
-        ``destroy_process_group`` drops; torch 2.13's ``fully_shard`` keeps one more that is out
-        of moeforge's reach.
+        ``destroy_process_group`` into interpreter shutdown (suspected in a worker of a successful
+        2-process fsdp run that aborted at exit, "terminate called without an active exception",
+        and in an earlier run that hung after ``run()`` returned). Under DDP the group's last
+        reference is then the one ``destroy_process_group`` drops; under FSDP2, torch 2.13's
+        DTensor machinery keeps the device mesh, and with it the group, alive out of moeforge's reach.
         """
         self.wrapped = None
         if self.ctx.distributed and self.config.parallel == "fsdp":
