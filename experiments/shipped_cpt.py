@@ -182,9 +182,10 @@ def _choice_sentence(rows: dict) -> str:
     moe = {k: r["arithmetic_choice"] for k, r in rows.items() if k != "SmolLM2 (dense)"}
     best = max(moe, key=moe.get)
     lo, hi = rows[best]["arithmetic_choice_interval"]
-    verdict = "within the range of chance (25%)" if lo <= 0.25 else "above chance"
-    return (f"On multiple-choice arithmetic the best MoE row is {_label(best)} at {moe[best]:.1%} "
-            f"(95% interval {lo:.0%}-{hi:.0%}, {verdict}), against the dense model's {dense:.1%}.")
+    lead = ("No MoE row is above chance (25%) on multiple-choice arithmetic, trained or not" if lo <= 0.25
+            else "On multiple-choice arithmetic some MoE rows are above chance (25%)")
+    return (f"{lead}: the best is {_label(best)} at {moe[best]:.1%} (95% interval {lo:.0%}-{hi:.0%}), against the "
+            f"dense model's {dense:.1%}.")
 
 
 def _label(label: str) -> str:
