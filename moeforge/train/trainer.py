@@ -42,7 +42,7 @@ from ..errors import MoeforgeError
 from ..utils.memory import tune_cpu_allocator
 from . import checkpoint as ckpt
 from .config import TrainConfig, load_config
-from .distributed import DistContext, no_sync, setup, sync_router_loads, teardown, wrap_model
+from .distributed import DistContext, clear_dtensor_caches, no_sync, setup, sync_router_loads, teardown, wrap_model
 from .fused_ce import linear_cross_entropy
 from .losses import distillation_kl, shifted_targets, token_cross_entropy, weighted_aux_loss
 from .metrics import MetricsWriter, read_metrics, write_plots
@@ -991,9 +991,10 @@ class Trainer:
         state cycles wait for the cycle collector: left alone, the group outlived
         ``destroy_process_group`` into interpreter shutdown (suspected in a worker of a successful
         2-process fsdp run that aborted at exit, "terminate called without an active exception",
-        and in an earlier run that hung after ``run()`` returned). Under DDP the group's last
-        reference is then the one ``destroy_process_group`` drops; under FSDP2, torch 2.13's
-        DTensor machinery keeps the device mesh, and with it the group, alive out of moeforge's reach.
+        and in an earlier run that hung after ``run()`` returned). Under FSDP2, DTensor's
+        sharding-propagation caches also hold the device mesh, and with it the group, until they
+        are emptied. Once all that is freed, the group's last reference is the one
+        ``destroy_process_group`` drops, and the group closes there, while every process is alive.
         """
         self.wrapped = None
         if self.ctx.distributed and self.config.parallel == "fsdp":
@@ -1001,6 +1002,7 @@ class Trainer:
             for name in ("model", "optimizer"):
                 if hasattr(self, name):
                     setattr(self, name, None)
+            clear_dtensor_caches()
         if self.ctx.distributed:
             gc.collect()
 
