@@ -9,7 +9,10 @@ config (dynamic mixture over the built-in domains with the dense model as refere
   shipped before this experiment (LLaMA-MoE's learning rate, 2e-4);
 * ``random-8x2 @ lr 5e-5``: the same conversion at the config's current learning rate;
 * ``coact-7e1s @ lr 5e-5``: the config as shipped now, on the conversion it names (co-activation
-  split with its always-active cluster as a shared expert, 7 routed experts top-1 + 1 shared).
+  split with its always-active cluster as a shared expert, 7 routed experts top-1 + 1 shared);
+* ``random-8x2 @ lr 2e-4, balance loss x10``: the first run again with ``aux_loss_scale: 10`` (a
+  balance-loss weight of 1e-2 per layer, the weight LLaMA-MoE gives its balance loss, instead of
+  Mixtral's 1e-3), since that run's routing collapsed onto one expert in some layers.
 
 Each conversion and each run is skipped when its output exists (``OUT/<recipe>/moe``,
 ``OUT/<recipe>/train-<lr>/final``), so an interrupted experiment continues. Then held-out
@@ -49,7 +52,8 @@ RECIPES = {
     "coact-7e1s": dict(method="coactivation", gate_init="activation", rescale="fit", refine="down",
                        experts=7, top_k=1, shared_experts=1),  # the conversion the config names
 }
-RUNS = [("random-8x2", 2e-4), ("random-8x2", 5e-5), ("coact-7e1s", 5e-5)]
+#: (recipe, learning rate, balance-loss multiplier `aux_loss_scale`)
+RUNS = [("random-8x2", 2e-4, 1.0), ("random-8x2", 5e-5, 1.0), ("coact-7e1s", 5e-5, 1.0), ("random-8x2", 2e-4, 10.0)]
 
 
 def measure(path: str, corpora: list[str], tokens: int, choice) -> dict:
@@ -86,17 +90,19 @@ def main() -> None:
             moeforge.convert("smollm2", moe, overwrite=True, eval_tokens=0, progress=print, **recipe)
             seconds[f"convert {name}"] = time.perf_counter() - t0
     runs = {}
-    for name, lr in RUNS:
-        run_dir = out / name / f"train-lr{lr:g}"
+    for name, lr, aux in RUNS:
+        suffix = "" if aux == 1.0 else f"-aux{aux:g}"
+        run_dir = out / name / f"train-lr{lr:g}{suffix}"
+        label = f"{name} @ lr {lr:g}" + ("" if aux == 1.0 else f", balance loss x{aux:g}")
         if not (run_dir / "final" / "config.json").is_file():
             t0 = time.perf_counter()
             train(str(CONFIG), overrides={"model": str(out / name / "moe"), "output_dir": str(run_dir), "lr": lr,
-                                          "progress": False})
-            seconds[f"train {name} lr {lr:g}"] = time.perf_counter() - t0
+                                          "aux_loss_scale": aux, "progress": False})
+            seconds[f"train {label}"] = time.perf_counter() - t0
         history = read_metrics(run_dir)
         trains = [r for r in history if r["kind"] == "train"]
-        runs[f"{name} @ lr {lr:g}"] = {
-            "recipe": name, "lr": lr, "dir": str(run_dir.relative_to(REPO)), "tokens": trains[-1]["tokens"],
+        runs[label] = {
+            "recipe": name, "lr": lr, "aux_loss_scale": aux, "dir": str(run_dir.relative_to(REPO)), "tokens": trains[-1]["tokens"],
             "train": [(r["step"], r["loss"], hot_share(r)) for r in trains],
             "eval": [(r["step"], r["eval"], r.get("weights")) for r in history if r["kind"] == "eval" and r.get("final")],
         }
@@ -123,7 +129,7 @@ def write_report(record: dict) -> None:
     lines = [
         f"`OMP_NUM_THREADS=2 .venv/bin/python experiments/shipped_cpt.py` on {record['date']}, {record['device']}, "
         f"{record['threads']} torch threads. Each run is `moeforge train configs/cpt_smollm2_moe.yaml` with only "
-        f"`model`, `output_dir` and `lr` set: {some_run['tokens']:,} tokens (100 steps x 8 x 256) of the built-in "
+        f"`model`, `output_dir`, `lr` and (one run) `aux_loss_scale` set: {some_run['tokens']:,} tokens (100 steps x 8 x 256) of the built-in "
         "domains under the config's dynamic mixture (SmolLM2 as reference), warmup then cosine, AdamW, fp32. "
         f"Held-out perplexity ({record['eval_tokens']:,} tokens per corpus, 512-token windows; built-in valid splits"
         + (", WikiText-2 test" if "wikitext2" in corpora else "")
