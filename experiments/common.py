@@ -255,3 +255,30 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
 def command_line() -> str:
     args = " ".join(sys.argv[1:])
     return f"OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python experiments/{Path(sys.argv[0]).name} {args}".strip()
+
+
+def measure_lm(path: str, corpora: list[str], tokens: int, choice) -> dict:
+    """Held-out perplexity of the model at ``path`` on ``corpora`` (``tokens`` each, 512-token
+    windows), its active parameters, and its accuracy on the multiple-choice task ``choice`` (3 shots)."""
+    import moeforge
+    from moeforge.eval.evaluate import evaluate
+    from moeforge.eval.tasks import evaluate_task
+
+    model, tok = moeforge.load_with_tokenizer(path)
+    report = evaluate(model, tok, corpora, max_tokens=tokens, seq_len=512)
+    acc = evaluate_task(model, tok, choice, shots=3, batch_size=16)
+    return {"perplexity": report.perplexity, "active_parameters": report.parameters["active"],
+            "arithmetic_choice": acc.accuracy, "arithmetic_choice_interval": list(acc.interval)}
+
+
+def perplexity_choice_table(rows: dict, corpora: list[str], label=str, number=lambda v: f"{v:.2f}") -> list[str]:
+    """Markdown table lines of :func:`measure_lm` rows: active parameters, perplexity per corpus,
+    arithmetic-choice accuracy with its 95% interval."""
+    lines = ["| model | active params | " + " | ".join(corpora) + " | arithmetic-choice |",
+             "|---|---:|" + "---:|" * len(corpora) + "---:|"]
+    for name, row in rows.items():
+        lo, hi = row["arithmetic_choice_interval"]
+        lines.append(f"| {label(name)} | {row['active_parameters'] / 1e6:.1f}M | "
+                     + " | ".join(number(row["perplexity"][c]) for c in corpora)
+                     + f" | {row['arithmetic_choice']:.1%} [{lo:.0%}-{hi:.0%}] |")
+    return lines

@@ -42,10 +42,11 @@ import torch  # noqa: E402
 
 import moeforge  # noqa: E402
 from moeforge.eval.corpora import available_benchmarks  # noqa: E402
-from moeforge.eval.evaluate import evaluate  # noqa: E402
 from moeforge.eval.report import device_description, update_section  # noqa: E402
-from moeforge.eval.tasks import evaluate_task, resolve_task  # noqa: E402
+from moeforge.eval.tasks import resolve_task  # noqa: E402
 from moeforge.train import read_metrics, train  # noqa: E402
+
+from common import measure_lm, perplexity_choice_table  # noqa: E402  (experiments/ is on sys.path when run)
 
 COMMON = dict(method="coactivation", gate_init="activation", rescale="fit", refine="down")
 RECIPES = {
@@ -55,14 +56,6 @@ RECIPES = {
     "coact-7e1s": dict(COMMON, experts=7, top_k=1, shared_experts=1),
 }
 MIXTURE = {"prose": 0.4, "code": 0.4, "arithmetic": 0.2}
-
-
-def measure(path: str, corpora: list[str], tokens: int, choice) -> dict:
-    model, tok = moeforge.load_with_tokenizer(path)
-    report = evaluate(model, tok, corpora, max_tokens=tokens, seq_len=512)
-    acc = evaluate_task(model, tok, choice, shots=3, batch_size=16)
-    return {"perplexity": report.perplexity, "active_parameters": report.parameters["active"],
-            "arithmetic_choice": acc.accuracy, "arithmetic_choice_interval": list(acc.interval)}
 
 
 def main() -> None:
@@ -106,7 +99,7 @@ def main() -> None:
     rows = {}
     for label, path in (("SmolLM2 (dense)", "smollm2"), ("converted, before CPT", str(moe_dir)),
                         (f"after CPT ({args.steps} steps)", str(run.final_dir))):
-        rows[label] = measure(path, corpora, args.eval_tokens, choice)
+        rows[label] = measure_lm(path, corpora, args.eval_tokens, choice)
         print(label, rows[label], flush=True)
     history = [r for r in read_metrics(run.output_dir) if r.get("kind") in ("eval", "tasks")]
     # earlier attempts moved aside by hand as runs/cpt_best/<recipe>/train-<label>-stopped (any recipe):
@@ -159,14 +152,8 @@ def write_report(record: dict) -> None:
         + (", WikiText-2 test" if "wikitext2" in corpora else "")
         + ") and accuracy on 200 held-out arithmetic-choice problems (3 shots, chance 25%, 95% interval in brackets):",
         "",
-        "| model | active params | " + " | ".join(corpora) + " | arithmetic-choice |",
-        "|---|---:|" + "---:|" * len(corpora) + "---:|",
+        *perplexity_choice_table(rows, corpora),
     ]
-    for label, row in rows.items():
-        lo, hi = row["arithmetic_choice_interval"]
-        lines.append(f"| {label} | {row['active_parameters'] / 1e6:.1f}M | "
-                     + " | ".join(f"{row['perplexity'][c]:.2f}" for c in corpora)
-                     + f" | {row['arithmetic_choice']:.1%} [{lo:.0%}-{hi:.0%}] |")
     dense, before, after = (rows[k] for k in rows)
     import math
 

@@ -41,10 +41,11 @@ import torch  # noqa: E402
 
 import moeforge  # noqa: E402
 from moeforge.eval.corpora import available_benchmarks  # noqa: E402
-from moeforge.eval.evaluate import evaluate  # noqa: E402
 from moeforge.eval.report import device_description, update_section  # noqa: E402
-from moeforge.eval.tasks import evaluate_task, resolve_task  # noqa: E402
+from moeforge.eval.tasks import resolve_task  # noqa: E402
 from moeforge.train import read_metrics, train  # noqa: E402
+
+from common import measure_lm, perplexity_choice_table  # noqa: E402  (experiments/ is on sys.path when run)
 
 CONFIG = REPO / "configs" / "cpt_smollm2_moe.yaml"
 RECIPES = {
@@ -54,14 +55,6 @@ RECIPES = {
 }
 #: (recipe, learning rate, balance-loss multiplier `aux_loss_scale`)
 RUNS = [("random-8x2", 2e-4, 1.0), ("random-8x2", 5e-5, 1.0), ("coact-7e1s", 5e-5, 1.0), ("random-8x2", 2e-4, 10.0)]
-
-
-def measure(path: str, corpora: list[str], tokens: int, choice) -> dict:
-    model, tok = moeforge.load_with_tokenizer(path)
-    report = evaluate(model, tok, corpora, max_tokens=tokens, seq_len=512)
-    acc = evaluate_task(model, tok, choice, shots=3, batch_size=16)
-    return {"perplexity": report.perplexity, "active_parameters": report.parameters["active"],
-            "arithmetic_choice": acc.accuracy, "arithmetic_choice_interval": list(acc.interval)}
 
 
 def hot_share(record: dict) -> float | None:
@@ -107,11 +100,11 @@ def main() -> None:
             "eval": [(r["step"], r["eval"], r.get("weights")) for r in history if r["kind"] == "eval" and r.get("final")],
         }
     choice = resolve_task("arithmetic-choice", limit=200)
-    rows = {"SmolLM2 (dense)": measure("smollm2", corpora, args.eval_tokens, choice)}
+    rows = {"SmolLM2 (dense)": measure_lm("smollm2", corpora, args.eval_tokens, choice)}
     for name in RECIPES:
-        rows[f"{name}, converted"] = measure(str(out / name / "moe"), corpora, args.eval_tokens, choice)
+        rows[f"{name}, converted"] = measure_lm(str(out / name / "moe"), corpora, args.eval_tokens, choice)
     for label, run in runs.items():
-        rows[f"{label}, after CPT"] = measure(str(REPO / run["dir"] / "final"), corpora, args.eval_tokens, choice)
+        rows[f"{label}, after CPT"] = measure_lm(str(REPO / run["dir"] / "final"), corpora, args.eval_tokens, choice)
     for label, row in rows.items():
         print(label, row, flush=True)
     record = {"date": datetime.date.today().isoformat(), "device": device_description(), "torch": torch.__version__,
@@ -135,14 +128,8 @@ def write_report(record: dict) -> None:
         + (", WikiText-2 test" if "wikitext2" in corpora else "")
         + ") and accuracy on 200 held-out arithmetic-choice problems (3 shots, 4 options: chance 25%; 95% interval):",
         "",
-        "| model | active params | " + " | ".join(corpora) + " | arithmetic-choice |",
-        "|---|---:|" + "---:|" * len(corpora) + "---:|",
+        *perplexity_choice_table(rows, corpora, label=_label, number=_ppl),
     ]
-    for label, row in rows.items():
-        lo, hi = row["arithmetic_choice_interval"]
-        lines.append(f"| {_label(label)} | {row['active_parameters'] / 1e6:.1f}M | "
-                     + " | ".join(_ppl(row['perplexity'][c]) for c in corpora)
-                     + f" | {row['arithmetic_choice']:.1%} [{lo:.0%}-{hi:.0%}] |")
     dense = rows["SmolLM2 (dense)"]["perplexity"]
     notes = []
     for label, run in record["runs"].items():
