@@ -426,7 +426,21 @@ def read_task_file(path: str | Path, limit: int | None = None) -> Task:
         raise MoeforgeError(f"task file {path} mixes choice records (with 'choices') and answer records; "
                             "put them in two files.")
     kind = kinds.pop()  # choice contexts are rendered per record (their layouts differ)
-    return Task(path.stem, kind, examples, str(path), plain_template="{prompt}" if kind == CHOICE else Task.plain_template)
+    return Task(_file_task_name(path), kind, examples, str(path),
+                plain_template="{prompt}" if kind == CHOICE else Task.plain_template)
+
+
+#: file names that say which split a file is, not which task: such a file is named with its folder
+SPLIT_NAMES = frozenset({"test", "train", "valid", "validation", "val", "dev", "eval"})
+
+
+def _file_task_name(path: Path) -> str:
+    """A task file's name: its stem (``arith_quiz.jsonl`` -> ``arith_quiz``), with its folder when
+    the stem only names a split (``data/gsm8k/test.jsonl`` -> ``gsm8k/test``)."""
+    folder = path.resolve().parent.name
+    if path.stem.lower() in SPLIT_NAMES and folder:
+        return f"{folder}/{path.stem}"
+    return path.stem
 
 
 def resolve_task(name_or_path: str, limit: int | None = None, root: Path | None = None) -> Task:
@@ -447,13 +461,14 @@ def resolve_task(name_or_path: str, limit: int | None = None, root: Path | None 
 
 def resolve_tasks(names_or_paths: Sequence[str], limit: int | None = None) -> list[Task]:
     """:func:`resolve_task` of each, refusing two that come out under one name (results are keyed by
-    it: ``a/test.jsonl`` and ``b/test.jsonl`` would overwrite each other)."""
+    it: ``a/quiz.jsonl`` and ``b/quiz.jsonl`` would overwrite each other)."""
     tasks = [resolve_task(t, limit) for t in names_or_paths]
     names = [t.name for t in tasks]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise MoeforgeError(f"task {twice[0]!r} given twice; name each task once (task files are named by their "
-                            "file name without the suffix: rename one of them).")
+                            "file name without the suffix, with their folder when the file is named after a split "
+                            "such as test.jsonl: rename one of them).")
     return tasks
 
 

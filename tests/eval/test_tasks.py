@@ -177,6 +177,16 @@ def test_gsm8k_from_a_data_folder(tmp_path):
     assert task.examples[0].answer == "7" and task.fewshot[0].solution == rec["answer"]
 
 
+def test_a_task_file_named_after_its_split_takes_its_folder_name(tmp_path):
+    rec = json.dumps({"question": "1+1?", "answer": "2"}) + "\n"
+    (tmp_path / "gsm8k").mkdir()
+    for path in (tmp_path / "gsm8k" / "test.jsonl", tmp_path / "gsm8k" / "Validation.jsonl", tmp_path / "quiz.jsonl"):
+        path.write_text(rec)
+    assert resolve_task(str(tmp_path / "gsm8k" / "test.jsonl")).name == "gsm8k/test"
+    assert resolve_task(str(tmp_path / "gsm8k" / "Validation.jsonl")).name == "gsm8k/Validation"
+    assert resolve_task(str(tmp_path / "quiz.jsonl")).name == "quiz"
+
+
 def test_plain_prompt_with_shots():
     tok = tiny_tokenizer()
     task = resolve_task("arithmetic", limit=1)

@@ -301,11 +301,11 @@ def test_bad_eval_tasks_fail_before_training(make_cfg, tmp_path, eval_tasks, mes
 
 
 def test_two_eval_task_files_with_one_name_are_refused(make_cfg, tmp_path):
-    """Results are keyed by task name: a/test.jsonl and b/test.jsonl used to overwrite each other."""
+    """Results are keyed by task name: a/quiz/test.jsonl and b/quiz/test.jsonl would overwrite each other."""
     for folder in ("a", "b"):
-        (tmp_path / folder).mkdir()
-        (tmp_path / folder / "test.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
-    tasks = [str(tmp_path / "a" / "test.jsonl"), str(tmp_path / "b" / "test.jsonl")]
-    with pytest.raises(MoeforgeError, match="task 'test' given twice"):
+        (tmp_path / folder / "quiz").mkdir(parents=True)
+        (tmp_path / folder / "quiz" / "test.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n")
+    tasks = [str(tmp_path / "a" / "quiz" / "test.jsonl"), str(tmp_path / "b" / "quiz" / "test.jsonl")]
+    with pytest.raises(MoeforgeError, match="task 'quiz/test' given twice"):
         train(make_cfg(eval_tasks={"tasks": tasks}))
     assert not (tmp_path / "out").exists()
