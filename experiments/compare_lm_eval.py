@@ -5,7 +5,9 @@ context, with lm-evaluation-harness's context/choice token boundary. This script
 (context, choice) pairs through the harness's ``HFLM.loglikelihood`` and through
 ``moeforge.eval.tasks.batch_loglikelihoods`` on SmolLM2 and prints the largest difference and how
 often both pick the same choice: the 40 first arithmetic-choice problems with 3 shots, plus
-contexts that end in a space and a ``Question: ... Answer:`` prompt.
+contexts that end in a space and a ``Question: ... Answer:`` prompt. It then compares greedy
+generation: the 40 first ``arithmetic`` prompts (3 shots) through ``generate_replies`` and the
+harness's ``generate_until``, each cut at the task's stop strings.
 
 The harness is not a moeforge dependency; install it beside the project (it needs no torch of its
 own when run on moeforge's interpreter) and put it on the path::
@@ -27,7 +29,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import moeforge  # noqa: E402
-from moeforge.eval.tasks import batch_loglikelihoods, plain_demos, resolve_task  # noqa: E402
+from moeforge.eval.tasks import (  # noqa: E402
+    batch_loglikelihoods,
+    cut_at_stop,
+    generate_replies,
+    plain_demos,
+    prompt_ids,
+    resolve_task,
+)
 
 
 def main() -> None:
@@ -62,6 +71,22 @@ def main() -> None:
     diff = max(abs(a - b) for a, b in zip(flat, theirs))
     print(f"{args.model}: {len(flat)} (context, choice) pairs from {len(problems)} problems; "
           f"max |log-likelihood difference| {diff:.2e}; same choice picked on {same}/{len(problems)} problems")
+
+    # greedy generation: the arithmetic task's plain prompts, cut at its stop strings
+    gen = resolve_task("arithmetic", limit=args.limit)
+    texts = [plain_demos(gen, args.shots) + gen.plain_template.format(prompt=ex.prompt) for ex in gen.examples]
+    ids = [prompt_ids(gen, ex, tok, shots=args.shots, chat=False) for ex in gen.examples]
+    replies = generate_replies(model, tok, ids, max_new_tokens=gen.max_new_tokens, batch_size=8, stop=gen.stop)
+    ours_text = [cut_at_stop(tok.decode(r, skip_special_tokens=True), gen.stop) for r in replies]
+    kwargs = {"until": list(gen.stop), "max_gen_toks": gen.max_new_tokens, "do_sample": False}
+    theirs_text = harness.generate_until(
+        [Instance(request_type="generate_until", doc={}, arguments=(t, kwargs), idx=0) for t in texts], disable_tqdm=True)
+    agree = sum(a == b for a, b in zip(ours_text, theirs_text))
+    print(f"{args.model}: greedy replies to {len(texts)} arithmetic prompts ({args.shots} shots) identical on "
+          f"{agree}/{len(texts)} ({sum(bool(t.strip()) for t in ours_text)} non-empty; first: {ours_text[0]!r})")
+    for a, b in zip(ours_text, theirs_text):
+        if a != b:
+            print(f"  differ: moeforge {a!r} vs harness {b!r}")
 
 
 if __name__ == "__main__":
