@@ -15,13 +15,15 @@ own when run on moeforge's interpreter) and put it on the path::
     python3 -m venv --system-site-packages /tmp/lmeval && /tmp/lmeval/bin/pip install lm_eval
     PYTHONPATH=$(ls -d /tmp/lmeval/lib/python3*/site-packages) .venv/bin/python experiments/compare_lm_eval.py
 
-Only the scoring is compared: the harness's dataset prompt templates (ARC, HellaSwag, ...) need its
-datasets from the Hugging Face hub, which this machine cannot reach.
+Last, the prompts moeforge builds from ARC, HellaSwag, PIQA and SciQ records are compared with the
+harness's own construction (its task YAML templates, and HellaSwag's ``process_docs``) on sample
+records written here, since the datasets themselves come from the Hugging Face hub.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -30,6 +32,7 @@ sys.path.insert(0, str(REPO))
 
 import moeforge  # noqa: E402
 from moeforge.eval.tasks import (  # noqa: E402
+    _choice_layout,
     batch_loglikelihoods,
     cut_at_stop,
     generate_replies,
@@ -87,6 +90,58 @@ def main() -> None:
     for a, b in zip(ours_text, theirs_text):
         if a != b:
             print(f"  differ: moeforge {a!r} vs harness {b!r}")
+    compare_templates()
+
+
+#: sample records in each dataset's own JSON layout (HellaSwag: the capitalised ctx_b, WikiHow markup;
+#: SciQ: an empty and a padded support passage)
+RECORDS = {
+    "arc": {"question": "Which gas do plants take in?", "answerKey": "B",
+            "choices": {"text": ["oxygen", "carbon dioxide"], "label": ["A", "B"]}},
+    "hellaswag": {"activity_label": "Removing ice from car", "ctx_a": "Then, the man writes over the snow.",
+                  "ctx_b": "then", "ctx": "Then, the man writes over the snow. then",
+                  "endings": [", the man adds wax.", ", a woman stands."], "label": "1"},
+    "hellaswag-markup": {"activity_label": "Baking cookies", "ctx_a": "A woman [header] puts dough on a tray.",
+                         "ctx_b": "she BAKES it", "ctx": "A woman [header] puts dough on a tray. she BAKES it",
+                         "endings": ["in the oven [title] now.", "on the tray."], "label": "0"},
+    "piqa": {"goal": "Open a jar", "sol1": "twist the lid", "sol2": "freeze it", "label": 0},
+    "sciq": {"question": "What do bees make?", "distractor1": "milk", "distractor2": "silk", "distractor3": "wax",
+             "correct_answer": "honey", "support": ""},
+    "sciq-support": {"question": "What do bees make?", "distractor1": "milk", "distractor2": "silk",
+                     "distractor3": "wax", "correct_answer": "honey", "support": "  Bees collect nectar.  "},
+}
+
+
+def compare_templates() -> None:
+    import datasets
+    import lm_eval
+    from lm_eval.utils import apply_template
+
+    # HellaSwag's preprocessing, loaded from the harness's file (its package __init__ pulls in every metric)
+    spec = importlib.util.spec_from_file_location(
+        "hellaswag_utils", Path(lm_eval.__file__).parent / "tasks" / "hellaswag" / "utils.py")
+    hellaswag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hellaswag)
+    same = []
+    for name, r in RECORDS.items():
+        if name.startswith("hellaswag"):
+            doc = hellaswag.process_docs(datasets.Dataset.from_list([r]))[0]
+            theirs = (doc["query"], doc["choices"], doc["gold"])
+        elif name.startswith("sciq"):  # sciq.yaml
+            theirs = (apply_template("{{support.lstrip()}}\nQuestion: {{question}}\nAnswer:", r),
+                      [r["distractor1"], r["distractor2"], r["distractor3"], r["correct_answer"]], 3)
+        elif name == "arc":  # arc_easy.yaml / arc_challenge.yaml
+            theirs = (apply_template("Question: {{question}}\nAnswer:", r), r["choices"]["text"],
+                      r["choices"]["label"].index(r["answerKey"]))
+        else:  # piqa.yaml
+            theirs = (apply_template("Question: {{goal}}\nAnswer:", r), [r["sol1"], r["sol2"]], r["label"])
+        context, choices, label = _choice_layout(r, name)
+        if (context, list(choices), label) == (theirs[0], list(theirs[1]), theirs[2]):
+            same.append(name)
+        else:
+            print(f"  {name} differs: moeforge {(context, choices, label)!r} vs harness {theirs!r}")
+    print(f"dataset prompts: {len(same)}/{len(RECORDS)} sample records give the harness's context, choices and "
+          f"answer ({', '.join(same)})")
 
 
 if __name__ == "__main__":

@@ -358,13 +358,17 @@ def _choice_layout(record: dict, where: str) -> tuple[str, list, int] | None:
         return (f"Question: {record['goal']}\nAnswer:", [record.get("sol1"), record.get("sol2")],
                 _label_index(record.get("label"), 2, where))
     if isinstance(record.get("correct_answer"), str) and "distractor1" in record:  # SciQ
-        support = record.get("support") or ""
+        support = record.get("support") or ""  # the harness: "{{support.lstrip()}}\nQuestion: ..." (empty: a lone newline)
         options = [record.get(f"distractor{i}") for i in (1, 2, 3)] + [record["correct_answer"]]
-        return f"{support.strip()}\nQuestion: {record['question']}\nAnswer:".lstrip(), options, 3
-    if isinstance(record.get("endings"), list) and isinstance(record.get("ctx"), str):  # HellaSwag
-        context = _hellaswag_clean(record["ctx"])
-        if isinstance(record.get("activity_label"), str):
-            context = f"{record['activity_label']}: {context}"
+        return f"{support.lstrip()}\nQuestion: {record['question']}\nAnswer:", options, 3
+    if isinstance(record.get("endings"), list) and isinstance(record.get("ctx_a", record.get("ctx")), str):  # HellaSwag
+        # the harness: preprocess(activity_label + ": " + ctx_a + " " + ctx_b.capitalize())
+        if isinstance(record.get("ctx_a"), str):
+            ctx = record["ctx_a"] + " " + str(record.get("ctx_b") or "").capitalize()
+        else:
+            ctx = record["ctx"]
+        label = record.get("activity_label")
+        context = _hellaswag_clean(f"{label}: {ctx}" if isinstance(label, str) else ctx)
         return context, [_hellaswag_clean(e) if isinstance(e, str) else e for e in record["endings"]], \
             _label_index(record.get("label"), len(record["endings"]), where)
     if choices is None:
