@@ -109,49 +109,33 @@ def setup(timeout_s: int = 1800, device: str = "auto") -> DistContext:
     return DistContext(rank, world, local_rank, chosen, initialized=True, owns_group=True)
 
 
-#: DTensor's memoised functions whose caches hold DTensor specs or meshes (module, attribute path)
-_DTENSOR_CACHES = (
-    ("torch.distributed.tensor._redistribute", "_gen_transform_infos"),
-    ("torch.distributed.tensor._collective_utils", "MeshTopoInfo.build_from_mesh"),
+#: what empties each of DTensor's memo caches, as (module, attribute path of the function to call):
+#: sharding propagation in Python (two) and in C++, redistribution plans, redistribution planners
+#: (cached per mesh weakref, but each holds the mesh itself) and mesh topology
+_DTENSOR_CACHE_CLEARS = (
+    ("torch.distributed.tensor", "DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear"),
+    ("torch.distributed.tensor", "DTensor._op_dispatcher.sharding_propagator._propagate_tensor_meta_cached.cache_clear"),
+    ("torch._C", "_clear_DTensor_sharding_propagator_cache"),
+    ("torch.distributed.tensor._redistribute", "_gen_transform_infos.cache_clear"),
+    ("torch.distributed.tensor._redistribute", "clear_redistribute_planner_cache"),
+    ("torch.distributed.tensor._collective_utils", "MeshTopoInfo.build_from_mesh.cache_clear"),
 )
 
 
 def clear_dtensor_caches() -> None:
-    """Empty DTensor's memo caches (sharding propagation in Python and C++, redistribution plans
-    and planners, mesh topology), which keep the specs they saw, and through them the device mesh and its process
-    group, alive after the sharded model is gone. These are private torch APIs, so each one is
-    skipped when this torch lacks it."""
+    """Empty DTensor's memo caches (:data:`_DTENSOR_CACHE_CLEARS`), which keep the specs they saw,
+    and through them the device mesh and its process group, alive after the sharded model is gone.
+    These are private torch APIs, so each one is skipped when this torch lacks it."""
     import importlib
 
-    caches = []
-    try:
-        from torch.distributed.tensor import DTensor
-
-        propagator = DTensor._op_dispatcher.sharding_propagator
-        caches += [getattr(propagator, "propagate_op_sharding", None),
-                   getattr(propagator, "_propagate_tensor_meta_cached", None)]
-    except (ImportError, AttributeError):
-        pass
-    for module, path in _DTENSOR_CACHES:
+    for module, path in _DTENSOR_CACHE_CLEARS:
         try:
             obj = importlib.import_module(module)
             for part in path.split("."):
                 obj = getattr(obj, part)
         except (ImportError, AttributeError):
             continue
-        caches.append(obj)
-    for cache in caches:
-        if hasattr(cache, "cache_clear"):
-            cache.cache_clear()
-    try:  # redistribution planners, cached per (mesh weakref, tensor meta) but holding the mesh itself
-        from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache
-
-        clear_redistribute_planner_cache()
-    except ImportError:
-        pass
-    clear_native = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
-    if clear_native is not None:
-        clear_native()
+        obj()
 
 
 def teardown(ctx: DistContext) -> None:
