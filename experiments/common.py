@@ -282,3 +282,10 @@ def perplexity_choice_table(rows: dict, corpora: list[str], label=str, number=la
                      + " | ".join(number(row["perplexity"][c]) for c in corpora)
                      + f" | {row['arithmetic_choice']:.1%} [{lo:.0%}-{hi:.0%}] |")
     return lines
+
+
+def hot_share(record: dict) -> float | None:
+    """Mean over MoE layers of the busiest routed expert's share of the (token, expert) pairs in a
+    metrics.jsonl training record (0.5 at top-2: every token picks that expert); None without loads."""
+    loads = record.get("expert_load") or {}
+    return sum(max(v) for v in loads.values()) / len(loads) if loads else None

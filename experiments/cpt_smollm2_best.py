@@ -46,7 +46,7 @@ from moeforge.eval.report import device_description, update_section  # noqa: E40
 from moeforge.eval.tasks import resolve_task  # noqa: E402
 from moeforge.train import read_metrics, train  # noqa: E402
 
-from common import measure_lm, perplexity_choice_table  # noqa: E402  (experiments/ is on sys.path when run)
+from common import hot_share, measure_lm, perplexity_choice_table  # noqa: E402  (experiments/ is on sys.path when run)
 
 COMMON = dict(method="coactivation", gate_init="activation", rescale="fit", refine="down")
 RECIPES = {
@@ -104,10 +104,10 @@ def main() -> None:
     history = [r for r in read_metrics(run.output_dir) if r.get("kind") in ("eval", "tasks")]
     # earlier attempts moved aside by hand as runs/cpt_best/<recipe>/train-<label>-stopped (any recipe):
     # their training losses, for the report
-    stopped = {str(d.relative_to(REPO)): [(r["step"], r["loss"], r.get("grad_norm"), _hot_share(r))
+    stopped = {str(d.relative_to(REPO)): [(r["step"], r["loss"], r.get("grad_norm"), hot_share(r))
                                          for r in read_metrics(d) if r.get("kind") == "train"]
                for d in sorted(out.parent.glob("*/train-*-stopped")) if (d / "metrics.jsonl").is_file()}
-    trained = [(r["step"], r["loss"], r.get("grad_norm"), _hot_share(r)) for r in read_metrics(run.output_dir)
+    trained = [(r["step"], r["loss"], r.get("grad_norm"), hot_share(r)) for r in read_metrics(run.output_dir)
                if r.get("kind") == "train"]
     record = {"date": datetime.date.today().isoformat(), "device": device_description(), "args": vars(args), "recipe": {"name": args.recipe, **RECIPES[args.recipe]}, "mixture": MIXTURE,
               "tokens": run.tokens, "seconds_convert": t_convert, "seconds_train": t_train,
@@ -116,13 +116,6 @@ def main() -> None:
     (out / "result.json").write_text(json.dumps(record, indent=2) + "\n")
     if not args.no_report:
         write_report(record)
-
-
-def _hot_share(record: dict) -> float | None:
-    """Mean over MoE layers of the busiest expert's share of the (token, expert) pairs (0.5 at top-2:
-    every token picks that expert)."""
-    loads = record.get("expert_load") or {}
-    return sum(max(v) for v in loads.values()) / len(loads) if loads else None
 
 
 def _describe(recipe: dict) -> str:

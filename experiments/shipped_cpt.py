@@ -45,7 +45,7 @@ from moeforge.eval.report import device_description, update_section  # noqa: E40
 from moeforge.eval.tasks import resolve_task  # noqa: E402
 from moeforge.train import read_metrics, train  # noqa: E402
 
-from common import measure_lm, perplexity_choice_table  # noqa: E402  (experiments/ is on sys.path when run)
+from common import hot_share, measure_lm, perplexity_choice_table  # noqa: E402  (experiments/ is on sys.path when run)
 
 CONFIG = REPO / "configs" / "cpt_smollm2_moe.yaml"
 RECIPES = {
@@ -55,12 +55,6 @@ RECIPES = {
 }
 #: (recipe, learning rate, balance-loss multiplier `aux_loss_scale`)
 RUNS = [("random-8x2", 2e-4, 1.0), ("random-8x2", 5e-5, 1.0), ("coact-7e1s", 5e-5, 1.0), ("random-8x2", 2e-4, 10.0)]
-
-
-def hot_share(record: dict) -> float | None:
-    """Mean over MoE layers of the busiest routed expert's share of the (token, expert) pairs."""
-    loads = record.get("expert_load") or {}
-    return sum(max(v) for v in loads.values()) / len(loads) if loads else None
 
 
 def main() -> None:
