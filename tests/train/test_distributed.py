@@ -52,6 +52,13 @@ def _run_stuck_aware(cmd: list[str], env: dict, marker: str, timeout: float) -> 
         return -1, f"torchrun did not finish in {timeout:.0f} s; worker stacks and output:\n{out}"
 
 
+def _torchrun_two(args: list[str], cfg_file: Path) -> tuple[int, str]:
+    """Run ``args`` (a module or script and its arguments) under torchrun with 2 processes, on one thread each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    return _run_stuck_aware(cmd, env, str(cfg_file), timeout=240)
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_process_gloo_equals_one_process(tmp_path, make_cfg, tokenizer, parallel):
     # sigmoid_bias routers: their bias updates need the expert loads summed over processes;
@@ -82,9 +89,7 @@ def test_two_process_gloo_equals_one_process(tmp_path, make_cfg, tokenizer, para
 
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(yaml.safe_dump({**cfg, "output_dir": str(tmp_path / "two")}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "moeforge", "train", str(cfg_file)]
-    code, stderr = _run_stuck_aware(cmd, env, str(cfg_file), timeout=240)
+    code, stderr = _torchrun_two(["-m", "moeforge", "train", str(cfg_file)], cfg_file)
     assert code == 0, stderr[-3000:]
 
     def recs(out, kind):
@@ -139,10 +144,7 @@ def test_process_group_is_freed_before_the_processes_exit(tmp_path, make_cfg, ti
     # worker of a successful 2-process fsdp run once aborted at exit (-6) and failed the whole job
     cfg_file = tmp_path / "run.yaml"
     cfg_file.write_text(yaml.safe_dump(make_cfg(steps=2, save_every=2, parallel=parallel)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
-    worker = Path(__file__).with_name("_release_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(worker), str(cfg_file)]
-    code, out = _run_stuck_aware(cmd, env, str(cfg_file), timeout=240)
+    code, out = _torchrun_two([str(Path(__file__).with_name("_release_worker.py")), str(cfg_file)], cfg_file)
     assert code == 0, out[-3000:]
     states = re.findall(r"rank-state (group_alive=\w+ model_kept=\w+)", out)  # two processes may share a line
     # the group's last reference is destroy_process_group's: DDP's reducer cycles and FSDP2's state
