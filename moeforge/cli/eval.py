@@ -112,6 +112,9 @@ def register(app: typer.Typer) -> None:
             raise MoeforgeError(f"--chat must be one of {', '.join(CHAT_MODES)}, got {chat!r}.")
         if not tasks and (limit is not None or samples or max_new_tokens is not None or shots):
             raise MoeforgeError("--limit, --shots, --max-new-tokens and --samples apply to tasks; add --task NAME.")
+        if tasks and not data and plots:
+            raise MoeforgeError("--plots draws the routing of the perplexity corpora, and with --task and no --data "
+                                "no corpus is scored; add --data CORPUS (e.g. -d prose) or leave --plots out.")
         if plots:
             check_writable_dir(plots, "--plots directory")  # before the evaluation, not after it
         if samples:

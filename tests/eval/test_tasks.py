@@ -407,6 +407,7 @@ def test_cli_tasks_with_perplexity(llama_dir, capsys):
     (["--shots", "2"], "apply to tasks"),
     (["--task", "arithmetic", "--chat", "maybe"], "--chat must be one of"),
     (["--task", "arithmetic", "--task", "arithmetic"], "given twice"),
+    (["--task", "arithmetic", "--plots", "unused"], "--plots draws the routing of the perplexity corpora"),
 ])
 def test_cli_bad_task_options(llama_dir, capsys, argv, message):
     code, _, err = run(["eval", str(llama_dir), *argv], capsys)
