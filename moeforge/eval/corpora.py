@@ -124,7 +124,7 @@ def read_corpus_file(path: Path, name: str | None = None) -> EvalCorpus:
     if not path.is_file():
         raise MoeforgeError(f"corpus file {path} does not exist; pass an existing .txt or .jsonl file or a corpus name.")
     try:
-        raw = path.read_text(encoding="utf-8")
+        raw = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not text
     except UnicodeDecodeError:
         raise MoeforgeError(f"corpus file {path} is not UTF-8 text; pass a .txt or .jsonl file.") from None
     suffix = path.suffix.lower()

@@ -49,6 +49,14 @@ def test_user_files(tmp_path):
     assert resolve_corpus(str(tmp_path / "d.json")).documents == ("one", "q\na")
 
 
+def test_a_byte_order_mark_is_not_part_of_the_text(tmp_path):
+    record = json.dumps({"question": "2+2?", "answer": "4"}) + "\n"
+    (tmp_path / "q.jsonl").write_bytes(b"\xef\xbb\xbf" + record.encode())  # as task files accept it
+    assert read_corpus_file(tmp_path / "q.jsonl").documents == ("2+2?\n4",)
+    (tmp_path / "t.txt").write_bytes(b"\xef\xbb\xbfhello")
+    assert read_corpus_file(tmp_path / "t.txt").documents == ("hello",)
+
+
 @pytest.mark.parametrize(
     "name, content, message",
     [
