@@ -28,7 +28,8 @@ def print_report(report) -> None:
     for note in report.notes:
         print(f"note: {note}")
     if not report.is_moe:
-        print("\ndense model: no routing statistics")
+        print("\nno routing statistics: " + ("no MoE layer recorded its routing (see the note above)" if report.notes
+                                           else "dense model"))
         return
     from ..analysis.stats import specialisation
 
@@ -165,7 +166,7 @@ def register(app: typer.Typer) -> None:
                 if samples:
                     print(f"wrote {samples}")
             if plots and not files and plot_error is None:
-                print(f"\n(no plots written to {plots}: the model has no MoE layers)")
+                print(f"\n(no plots written to {plots}: no MoE layer recorded its routing)")
             for f in files:
                 print(f"wrote {f}")
         if plot_error:

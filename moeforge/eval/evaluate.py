@@ -208,12 +208,30 @@ def check_evaluable(model) -> None:
         )
 
 
+def unrecorded_moe_layers(model) -> int:
+    """MoE layers whose routing evaluation does not record: those of a CALM composition's augmenting
+    model (only the anchor's routing is returned, and the two models' layer indices overlap)."""
+    from ..compose.model import ComposedForCausalLM
+    from ..moe.layer import MoELayer
+
+    if not isinstance(model, ComposedForCausalLM):
+        return 0
+    return sum(isinstance(m, MoELayer) for m in model.augmenting.modules())
+
+
 def routing_notes(model, batch_size: int) -> list[str]:
-    """Caveats for routers whose results are not per-token functions of the text."""
+    """Caveats for routers whose results are not per-token functions of the text, and for MoE layers
+    whose routing is not recorded."""
     from ..moe.layer import MoELayer
 
     configs = [m.config for m in model.modules() if isinstance(m, MoELayer)]
     notes = []
+    unrecorded = unrecorded_moe_layers(model)
+    if unrecorded:
+        notes.append(
+            f"the augmenting model has {unrecorded} MoE layer{'s' if unrecorded != 1 else ''}: the parameters and "
+            "FLOPs count them, the routing statistics and plots do not (they show the anchor's MoE layers only)."
+        )
     if any(c.router == "expert_choice" and not c.expert_choice_causal for c in configs):
         notes.append(
             "expert-choice routing over whole sequences (allow_future_tokens): a token's experts depend on "

@@ -94,3 +94,25 @@ def test_task_prompts_past_the_augmenting_models_context_refused():
     with pytest.raises(MoeforgeError, match="more than the model's context of 16"):
         evaluate_task(composed, char_tokenizer(), resolve_task("arithmetic", limit=2), shots=2, chat="off",
                       max_new_tokens=8)
+
+
+def test_a_composition_with_a_moe_augmenting_model_does_not_call_itself_dense():
+    """eval printed "dense model: no routing statistics" and "the model has no MoE layers" for a dense anchor
+    composed with a MoE augmenting model, whose routing it does not record."""
+    composed = compose(llama(), moe(hidden=48, layers=3), num_connections=2).eval()
+    report = evaluate(composed, char_tokenizer(), ["arithmetic"], max_tokens=64, seq_len=32)
+    assert not report.is_moe and report.parameters["active"] < report.parameters["total"]
+    assert any("augmenting model has 3 MoE layers" in note for note in report.notes)
+    plain = evaluate(llama(), char_tokenizer(), ["arithmetic"], max_tokens=64, seq_len=32)
+    assert plain.notes == []
+
+
+def test_the_cli_report_names_unrecorded_moe_layers(capsys):
+    from moeforge.cli.eval import print_report
+
+    composed = compose(llama(), moe(hidden=48, layers=3), num_connections=2).eval()
+    print_report(evaluate(composed, char_tokenizer(), ["arithmetic"], max_tokens=64, seq_len=32))
+    out = capsys.readouterr().out
+    assert "dense model" not in out and "note: the augmenting model has 3 MoE layers" in out
+    print_report(evaluate(llama(), char_tokenizer(), ["arithmetic"], max_tokens=64, seq_len=32))
+    assert "no routing statistics: dense model" in capsys.readouterr().out
