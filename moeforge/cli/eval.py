@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import typer
@@ -46,8 +47,8 @@ def print_report(report) -> None:
           f"token, dropped {summary['dropped_fraction']:.2%}")
 
 
-def print_tasks(results, model: str, parameters: dict | None = None) -> None:
-    """Table of :class:`~moeforge.eval.tasks.TaskResult` (accuracy with its 95% interval)."""
+def print_tasks(results, model: str, parameters: dict | None = None, notes: Sequence[str] = ()) -> None:
+    """Table of :class:`~moeforge.eval.tasks.TaskResult` (accuracy with its 95% interval), then ``notes``."""
     if parameters is not None:
         print(f"model: {model}")
         print(f"parameters: {parameters['total']:,} total, {parameters['active']:,} active per token")
@@ -61,6 +62,8 @@ def print_tasks(results, model: str, parameters: dict | None = None) -> None:
               f"{r.shots:>5}  {prompts:<7}  {r.seconds:>7.1f}  {r.source}")
         if r.accuracy_norm is not None:
             print(f"{'':<{width}}  {'':<8}  {r.accuracy_norm:>8.1%}  (highest log-likelihood per character)")
+    for note in notes:
+        print(f"note: {note}")
 
 
 def register(app: typer.Typer) -> None:
@@ -102,7 +105,7 @@ def register(app: typer.Typer) -> None:
         """Perplexity of MODEL per corpus, task accuracy, tokens/s, parameters and FLOPs per token, and routing per layer."""
         from ..errors import MoeforgeError
         from ..eval.corpora import resolve_corpus
-        from ..eval.evaluate import evaluate, unique_names, write_analysis
+        from ..eval.evaluate import evaluate, task_notes, unique_names, write_analysis
         from ..eval.tasks import CHAT_MODES, evaluate_task, resolve_tasks
         from ..loading import load_tokenizer, load_trained
         from ..utils.io import atomic_write_text, check_writable_dir
@@ -126,6 +129,7 @@ def register(app: typer.Typer) -> None:
         m = load_trained(model, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
         log = None if as_json else (lambda msg: print(msg, file=sys.stderr, flush=True))
         results = []
+        notes = task_notes(m, batch_size) if tasks else []
         for t in tasks:
             results.append(evaluate_task(m, tok, t, shots=shots, chat=chat, batch_size=batch_size,
                                          max_new_tokens=max_new_tokens, progress=log))
@@ -139,9 +143,9 @@ def register(app: typer.Typer) -> None:
 
             if as_json:
                 print(json.dumps({"model": model, "parameters": parameter_counts(m),
-                                  "tasks": {r.name: r.to_dict() for r in results}}))
+                                  "tasks": {r.name: r.to_dict() for r in results}, "notes": notes}))
             else:
-                print_tasks(results, model, parameter_counts(m))
+                print_tasks(results, model, parameter_counts(m), notes)
                 if samples:
                     print(f"wrote {samples}")
             return
@@ -158,11 +162,12 @@ def register(app: typer.Typer) -> None:
             out["files"] = [str(f) for f in files]
             if results:
                 out["tasks"] = {r.name: r.to_dict() for r in results}
+                out["notes"] += [n for n in notes if n not in out["notes"]]
             print(json.dumps(out))
         else:
             print_report(report)
             if results:
-                print_tasks(results, model)
+                print_tasks(results, model, notes=notes)
                 if samples:
                     print(f"wrote {samples}")
             if plots and not files and plot_error is None:

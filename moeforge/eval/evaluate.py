@@ -219,12 +219,20 @@ def unrecorded_moe_layers(model) -> int:
     return sum(isinstance(m, MoELayer) for m in model.augmenting.modules())
 
 
+def expert_choice_routing(model) -> str | None:
+    """"future" when a MoE layer of ``model`` routes by expert choice over whole sequences
+    (allow_future_tokens), "causal" for causal expert choice (across the batch), else None."""
+    from ..moe.layer import MoELayer
+
+    configs = [m.config for m in model.modules() if isinstance(m, MoELayer) and m.config.router == "expert_choice"]
+    if any(not c.expert_choice_causal for c in configs):
+        return "future"
+    return "causal" if configs else None
+
+
 def routing_notes(model, batch_size: int) -> list[str]:
     """Caveats for routers whose results are not per-token functions of the text, and for MoE layers
     whose routing is not recorded."""
-    from ..moe.layer import MoELayer
-
-    configs = [m.config for m in model.modules() if isinstance(m, MoELayer)]
     notes = []
     unrecorded = unrecorded_moe_layers(model)
     if unrecorded:
@@ -232,18 +240,33 @@ def routing_notes(model, batch_size: int) -> list[str]:
             f"the augmenting model has {unrecorded} MoE layer{'s' if unrecorded != 1 else ''}: the parameters and "
             "FLOPs count them, the routing statistics and plots do not (they show the anchor's MoE layers only)."
         )
-    if any(c.router == "expert_choice" and not c.expert_choice_causal for c in configs):
+    expert_choice = expert_choice_routing(model)
+    if expert_choice == "future":
         notes.append(
             "expert-choice routing over whole sequences (allow_future_tokens): a token's experts depend on "
             "later tokens, so this perplexity is not that of a left-to-right language model."
         )
-    elif any(c.router == "expert_choice" for c in configs):
+    elif expert_choice == "causal":
         notes.append(
             f"causal expert-choice routing: at each position every expert picks among the windows of one batch, so "
             f"the perplexity, the experts per token and the routing statistics depend on the batch size (here "
             f"{batch_size}, the last batch may be smaller); compare such models at one --batch-size."
         )
     return notes
+
+
+def task_notes(model, batch_size: int) -> list[str]:
+    """Caveats for task accuracy of models whose routing is not a per-token function of the text."""
+    expert_choice = expert_choice_routing(model)
+    if expert_choice == "future":
+        return ["expert-choice routing over whole sequences (allow_future_tokens): a token's experts depend on later "
+                "tokens and on the padding of its batch, so these scores are not those of a left-to-right language "
+                "model."]
+    if expert_choice == "causal":
+        return [f"causal expert-choice routing: at each position every expert picks among the problems of one batch, "
+                f"so the accuracy depends on the batch size (here {batch_size}) and on which problems share a batch; "
+                "compare such models at one --batch-size."]
+    return []
 
 
 def write_analysis(

@@ -402,6 +402,23 @@ def test_cli_tasks_with_perplexity(llama_dir, capsys):
     assert "perplexity" in out and "arithmetic" in out and "95% interval" in out
 
 
+def test_cli_tasks_carry_the_expert_choice_caveat(tmp_path, capsys):
+    """Causal expert choice makes each problem's scores depend on the others in its batch; the perplexity
+    report said so, the task report did not."""
+    d = tmp_path / "ec"
+    tiny_moe(router="expert_choice", expert_choice_causal=True).save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    argv = ["eval", str(d), "--task", "arithmetic-choice", "--limit", "4", "--batch-size", "2"]
+    code, out, _ = run(argv, capsys)
+    assert code in (0, None) and "note: causal expert-choice routing" in out and "(here 2)" in out
+    code, out, _ = run([*argv, "--json"], capsys)
+    assert "accuracy depends on the batch size" in json.loads(out)["notes"][0]
+    code, out, _ = run(["eval", str(d), "--task", "arithmetic-choice", "--limit", "2", "-d", "prose",
+                        "--max-tokens", "64", "--seq-len", "32", "--json"], capsys)
+    notes = json.loads(out)["notes"]
+    assert len(notes) == 2 and "windows of one batch" in notes[0] and "problems of one batch" in notes[1]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--task", "arithmetc"], "Did you mean 'arithmetic'"),
     (["--shots", "2"], "apply to tasks"),
