@@ -106,7 +106,7 @@ def register(app: typer.Typer) -> None:
         from ..errors import MoeforgeError
         from ..eval.corpora import resolve_corpus
         from ..eval.evaluate import evaluate, task_notes, unique_names, write_analysis
-        from ..eval.tasks import CHAT_MODES, evaluate_task, resolve_tasks
+        from ..eval.tasks import CHAT_MODES, CHOICE, evaluate_task, resolve_tasks
         from ..loading import load_tokenizer, load_trained
         from ..utils.io import atomic_write_text, check_writable_dir
 
@@ -116,6 +116,9 @@ def register(app: typer.Typer) -> None:
             raise MoeforgeError(f"--chat must be one of {', '.join(CHAT_MODES)}, got {chat!r}.")
         if not tasks and (limit is not None or samples or max_new_tokens is not None or shots):
             raise MoeforgeError("--limit, --shots, --max-new-tokens and --samples apply to tasks; add --task NAME.")
+        if max_new_tokens is not None and tasks and all(t.kind == CHOICE for t in tasks):
+            raise MoeforgeError("--max-new-tokens sets the reply length of generation tasks, and every task given is "
+                                "multiple choice (scored without generating); leave --max-new-tokens out.")
         if tasks and not data and plots:
             raise MoeforgeError("--plots draws the routing of the perplexity corpora, and with --task and no --data "
                                 "no corpus is scored; add --data CORPUS (e.g. -d prose) or leave --plots out.")

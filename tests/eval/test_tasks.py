@@ -425,6 +425,7 @@ def test_cli_tasks_carry_the_expert_choice_caveat(tmp_path, capsys):
     (["--task", "arithmetic", "--chat", "maybe"], "--chat must be one of"),
     (["--task", "arithmetic", "--task", "arithmetic"], "given twice"),
     (["--task", "arithmetic", "--plots", "unused"], "--plots draws the routing of the perplexity corpora"),
+    (["--task", "arithmetic-choice", "--max-new-tokens", "8"], "every task given is multiple choice"),
 ])
 def test_cli_bad_task_options(llama_dir, capsys, argv, message):
     code, _, err = run(["eval", str(llama_dir), *argv], capsys)
