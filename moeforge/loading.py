@@ -145,10 +145,23 @@ def load_trained(path_or_alias: str | os.PathLike, **kwargs):
     if kind == "adapter":
         from .peft.saving import load_adapter
 
-        return load_adapter(load(base, **kwargs), path_or_alias)
+        try:
+            base_model = load(base, **kwargs)
+        except MoeforgeError as err:
+            raise _recorded_model_error(kind, path_or_alias, err) from None
+        return load_adapter(base_model, path_or_alias)
     from .compose.build import load_composition
 
     return load_composition(path_or_alias, dtype=kwargs.get("dtype"))
+
+
+def _recorded_model_error(kind: str, path: str | os.PathLike, err: MoeforgeError) -> MoeforgeError:
+    """``err`` (opening the model an adapter or composition record names), saying whose model it is."""
+    if kind == "adapter":
+        return MoeforgeError(f"the base model of the adapter in {path}: {err} To put the adapter on another copy of "
+                             "that model: moeforge.peft.load_adapter(moeforge.load(BASE), DIR).")
+    return MoeforgeError(f"the anchor model of the composition in {path}: {err} To use other copies of the models: "
+                         "moeforge.compose.load_composition(DIR, anchor=..., augmenting=...).")
 
 
 def _trained_parts_hint(path: Path) -> str:
@@ -475,7 +488,10 @@ def load_tokenizer(path_or_alias: str | os.PathLike, *, trust_remote_code: bool 
     if parts is not None:  # adapter / composition weights: the tokenizer saved beside them, else the base model's
         here = Path(str(path_or_alias)).expanduser()
         if not any((here / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            return load_tokenizer(parts[1], trust_remote_code=trust_remote_code)
+            try:
+                return load_tokenizer(parts[1], trust_remote_code=trust_remote_code)
+            except MoeforgeError as err:
+                raise _recorded_model_error(parts[0], path_or_alias, err) from None
         return AutoTokenizer.from_pretrained(str(here), local_files_only=True, trust_remote_code=trust_remote_code)
     source = resolve(path_or_alias)
     if source.kind == "gguf":

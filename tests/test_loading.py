@@ -307,6 +307,19 @@ def test_adapter_and_composition_folders_open_with_load_trained_and_the_cli(tmp_
         assert done.value.code == 0 and "prose" in capsys.readouterr().out
 
 
+def test_an_adapter_whose_base_model_is_gone_says_it_is_the_adapters_base(tmp_path):
+    from moeforge.peft import MoVConfig, wrap
+    from tests.convert.tiny import make_dense
+
+    make_dense(tmp_path / "base")
+    wrap(moeforge.load(tmp_path / "base"), MoVConfig(num_experts=2)).save_adapter(tmp_path / "adapter")
+    (tmp_path / "base").rename(tmp_path / "moved")
+    for opener in (moeforge.load_trained, moeforge.load_tokenizer):  # `moeforge eval` opens the tokenizer first
+        with pytest.raises(MoeforgeError, match=r"^the base model of the adapter in .*adapter: model .*base' not found.*"
+                                                r"moeforge\.peft\.load_adapter"):
+            opener(tmp_path / "adapter")
+
+
 def test_an_incomplete_or_reshaped_mixtral_checkpoint_gets_one_clear_message(tmp_path):
     from safetensors.torch import load_file, save_file
 
