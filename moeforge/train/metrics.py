@@ -8,7 +8,9 @@ after this step's dynamic update, i.e. those the next step samples with) and ``e
 MoE layer, the fraction of routed (token, expert) pairs each expert got). Evaluation records
 (``"kind": "eval"``) hold ``step``, ``loss`` (mean over domains weighted by the tokens evaluated)
 and ``eval`` (per-domain validation loss); the end-of-run evaluation carries ``"final": true``
-(a dynamic mixture's update may have evaluated the same step on its own, smaller budget).
+(a dynamic mixture's update may have evaluated the same step on its own, smaller budget; a run
+extended by rerunning it with more ``steps`` keeps the earlier end's record, so the last ``final``
+record is the current end's).
 Task records (``"kind": "tasks"``, with ``eval_tasks``) hold ``step`` and ``tasks`` (per task:
 ``accuracy``, ``correct``, ``total``, and ``accuracy_norm`` for multiple choice); the end-of-run one
 carries ``"final": true``.
