@@ -27,13 +27,15 @@ from ..utils.io import temp_file  # noqa: E402
 from .stats import RoutingStats, domain_expert_mutual_information  # noqa: E402
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def save_figure(fig, path: str | os.PathLike, *, dpi: int = 110) -> Path:
+    """Write ``fig`` as a PNG at ``path`` through a temporary file beside it and a rename, so a
+    failed write leaves the previous plot (and no temporary file); the figure is closed either way."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         tmp = temp_file(path.parent, prefix=f".{path.name}.", suffix=".png")
         try:
-            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -72,7 +74,7 @@ def plot_load_heatmap(stats: RoutingStats, path: str | os.PathLike, *, title: st
     ax.set_title(f"{title}\n({layers[0].tokens:,} tokens per layer)", fontsize=10)
     cbar = fig.colorbar(im, ax=ax, pad=0.03, fraction=0.08)
     cbar.set_label("load / uniform load", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def choose_layers(layers: Sequence[int], count: int = 6) -> list[int]:
@@ -128,7 +130,7 @@ def plot_domain_usage(
     fig.tight_layout()
     cbar = fig.colorbar(ims[-1], ax=axes.ravel().tolist(), fraction=0.03, pad=0.02)
     cbar.set_label("load / uniform load", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_curves(
@@ -157,7 +159,7 @@ def plot_curves(
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 __all__ = ["plot_load_heatmap", "plot_domain_usage", "plot_curves", "choose_layers"]

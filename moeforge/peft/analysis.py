@@ -9,7 +9,6 @@ mean Jensen-Shannon divergence between domains' expert distributions (0: identic
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 from collections.abc import Iterable, Mapping
@@ -19,7 +18,6 @@ import torch
 from torch import Tensor
 
 from ..errors import MoeforgeError
-from ..utils.io import temp_file
 
 #: domain -> module name -> (E,) mean router weight
 Usage = dict[str, dict[str, Tensor]]
@@ -104,6 +102,8 @@ def plot_expert_usage(usage: Usage, path: str | os.PathLike, *, modules: list[st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..analysis.plots import save_figure
+
     domains = list(usage)
     if not domains:
         raise MoeforgeError("no expert usage to plot: measure it with expert_usage() first.")
@@ -127,16 +127,4 @@ def plot_expert_usage(usage: Usage, path: str | os.PathLike, *, modules: list[st
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.suptitle(title or "mean router weight per expert, by domain", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_file(path.parent, prefix=f".{path.name}.", suffix=".png")
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -81,6 +81,8 @@ def write_plots(output_dir: str | Path, records: list[dict[str, Any]] | None = N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..analysis.plots import save_figure
+
     out_dir = Path(output_dir)
     records = read_metrics(out_dir) if records is None else records
     train = [r for r in records if r.get("kind", "train") == "train"]
@@ -90,13 +92,8 @@ def write_plots(output_dir: str | Path, records: list[dict[str, Any]] | None = N
         return written
 
     def save(fig, name: str) -> None:
-        path = out_dir / name
-        tmp = out_dir / f".{name}.tmp.png"
         fig.tight_layout()
-        fig.savefig(tmp, dpi=110)
-        plt.close(fig)
-        os.replace(tmp, path)
-        written.append(path)
+        written.append(save_figure(fig, out_dir / name))
 
     # loss
     fig, ax = plt.subplots(figsize=(7, 4))
