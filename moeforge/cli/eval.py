@@ -93,11 +93,12 @@ def register(app: typer.Typer) -> None:
         samples: str = typer.Option(None, "--samples", help="JSONL file for every problem's prompt, reply and "
                                     "verdict."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
-        max_tokens: int = typer.Option(4096, "--max-tokens", min=2, help="Tokens per corpus."),
-        seq_len: int = typer.Option(512, "--seq-len", min=2, help="Window length for perplexity."),
+        max_tokens: int = typer.Option(None, "--max-tokens", min=2, help="Tokens per corpus (default 4096)."),
+        seq_len: int = typer.Option(None, "--seq-len", min=2, help="Window length for perplexity (default 512)."),
         batch_size: int = typer.Option(4, "--batch-size", min=1, help="Windows per forward pass."),
         plots: str = typer.Option(None, "--plots", help="Directory for expert_load.png, domain_usage.png and routing.html."),
-        html_tokens: int = typer.Option(48, "--html-tokens", min=1, help="Tokens per corpus shown in routing.html."),
+        html_tokens: int = typer.Option(None, "--html-tokens", min=1,
+                                        help="Tokens per corpus shown in routing.html (default 48)."),
         dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
         allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle (.bin) checkpoints."),
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run custom model code from the checkpoint."),
@@ -119,9 +120,15 @@ def register(app: typer.Typer) -> None:
         if max_new_tokens is not None and tasks and all(t.kind == CHOICE for t in tasks):
             raise MoeforgeError("--max-new-tokens sets the reply length of generation tasks, and every task given is "
                                 "multiple choice (scored without generating); leave --max-new-tokens out.")
-        if tasks and not data and plots:
-            raise MoeforgeError("--plots draws the routing of the perplexity corpora, and with --task and no --data "
-                                "no corpus is scored; add --data CORPUS (e.g. -d prose) or leave --plots out.")
+        corpus_options = {"--plots": plots, "--max-tokens": max_tokens, "--seq-len": seq_len, "--html-tokens": html_tokens}
+        given = [name for name, value in corpus_options.items() if value is not None]
+        if tasks and not data and given:
+            raise MoeforgeError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to the perplexity corpora, "
+                                "and with --task and no --data no corpus is scored; add --data CORPUS (e.g. -d prose) "
+                                f"or leave {', '.join(given)} out.")
+        max_tokens = 4096 if max_tokens is None else max_tokens
+        seq_len = 512 if seq_len is None else seq_len
+        html_tokens = 48 if html_tokens is None else html_tokens
         if plots:
             check_writable_dir(plots, "--plots directory")  # before the evaluation, not after it
         if samples:

@@ -424,7 +424,10 @@ def test_cli_tasks_carry_the_expert_choice_caveat(tmp_path, capsys):
     (["--shots", "2"], "apply to tasks"),
     (["--task", "arithmetic", "--chat", "maybe"], "--chat must be one of"),
     (["--task", "arithmetic", "--task", "arithmetic"], "given twice"),
-    (["--task", "arithmetic", "--plots", "unused"], "--plots draws the routing of the perplexity corpora"),
+    (["--task", "arithmetic", "--plots", "unused"], "--plots applies to the perplexity corpora"),
+    (["--task", "arithmetic", "--seq-len", "64", "--max-tokens", "128"],
+     "--max-tokens, --seq-len apply to the perplexity corpora"),
+    (["--task", "arithmetic", "--html-tokens", "8"], "leave --html-tokens out"),
     (["--task", "arithmetic-choice", "--max-new-tokens", "8"], "every task given is multiple choice"),
 ])
 def test_cli_bad_task_options(llama_dir, capsys, argv, message):
