@@ -233,6 +233,7 @@ class ConvertConfig:
         require(isinstance(self.seed, int) and 0 <= self.seed < 2**63, f"seed must be an integer in [0, 2^63), got {self.seed}.")
         if self.refine_lr is not None:
             require(math.isfinite(self.refine_lr) and self.refine_lr > 0, f"refine_lr must be a positive number, got {self.refine_lr}.")
+        self._refuse_unread()
         from .streaming import parse_size
 
         try:
@@ -293,6 +294,25 @@ class ConvertConfig:
             require(self.expert_data is None,
                     f"--expert-data is the text each expert's router row is fitted on (--gate-init domain); with "
                     f"--gate-init {self.gate_init} it would be ignored. Add --gate-init domain or drop --expert-data.")
+
+    def _refuse_unread(self) -> None:
+        """Options that only some recipes read, refused where nothing would read them (the
+        conversion would otherwise succeed as if they had never been given)."""
+        if (self.upcycle_noise > 0 or self.upcycle_reinit > 0) and self.is_split:  # (merge: refused in _check_merge)
+            raise MoeforgeError(
+                f"--upcycle-noise / --upcycle-reinit perturb the expert copies of --method upcycle and granular-upcycle; "
+                f"--method {self.method} splits the FFN into different experts and would ignore them. Drop them, or "
+                "use --method upcycle or granular-upcycle.")
+        if self.refine_lr is not None and self.refine in ("none", "down"):
+            raise MoeforgeError(
+                f"--refine-lr is the learning rate of --refine router, router+down or all; with --refine {self.refine} "
+                "no optimiser runs (down is a closed-form refit) and it would be ignored. Drop --refine-lr or choose "
+                "one of those modes.")
+        if self.calibration is not None and not self.needs_calibration():
+            raise MoeforgeError(
+                "--calibration is not read: this recipe uses no calibration data, so it would be ignored. Calibration "
+                "text feeds --method coactivation or importance (or cluster with --shared-experts), --gate-init "
+                "activation, --rescale layerwise or fit, and --refine; use one of them or drop --calibration.")
 
     @staticmethod
     def _parse_rescale(value: str | float) -> str | float:

@@ -303,3 +303,24 @@ def test_max_shard_size_is_read_and_checked_up_front():
     for bad in ("lots", "0KB", "-5KB", "0", "infGB", "nanMB"):
         with pytest.raises(MoeforgeError, match="max_shard_size|cannot read size"):
             moeforge.ConvertConfig(max_shard_size=bad)
+
+
+def test_options_no_step_reads_are_refused():
+    """--upcycle-noise with a split method, --refine-lr without a gradient refinement and
+    --calibration with a data-free recipe were accepted and silently had no effect."""
+    C = moeforge.ConvertConfig
+    for kw, match in [
+        (dict(method="cluster", upcycle_noise=0.1), "--method cluster splits the FFN .* would ignore them"),
+        (dict(method="random", upcycle_reinit=0.5), "--method random splits the FFN"),
+        (dict(refine_lr=0.01), "with --refine none no optimiser runs"),
+        (dict(method="coactivation", refine="down", refine_lr=0.01), "with --refine down no optimiser runs"),
+        (dict(method="random", calibration="code"), "--calibration is not read"),
+        (dict(method="cluster", gate_init="centroid", calibration="prose"), "--calibration is not read"),
+    ]:
+        with pytest.raises(MoeforgeError, match=match):
+            C(**kw)
+    C(method="upcycle", upcycle_noise=0.1, upcycle_reinit=0.5)
+    C(method="granular-upcycle", experts=4, upcycle_noise=0.1)
+    C(method="coactivation", refine="router", refine_lr=0.01, calibration="code")
+    C(method="random", rescale="fit", calibration="prose")
+    C(method="cluster", shared_experts=1, experts=3, calibration="prose")
