@@ -6,11 +6,14 @@ stderr, without a traceback, and the process exits with status 2.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import importlib
 import os
 import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 import typer
 
@@ -36,6 +39,25 @@ def build_app() -> typer.Typer:
 
 INTERRUPTED = ("interrupted; finished outputs and checkpoints are kept and partial ones removed (rerun a training "
                "command to resume it from its last checkpoint).")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM (``kill``, ``timeout``, a job scheduler) raises :class:`KeyboardInterrupt`
+    as Ctrl-C does, so the cleanup that removes partial outputs runs; by default SIGTERM ends the
+    process on the spot and leaves the half-written temporary directory behind."""
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield
+        return
+
+    def interrupt(_signum, _frame) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def fail(message: str, code: int = 2) -> None:

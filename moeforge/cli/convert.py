@@ -67,6 +67,7 @@ def register(app: typer.Typer) -> None:
         from ..convert.api import convert as run_convert
         from ..errors import MoeforgeError
         from ..train.config import parse_value
+        from . import sigterm_as_interrupt
 
         options = {}
         for item in router_option or ():
@@ -80,42 +81,43 @@ def register(app: typer.Typer) -> None:
             if not quiet:
                 print(f"[{time.perf_counter() - start:7.1f}s] {message}", file=sys.stderr, flush=True)
 
-        report = run_convert(
-            model,
-            out,
-            overwrite=overwrite,
-            allow_pickle=allow_pickle,
-            verify={"auto": True, "off": False}.get(verify, verify),
-            eval_tokens=eval_tokens,
-            progress=progress,
-            method=method,
-            experts=experts,
-            top_k=top_k,
-            shared_experts=shared_experts,
-            router=router,
-            rescale=rescale,
-            gate_init=gate_init,
-            refine=refine,
-            refine_steps=refine_steps,
-            refine_lr=refine_lr,
-            layers=layers,
-            format=fmt,
-            seed=seed,
-            calibration=calibration,
-            calibration_tokens=calibration_tokens,
-            calibration_seq_len=calibration_seq_len,
-            kmeans_iters=kmeans_iters,
-            normalize_weights=normalize_weights,
-            router_options=options,
-            max_shard_size=max_shard_size,
-            granularity=granularity,
-            upcycle_noise=upcycle_noise,
-            upcycle_reinit=upcycle_reinit,
-            dtype=dtype,
-            expert_models=expert_model or None,
-            merge_shared=merge_shared,
-            expert_data=expert_data or None,
-        )
+        with sigterm_as_interrupt():  # a killed conversion removes its temporary directory, as after Ctrl-C
+            report = run_convert(
+                model,
+                out,
+                overwrite=overwrite,
+                allow_pickle=allow_pickle,
+                verify={"auto": True, "off": False}.get(verify, verify),
+                eval_tokens=eval_tokens,
+                progress=progress,
+                method=method,
+                experts=experts,
+                top_k=top_k,
+                shared_experts=shared_experts,
+                router=router,
+                rescale=rescale,
+                gate_init=gate_init,
+                refine=refine,
+                refine_steps=refine_steps,
+                refine_lr=refine_lr,
+                layers=layers,
+                format=fmt,
+                seed=seed,
+                calibration=calibration,
+                calibration_tokens=calibration_tokens,
+                calibration_seq_len=calibration_seq_len,
+                kmeans_iters=kmeans_iters,
+                normalize_weights=normalize_weights,
+                router_options=options,
+                max_shard_size=max_shard_size,
+                granularity=granularity,
+                upcycle_noise=upcycle_noise,
+                upcycle_reinit=upcycle_reinit,
+                dtype=dtype,
+                expert_models=expert_model or None,
+                merge_shared=merge_shared,
+                expert_data=expert_data or None,
+            )
         print(f"wrote {report.out} (format {report.format}) in {report.seconds.get('total', 0):.1f}s")
         if report.verification:
             v = report.verification

@@ -324,3 +324,30 @@ def test_options_no_step_reads_are_refused():
     C(method="coactivation", refine="router", refine_lr=0.01, calibration="code")
     C(method="random", rescale="fit", calibration="prose")
     C(method="cluster", shared_experts=1, experts=3, calibration="prose")
+
+
+def test_cli_conversion_killed_with_sigterm_leaves_nothing(tiny_llama, tmp_path):
+    """SIGTERM (kill, timeout, a job scheduler) ended the process on the spot and left the
+    half-written temporary directory beside --out; it now cleans up as Ctrl-C does."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import os, signal, sys\n"
+        "import moeforge.convert.api as api\n"
+        "from moeforge.cli import main\n"
+        "api._write_generation_config = lambda *a, **k: os.kill(os.getpid(), signal.SIGTERM)\n"
+        "main(sys.argv[1:])\n"
+    )
+    parent = tmp_path / "runs"
+    parent.mkdir()
+    root = str(Path(moeforge.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script, "convert", str(tiny_llama), "--out", str(parent / "moe"),
+                           "--experts", "2", "--top-k", "1", "--quiet", "--eval-tokens", "0"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 130, done.stderr
+    assert "moeforge: error: interrupted" in done.stderr and "Traceback" not in done.stderr
+    assert leftovers(parent) == []
