@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
         eval_tokens: int = typer.Option(4096, "--eval-tokens", help="Held-out tokens for dense vs MoE perplexity (0 skips)."),
         verify: str = typer.Option(
             "auto", help="Check the export before reporting success: auto (whole model up to 4 GiB in float32, else its "
-            "first layer), full, layers, or off (no check and no dense-vs-MoE perplexity: saves the memory and time "
+            "first layer, or up to the first converted one with --layers), full, layers, or off (no check and no dense-vs-MoE perplexity: saves the memory and time "
             "they take)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier moeforge conversion at --out (only once the new one is complete and verified; never the input model or other folders)."),
         allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept a pickle-only (.bin) dense checkpoint."),

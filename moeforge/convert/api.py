@@ -369,7 +369,7 @@ class _Conversion:
             ExportSpec(self.config, torch.float32, self.spec.qkv_bias, self.spec.o_bias, self.spec.router_state)))
         self.keep_all = tmp is None or self.mode == "full" or (self.mode == "auto" and _keep_whole_reference(f32_bytes))
         self.need_reference = tmp is None or self.mode != "off" or bool(eval_tokens and self.keep_all)
-        n = source.num_layers if self.keep_all else min(_verify.VERIFY_LAYERS, source.num_layers)
+        n = source.num_layers if self.keep_all else _layers_to_verify(source.num_layers, self.converted)
         self.keep_layers = set(range(n)) if self.need_reference else set()
         self.store = ReferenceStore(spill_parent=None if self.keep_all else tmp.parent)
         self.writer: ShardedWriter | None = None
@@ -593,6 +593,13 @@ class _Conversion:
         body = model.model
         del model
         return _verify.layerwise_logits(body, embeds, lambda: self.passthrough(head_key))
+
+
+def _layers_to_verify(num_layers: int, converted: set[int]) -> int:
+    """How many leading layers the first-layers check of a large model runs: :data:`VERIFY_LAYERS`,
+    or up to the first converted layer when the ones before it were kept dense (checking only
+    those would compare untouched dense layers and never an MoE block)."""
+    return min(num_layers, max(_verify.VERIFY_LAYERS, min(converted) + 1))
 
 
 def _cast(weights, dtype: torch.dtype):

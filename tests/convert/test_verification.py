@@ -56,3 +56,27 @@ def test_verification_of_the_first_layers_only(tiny_llama, tmp_path, monkeypatch
     assert (tmp_path / "out" / "config.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # reference spill and truncated-config dirs are gone
     torch.testing.assert_close(report.verification["max_abs_logit_diff"], 0.0, atol=1e-4, rtol=0)
+
+
+def test_first_layers_check_reaches_the_first_converted_layer(tiny_llama, tmp_path, monkeypatch):
+    """With --layers 1 the first-layer check compared layer 0, which is kept dense: an export whose
+    only MoE block was wrong passed verification."""
+    from moeforge.convert import verify
+
+    monkeypatch.setattr(verify, "VERIFY_LAYERS", 1)
+    report = moeforge.convert(tiny_llama, tmp_path / "ok", experts=4, top_k=2, layers=[1], eval_tokens=0, verify="layers")
+    assert report.verification["layers_compared"] == 2
+    exporter = EXPORTERS["qwen2_moe"]
+    original = type(exporter).ffn_tensors
+
+    def altered(self, spec, i, weights):
+        pairs = original(self, spec, i, weights)
+        if i == 1:
+            key, t = pairs[1]  # the first expert's gate_proj of the MoE layer
+            pairs[1] = (key, t + 0.5)
+        return pairs
+
+    monkeypatch.setattr(type(exporter), "ffn_tensors", altered)
+    with pytest.raises(MoeforgeError, match="reloaded qwen2_moe model's logits differ"):
+        moeforge.convert(tiny_llama, tmp_path / "bad", experts=4, top_k=4, layers=[1], eval_tokens=0, verify="layers")
+    assert not (tmp_path / "bad").exists()
