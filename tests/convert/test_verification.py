@@ -80,3 +80,15 @@ def test_first_layers_check_reaches_the_first_converted_layer(tiny_llama, tmp_pa
     with pytest.raises(MoeforgeError, match="reloaded qwen2_moe model's logits differ"):
         moeforge.convert(tiny_llama, tmp_path / "bad", experts=4, top_k=4, layers=[1], eval_tokens=0, verify="layers")
     assert not (tmp_path / "bad").exists()
+
+
+def test_checking_a_qwen2_moe_export_without_shared_experts_warns_nothing(tiny_llama, tmp_path):
+    """Reloading the export printed torch's 'Initializing zero-element tensors is a no-op' (from its
+    zero-width shared expert) in the middle of `moeforge convert`'s output."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = moeforge.convert(tiny_llama, tmp_path / "out", experts=4, top_k=2, layers=[1], eval_tokens=0)
+    assert report.format == "qwen2_moe"
+    assert [str(w.message) for w in caught if "zero-element" in str(w.message)] == []
