@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralFo
 
 import moeforge
 from moeforge.errors import MoeforgeError
-from moeforge.models import MoeforgeForCausalLM
+from moeforge.models import MoeforgeConfig, MoeforgeForCausalLM
 
 from .conftest import smollm2_available
 
@@ -486,3 +486,22 @@ def test_a_folder_with_both_a_single_file_and_an_index_is_read_as_transformers_r
         other = single(ids).logits
     torch.testing.assert_close(want, other, atol=1e-5, rtol=1e-5)  # transformers read the single file
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_info_lists_the_same_moe_settings_for_every_format(tmp_path, capsys):
+    """A moeforge-format checkpoint records every MoE setting, and `moeforge info` printed all of
+    them (about twenty defaults and the conversion record) where an imported Mixtral showed three."""
+    from moeforge.cli import main
+
+    cfg = MoeforgeConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, moe={"num_experts": 4, "top_k": 2, "expert_size": 16,
+                                                     "capacity_factor": 1.25, "extra": {"conversion": {"method": "random"}}})
+    MoeforgeForCausalLM(cfg).save_pretrained(tmp_path / "mf")
+    tiny_mixtral(router_jitter_noise=0.1).save_pretrained(tmp_path / "mixtral")
+    with pytest.raises(SystemExit) as done:
+        main(["info", str(tmp_path / "mf")])
+    assert done.value.code in (0, None)
+    assert capsys.readouterr().out.splitlines()[-1] == "  MoE settings: capacity_factor=1.25"
+    with pytest.raises(SystemExit):
+        main(["info", str(tmp_path / "mixtral")])
+    assert capsys.readouterr().out.splitlines()[-1] == "  MoE settings: aux_loss_coef=0.0005, input_jitter=0.1"

@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from typing import Any
 
 import typer
+
+#: MoE settings the layout line of ``moeforge info`` already shows
+_SHOWN = ("num_experts", "expert_size", "top_k", "router", "num_shared_experts", "shared_expert_gate")
+
+
+def other_settings(moe: dict[str, Any]) -> dict[str, Any]:
+    """The MoE settings besides those on the layout line that differ from :class:`MoEConfig`'s
+    defaults. A moeforge-format checkpoint records every setting (and the conversion's record in
+    ``extra``), an imported Mixtral or Qwen2-MoE only a few: listing the non-default ones reads
+    the same for both."""
+    from ..moe.config import MoEConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(MoEConfig) if f.default is not dataclasses.MISSING}
+    return {k: v for k, v in moe.items()
+            if k not in _SHOWN and k != "extra" and (k not in defaults or v != defaults[k])}
 
 
 def register(app: typer.Typer) -> None:
@@ -43,7 +60,6 @@ def register(app: typer.Typer) -> None:
             print(f"  MoE layers: {where} (of {n}); {moe['num_experts']} experts of width {moe['expert_size']}, "
                   f"top-{moe['top_k']}, router {moe.get('router', 'topk')}"
                   + (f", {shared} shared expert(s)" + (" (gated)" if moe.get("shared_expert_gate") else "") if shared else ""))
-            rest = {k: v for k, v in moe.items() if k not in ("num_experts", "expert_size", "top_k", "router",
-                                                                 "num_shared_experts", "shared_expert_gate")}
+            rest = other_settings(moe)
             if rest:
                 print("  MoE settings: " + ", ".join(f"{k}={v}" for k, v in rest.items()))
