@@ -280,6 +280,10 @@ def convert(
                             f"needs a token and its successor), got {eval_tokens!r}.")
     say = progress or (lambda _m: None)
     if out is None:
+        if cfg.format != "auto" or overwrite:
+            given = f"format={cfg.format!r}" if cfg.format != "auto" else "overwrite=True"
+            raise MoeforgeError(f"{given} applies to a written export, but out=None converts in memory and writes "
+                                "nothing; pass out=DIR to write one, or leave it out.")
         return _convert(model_or_path, None, cfg, allow_pickle, tokenizer, verify, eval_tokens, say)
     from ..utils.io import atomic_output_dir
 

@@ -351,3 +351,12 @@ def test_cli_conversion_killed_with_sigterm_leaves_nothing(tiny_llama, tmp_path)
     assert done.returncode == 130, done.stderr
     assert "moeforge: error: interrupted" in done.stderr and "Traceback" not in done.stderr
     assert leftovers(parent) == []
+
+
+def test_export_options_of_an_in_memory_conversion_are_refused(tiny_llama):
+    """out=None converts in memory: format= and overwrite= were accepted and silently ignored."""
+    with pytest.raises(MoeforgeError, match="format='mixtral' applies to a written export, but out=None"):
+        moeforge.convert(tiny_llama, None, experts=2, top_k=1, format="mixtral", eval_tokens=0)
+    with pytest.raises(MoeforgeError, match="overwrite=True applies to a written export"):
+        moeforge.convert(tiny_llama, None, experts=2, top_k=1, overwrite=True, eval_tokens=0)
+    assert moeforge.convert(tiny_llama, None, experts=2, top_k=1, eval_tokens=0).model is not None
