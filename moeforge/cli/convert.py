@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
         gate_init: str = typer.Option("random", "--gate-init", help="random, uniform, centroid, activation, or domain "
                                       "(merge: fitted to send each --expert-data text to its expert)."),
         refine: str = typer.Option("none", help="Layer-wise local distillation: none, router, down, router+down, all."),
-        refine_steps: int = typer.Option(200, "--refine-steps", help="Optimiser steps per layer for --refine."),
+        refine_steps: int = typer.Option(None, "--refine-steps", help="Optimiser steps per layer for --refine router, router+down or all (default 200)."),
         refine_lr: float = typer.Option(None, "--refine-lr", help="Learning rate for --refine (default 3e-3 router only, 1e-4 with experts)."),
         layers: str = typer.Option("all", help="Layers to convert, e.g. '0-11' or '0,2,4'; default all."),
         fmt: str = typer.Option("auto", "--format", help="auto, mixtral, qwen2_moe or moeforge."),
@@ -32,14 +32,14 @@ def register(app: typer.Typer) -> None:
         calibration: str = typer.Option(None, help="Calibration text: prose, code, arithmetic (join with +) or a .txt/.jsonl file."),
         calibration_tokens: int = typer.Option(8192, "--calibration-tokens", help="Calibration tokens for data-driven steps."),
         calibration_seq_len: int = typer.Option(256, "--calibration-seq-len", help="Window length of the calibration sequences."),
-        kmeans_iters: int = typer.Option(20, "--kmeans-iters", help="cluster/coactivation: balanced k-means iterations."),
+        kmeans_iters: int = typer.Option(None, "--kmeans-iters", help="cluster/coactivation: balanced k-means iterations (default 20)."),
         normalize_weights: bool = typer.Option(
             True, "--normalize-weights/--no-normalize-weights",
             help="Renormalise the k routing weights to sum to 1 (Mixtral); --no-normalize-weights keeps the raw softmax mass (Qwen-MoE)."),
         router_option: list[str] = typer.Option(
             None, "--router-option", metavar="KEY=VALUE",
             help="Another MoE layer setting, e.g. aux_loss_coef=0.01, capacity_factor=1.25, z_loss_coef=1e-3; repeat for several."),
-        granularity: int = typer.Option(2, help="granular-upcycle: parts per dense FFN (G)."),
+        granularity: int = typer.Option(None, help="granular-upcycle: parts per dense FFN (G, default 2)."),
         upcycle_noise: float = typer.Option(0.0, "--upcycle-noise", help="upcycle: relative noise std on expert copies."),
         upcycle_reinit: float = typer.Option(0.0, "--upcycle-reinit", help="upcycle: fraction of neurons re-initialised."),
         expert_model: list[str] = typer.Option(

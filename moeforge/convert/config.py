@@ -27,6 +27,10 @@ GATE_INIT_NAMES = ("random", "uniform", "centroid", "activation", "domain")
 MERGE_SHARED_NAMES = ("base", "average")
 #: layer-wise refinement modes (see :mod:`moeforge.convert.refine`)
 REFINE_NAMES = ("none", "router", "down", "router+down", "all")
+#: refine modes that take optimiser steps (--refine-steps, --refine-lr); "down" is a closed-form refit
+REFINE_BY_STEPS = ("router", "router+down", "all")
+#: methods that cluster neurons by balanced k-means (--kmeans-iters)
+KMEANS_METHODS = ("cluster", "coactivation")
 #: rescale modes besides a number (see :mod:`moeforge.convert.rescale`)
 RESCALE_NAMES = ("auto", "none", "layerwise", "fit")
 #: export formats (see :mod:`moeforge.formats`)
@@ -121,8 +125,8 @@ class ConvertConfig:
     """Router initialisation: random (small normal), uniform (zeros: equal weights; ties go to the lowest index), centroid (from each expert's neurons), activation (fitted on calibration tokens) or domain (merge: fitted to send each --expert-data text to its expert)."""
     refine: str = "none"
     """Layer-wise local distillation toward the dense FFN after construction: none, router (gradient steps on the router), down (closed-form least-squares refit of the down projections), router+down, or all (router and experts by gradient steps)."""
-    refine_steps: int = 200
-    """Optimiser steps per layer for --refine."""
+    refine_steps: int | None = None
+    """Optimiser steps per layer for --refine router, router+down or all (default 200)."""
     refine_lr: float | None = None
     """Learning rate for --refine (default 3e-3 for the router alone, 1e-4 when experts train too)."""
     layers: list[int] | None = None
@@ -137,16 +141,16 @@ class ConvertConfig:
     """Calibration tokens used by data-driven steps."""
     calibration_seq_len: int = 256
     """Window length of the calibration sequences."""
-    granularity: int = 2
-    """granular-upcycle: G, the number of parts each dense FFN is split into (E must be a multiple)."""
+    granularity: int | None = None
+    """granular-upcycle: G, the number of parts each dense FFN is split into (E must be a multiple; default 2)."""
     upcycle_noise: float = 0.0
     """upcycle: std of Gaussian noise added to each expert copy, relative to each matrix's std."""
     upcycle_reinit: float = 0.0
     """upcycle: fraction of each expert's neurons re-initialised from the dense weights' statistics (Drop-Upcycling)."""
     normalize_weights: bool = True
     """Renormalise the k routing weights to sum to 1 (Mixtral); False keeps the raw softmax mass (Qwen-MoE)."""
-    kmeans_iters: int = 20
-    """cluster/coactivation: balanced k-means iterations."""
+    kmeans_iters: int | None = None
+    """cluster/coactivation: balanced k-means iterations (default 20)."""
     dtype: str | None = None
     """Output dtype (float32, bfloat16, float16); default: the dense checkpoint's."""
     max_shard_size: str = "2GB"
@@ -171,6 +175,7 @@ class ConvertConfig:
         _choice("gate init", self.gate_init, GATE_INIT_NAMES, "--gate-init")
         _choice("refine mode", str(self.refine), REFINE_NAMES, "--refine")
         _choice("format", self.format, FORMAT_NAMES, "--format")
+        self._fill_recipe_defaults()
         for name in ("experts", "top_k", "refine_steps", "calibration_tokens", "calibration_seq_len", "granularity", "kmeans_iters"):
             value = getattr(self, name)
             require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
@@ -295,6 +300,25 @@ class ConvertConfig:
                     f"--expert-data is the text each expert's router row is fitted on (--gate-init domain); with "
                     f"--gate-init {self.gate_init} it would be ignored. Add --gate-init domain or drop --expert-data.")
 
+    def _fill_recipe_defaults(self) -> None:
+        """Refuse a recipe-specific count given to a recipe that does not read it (the conversion
+        would otherwise succeed as if it had never been given), then fill in the defaults."""
+        readers = (
+            ("refine_steps", "--refine-steps", 200, self.refine in REFINE_BY_STEPS,
+             f"the optimiser steps of --refine {', '.join(REFINE_BY_STEPS)}; with --refine {self.refine} none run"),
+            ("granularity", "--granularity", 2, self.method == "granular-upcycle",
+             f"the parts per FFN of --method granular-upcycle; --method {self.method} does not read it"),
+            ("kmeans_iters", "--kmeans-iters", 20, self.method in KMEANS_METHODS,
+             f"the k-means iterations of --method {' and '.join(KMEANS_METHODS)}; --method {self.method} runs no "
+             "k-means"),
+        )
+        for name, flag, default, read, what in readers:
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+            elif not read:
+                raise MoeforgeError(f"{flag} ({name}) sets {what}, so it would be ignored; drop it or change the "
+                                    "recipe.")
+
     def _refuse_unread(self) -> None:
         """Options that only some recipes read, refused where nothing would read them (the
         conversion would otherwise succeed as if they had never been given)."""
@@ -303,7 +327,7 @@ class ConvertConfig:
                 f"--upcycle-noise / --upcycle-reinit perturb the expert copies of --method upcycle and granular-upcycle; "
                 f"--method {self.method} splits the FFN into different experts and would ignore them. Drop them, or "
                 "use --method upcycle or granular-upcycle.")
-        if self.refine_lr is not None and self.refine in ("none", "down"):
+        if self.refine_lr is not None and self.refine not in REFINE_BY_STEPS:
             raise MoeforgeError(
                 f"--refine-lr is the learning rate of --refine router, router+down or all; with --refine {self.refine} "
                 "no optimiser runs (down is a closed-form refit) and it would be ignored. Drop --refine-lr or choose "

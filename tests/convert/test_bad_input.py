@@ -316,10 +316,17 @@ def test_options_no_step_reads_are_refused():
         (dict(method="coactivation", refine="down", refine_lr=0.01), "with --refine down no optimiser runs"),
         (dict(method="random", calibration="code"), "--calibration is not read"),
         (dict(method="cluster", gate_init="centroid", calibration="prose"), "--calibration is not read"),
+        (dict(method="random", refine_steps=50), "--refine-steps .* with --refine none none run"),
+        (dict(method="coactivation", refine="down", refine_steps=50), "with --refine down none run"),
+        (dict(method="upcycle", granularity=4), "--granularity .* --method upcycle does not read it"),
+        (dict(method="importance", kmeans_iters=5), "--method importance runs no k-means"),
     ]:
         with pytest.raises(MoeforgeError, match=match):
             C(**kw)
     C(method="upcycle", upcycle_noise=0.1, upcycle_reinit=0.5)
+    assert (C().refine_steps, C().granularity, C().kmeans_iters) == (200, 2, 20)  # the defaults, filled in
+    assert C(method="granular-upcycle", experts=8, granularity=4).granularity == 4
+    assert C(method="cluster", kmeans_iters=3, refine="all", refine_steps=7).kmeans_iters == 3
     C(method="granular-upcycle", experts=4, upcycle_noise=0.1)
     C(method="coactivation", refine="router", refine_lr=0.01, calibration="code")
     C(method="random", rescale="fit", calibration="prose")
