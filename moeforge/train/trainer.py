@@ -186,6 +186,13 @@ class Trainer:
         if cfg.overwrite and out.is_dir():
             return None
         latest = ckpt.latest_checkpoint(out) if out.is_dir() else None
+        if latest is None and (out / FINAL_DIR).is_dir():
+            # its checkpoints were deleted (to free disk): a fresh start would replace its model and metrics
+            raise MoeforgeError(
+                f"output_dir {out} holds a finished run's model ({FINAL_DIR}/) but no checkpoint to resume from; "
+                "training again would start over and replace it. Choose a new output_dir, or pass --overwrite true "
+                "to start over."
+            )
         if latest is not None and not cfg.resume:
             raise MoeforgeError(
                 f"{out} already holds checkpoints (latest {latest.name}) and resume is off; "

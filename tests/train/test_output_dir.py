@@ -64,6 +64,23 @@ def test_steps_on_resume(tmp_path, make_cfg):
     assert [s for s, _ in list_checkpoints(cfg["output_dir"])] == [2, 4, 6]
 
 
+def test_finished_run_whose_checkpoints_were_deleted_is_not_silently_retrained(make_cfg):
+    """Its checkpoints deleted to free disk, a finished run rerun with another lr started over in
+    place: its metrics went at once and its final/ model was replaced, without --overwrite."""
+    import shutil
+
+    cfg = make_cfg(steps=2)
+    train(cfg)
+    out = Path(cfg["output_dir"])
+    shutil.rmtree(out / "checkpoints")
+    before = _snapshot(out)
+    with pytest.raises(MoeforgeError, match=r"holds a finished run's model \(final/\) but no checkpoint.*--overwrite true"):
+        train(make_cfg(steps=2, lr=1e-3))
+    assert _snapshot(out) == before
+    res = train(make_cfg(steps=2, lr=1e-3, overwrite=True))
+    assert res.resumed_from is None and "lr: 0.001" in (out / CONFIG_FILE).read_text()
+
+
 def test_extended_run_interrupted_before_its_final_save_does_not_keep_the_old_final(tmp_path, make_cfg):
     """A finished 2-step run extended to 4 steps and stopped between its last checkpoint and its
     final save: the rerun took the 2-step run's final/ for its own and reported the stale model."""
