@@ -108,6 +108,7 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
             frozen.update(f"{name}:{float(sample.sum()):.9e}:{float(sample.abs().sum()):.9e};".encode())
     return {
         "model_class": type(model).__name__,
+        "config": model_config(model),
         "parameters": shapes.hexdigest()[:16],
         "frozen_values": frozen.hexdigest()[:16],
         "num_parameters": sum(p.numel() for p in model.parameters()),
@@ -115,12 +116,45 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
     }
 
 
+#: config keys that say how a model was saved or runs, not what it computes
+RUNTIME_CONFIG_KEYS = frozenset({
+    "transformers_version", "architectures", "dtype", "torch_dtype", "use_cache", "_name_or_path",
+    "_attn_implementation", "attn_implementation", "_commit_hash",
+})
+
+
+def model_config(model: nn.Module) -> dict[str, Any] | None:
+    """The model's architecture settings as dotted keys (``moe.top_k``: 2), None when it has no
+    transformers config: two models of the same shapes may still route or compute differently."""
+    cfg = getattr(model, "config", None)
+    if not hasattr(cfg, "to_diff_dict"):
+        return None
+    out: dict[str, Any] = {}
+
+    def flat(value: Any, prefix: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                flat(v, f"{prefix}.{k}" if prefix else str(k))
+        else:
+            out[prefix] = value
+
+    flat({k: v for k, v in cfg.to_diff_dict().items() if k not in RUNTIME_CONFIG_KEYS}, "")
+    return json.loads(json.dumps(out, sort_keys=True, default=str))  # as state.json gives it back
+
+
 def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    if "config" not in saved:  # a checkpoint written before the model's config was recorded
+        current = {k: v for k, v in current.items() if k != "config"}
     if saved == current:
         return
     what = []
     if saved.get("model_class") != current.get("model_class"):
         what.append(f"class {saved.get('model_class')} vs {current.get('model_class')}")
+    old, new = saved.get("config") or {}, current.get("config") or {}
+    changed = [f"{k} {old.get(k, 'unset')!r} -> {new.get(k, 'unset')!r}" for k in sorted(set(old) | set(new))
+               if old.get(k, "unset") != new.get(k, "unset")]
+    if changed:
+        what.append(f"its config differs: {', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''}")
     if saved.get("parameters") != current.get("parameters"):
         what.append(
             f"parameter names/shapes/trainability differ ({saved.get('num_parameters'):,} params, "

@@ -149,6 +149,25 @@ def test_checkpoint_from_a_different_model_is_refused(tmp_path, make_cfg, tokeni
         train(make_cfg(steps=4, model=str(base), train_params="router", output_dir=str(tmp_path / "r"), resume=False))
 
 
+def test_same_shapes_other_model_config_is_refused(tmp_path, make_cfg, tokenizer):
+    """A model converted again at the same path with top-1 routing has the same parameters as the
+    top-2 one: the run resumed, training the checkpoint's weights under another routing."""
+    import shutil
+
+    model = save_tiny(tmp_path / "model", tokenizer)
+    train(make_cfg(steps=2, model=str(model)))
+    shutil.rmtree(model)
+    save_tiny(model, tokenizer, moe={"num_experts": 4, "top_k": 1, "expert_size": 16})
+    with pytest.raises(MoeforgeError, match=r"written for a different model \(its config differs: moe.top_k 2 -> 1\)"):
+        train(make_cfg(steps=4, model=str(model)))
+    # a checkpoint written before the model's config was recorded still resumes
+    state_file = list_checkpoints(make_cfg()["output_dir"])[-1][1] / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["fingerprint"]["config"]
+    state_file.write_text(json.dumps(state))
+    assert train(make_cfg(steps=4, model=str(model))).resumed_from == 2
+
+
 def test_stale_temporary_checkpoint_is_ignored(tmp_path, make_cfg):
     cfg = make_cfg(steps=2)
     train(cfg)
