@@ -1176,10 +1176,14 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any], *, moe: bool 
         return out
 
     old, new = flat(saved, "", {}), flat(current, "", {})
+    # a source added or removed is named once, by the "(sources)" line, not field by field
+    one_sided = [f"{key[: -len(' (sources)')]}.{name}."
+                 for key in set(old) | set(new) if key.endswith(" (sources)")
+                 for name in set(old.get(key) or []) ^ set(new.get(key) or [])]
     changes = []
     resumable = RESUMABLE_CHANGES - ({"micro_batch_size"} if moe else set())
     for key in sorted(set(old) | set(new)):
-        if key.split(".")[0].split(" ")[0] in resumable:
+        if key.split(".")[0].split(" ")[0] in resumable or key.startswith(tuple(one_sided)):
             continue
         a, b = old.get(key, "unset"), new.get(key, "unset")
         if a != b:

@@ -120,9 +120,10 @@ def test_config_changes_lists_what_would_splice_two_runs():
            "data": [{"name": "prose", "weight": 0.7}, {"name": "code", "weight": 0.5}]}
     assert config_changes(old, new) == ["data.prose.weight 0.5 -> 0.7", "lr 0.001 -> 0.002", "mixture.eta 1.0 -> 2.0"]
     dropped = {**old, "data": [{"name": "prose", "weight": 0.5}]}
-    assert config_changes(old, dropped) == [
-        "data (sources) ['prose', 'code'] -> ['prose']", "data.code.weight 0.5 -> 'unset'",
-    ]
+    assert config_changes(old, dropped) == ["data (sources) ['prose', 'code'] -> ['prose']"]
+    # a source swapped for another is that one line, not every field of both sources
+    swapped = {**old, "data": [{"name": "prose", "weight": 0.5}, {"name": "web", "path": "web.jsonl", "weight": 0.5}]}
+    assert config_changes(old, swapped) == ["data (sources) ['prose', 'code'] -> ['prose', 'web']"]
 
 
 def test_api_arguments_in_the_wrong_form(tmp_path, make_cfg, tiny_dir, tokenizer):
