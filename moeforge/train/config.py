@@ -645,7 +645,18 @@ def _check_key(part: str, parents: list[str], where: str) -> None:
         return  # deeper keys are checked when the dataclass is built
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     if part not in names:
-        raise MoeforgeError(f"unknown config key {where!r}.{closest(part, names)}")
+        raise MoeforgeError(f"unknown config key {where!r}.{_key_hint(part, names, '')}")
+
+
+def _key_hint(key: str, names, prefix: str) -> str:
+    """The closest valid key, or when none is close, the section's keys (the top level's are many: --help)."""
+    hint = closest(key, names, prefix)
+    if hint:
+        return hint
+    names = sorted(names)
+    if prefix and len(names) <= 20:
+        return f" Keys under {prefix.rstrip('.')}: {', '.join(names)}."
+    return " `moeforge train --help` lists the config keys."
 
 
 # ------------------------------------------------------------------------------- dataclass build
@@ -660,7 +671,7 @@ def _build(cls: type, data: Any, prefix: str):
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in fields:
-            raise MoeforgeError(f"unknown config key {prefix + str(key)!r}.{closest(str(key), fields, prefix)}")
+            raise MoeforgeError(f"unknown config key {prefix + str(key)!r}.{_key_hint(str(key), fields, prefix)}")
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     required = [n for n, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     missing = [n for n in required if n not in kwargs]

@@ -47,6 +47,10 @@ def test_overrides_cli_form_and_dict_form():
         (["--lrr", "1"], r"unknown config key 'lrr'\. Did you mean 'lr'\?"),
         (["--mixture.etaa", "1"], r"unknown config key 'mixture\.etaa'\. Did you mean 'mixture\.eta'\?"),
         (["--data.code.wieght", "1"], r"unknown config key 'data\.code\.wieght'\. Did you mean 'data\.code\.weight'\?"),
+        # nothing close: the section's keys, or at the top level where to find them all
+        (["--data.code.extra", "1"], r"unknown config key 'data\.code\.extra'\. Keys under data\.code: builtin, format, .*weight\."),
+        (["--distill.bogus", "1"], r"unknown config key 'distill\.bogus'\. Keys under distill: teacher, temperature, weight\."),
+        (["--foo", "1"], r"unknown config key 'foo'\. `moeforge train --help` lists the config keys\."),
         (["--data.cdoe.weight", "1"], r"no data source named 'cdoe'\. Did you mean 'code'\?"),
         (["--data.5.weight", "1"], "out of range"),
         (["--steps"], "needs a value"),
