@@ -259,8 +259,14 @@ class Trainer:
 
         cfg = self.config
         tok = self._given_tokenizer
-        if tok is None:
-            tok = load_tokenizer(cfg.tokenizer or cfg.model)
+        if tok is None and cfg.tokenizer is not None:
+            try:
+                tok = load_tokenizer(cfg.tokenizer)
+            except MoeforgeError as err:
+                raise MoeforgeError(f"the config's tokenizer: {err} Fix tokenizer: (or leave it out to use the "
+                                    "model's own).") from None
+        elif tok is None:
+            tok = load_tokenizer(cfg.model)
         if cfg.chat_template is not None:
             from ..data.chat import ensure_chat_template
 

@@ -21,6 +21,7 @@ def _write(tmp_path, cfg):
         (["--lrr", "1"], "unknown config key 'lrr'. Did you mean 'lr'?"),
         (["--data.arith.weight", "-2"], "weight -2.0; weights must be finite and >= 0"),
         (["--data.arith.weight", "0", "--data.prose.weight", "0"], "weights sum to 0"),
+        (["--tokenizer", "no/such/tokenizer"], "the config's tokenizer: model 'no/such/tokenizer' not found"),
     ],
 )
 def test_cli_bad_input_one_line_exit_2(tmp_path, make_cfg, capsys, extra, message):
