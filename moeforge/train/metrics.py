@@ -6,8 +6,9 @@ target tokens) plus ``aux_loss``, ``aux_losses``, ``lr``, ``grad_norm``, ``token
 ``tokens_per_s``, ``domain_loss`` (per-domain training loss), ``weights`` (the mixture weights
 after this step's dynamic update, i.e. those the next step samples with) and ``expert_load`` (per
 MoE layer, the fraction of routed (token, expert) pairs each expert got). Evaluation records
-(``"kind": "eval"``) hold ``step``, ``loss`` (mean over domains weighted by the tokens evaluated)
-and ``eval`` (per-domain validation loss); the end-of-run evaluation carries ``"final": true``
+(``"kind": "eval"``) hold ``step``, ``loss`` (mean over domains weighted by the tokens evaluated),
+``eval`` (per-domain validation loss) and ``eval_tokens`` (the budget per domain: ``eval_tokens``, or
+a dynamic mixture's own ``mixture.eval_tokens`` for its updates); the end-of-run evaluation carries ``"final": true``
 (a dynamic mixture's update may have evaluated the same step on its own, smaller budget; a run
 extended by rerunning it with more ``steps`` keeps the earlier end's record, so the last ``final``
 record is the current end's).
@@ -74,6 +75,15 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+def eval_groups(evals: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    """Evaluation records grouped by their per-domain token budget, largest first: a dynamic
+    mixture's updates evaluate on their own (usually smaller) budget, and losses measured on
+    different validation subsets do not belong on one line. Records without ``eval_tokens``
+    (written before it was recorded) form one group under 0."""
+    budgets = sorted({r.get("eval_tokens") or 0 for r in evals}, reverse=True)
+    return {b: [r for r in evals if (r.get("eval_tokens") or 0) == b] for b in budgets}
+
+
 def write_plots(output_dir: str | Path, records: list[dict[str, Any]] | None = None) -> list[Path]:
     """loss.png, domain_loss.png, domain_weights.png and expert_load.png from the metrics; returns the files written."""
     import matplotlib
@@ -95,11 +105,15 @@ def write_plots(output_dir: str | Path, records: list[dict[str, Any]] | None = N
         fig.tight_layout()
         written.append(save_figure(fig, out_dir / name))
 
+    by_budget = eval_groups(evals)
+    budgets = list(by_budget)
+
     # loss
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train (next-token)")
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="validation")
+    for b, group in by_budget.items():
+        label = "validation" + (f" ({b:,} tokens per domain)" if len(budgets) > 1 else "")
+        ax.plot([r["step"] for r in group], [r["loss"] for r in group], "o-", label=label)
     if any(r.get("aux_loss") for r in train):
         ax2 = ax.twinx()
         ax2.plot([r["step"] for r in train], [r.get("aux_loss") or 0.0 for r in train], color="tab:red", alpha=0.5, label="aux")
@@ -110,9 +124,9 @@ def write_plots(output_dir: str | Path, records: list[dict[str, Any]] | None = N
     ax.set_title("Loss")
     save(fig, "loss.png")
 
-    # per-domain loss (validation when available, else training)
+    # per-domain loss (validation on the largest budget when available, else training)
     fig, ax = plt.subplots(figsize=(7, 4))
-    source = evals if evals else train
+    source = by_budget[budgets[0]] if evals else train
     key = "eval" if evals else "domain_loss"
     names = sorted({n for r in source for n in (r.get(key) or {})})
     for n in names:

@@ -631,7 +631,8 @@ class Trainer:
         tok = {d.name: min(d.valid.num_tokens(), budget) for d in self.domains if d.valid is not None}
         total = sum(tok.get(n, 0) for n in losses) or 1
         mean = sum(losses[n] * tok.get(n, 0) for n in losses) / total
-        rec = {"kind": "eval", "step": self.step, "loss": mean, "eval": losses, "weights": self.mixture.as_dict()}
+        rec = {"kind": "eval", "step": self.step, "loss": mean, "eval": losses, "eval_tokens": budget,
+               "weights": self.mixture.as_dict()}
         if final:
             rec["final"] = True
         if self.mixture.reference is not None:

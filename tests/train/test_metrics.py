@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moeforge.train.metrics import write_plots
+from moeforge.train.metrics import eval_groups, write_plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -41,3 +41,14 @@ def test_a_failed_write_keeps_the_previous_plot_and_leaves_no_temporary_file(tmp
     assert (tmp_path / "loss.png").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["domain_loss.png", "domain_weights.png", "expert_load.png",
                                                           "loss.png"]
+
+
+def test_evaluations_on_different_budgets_are_separate_series():
+    """A dynamic mixture's updates evaluate on mixture.eval_tokens, the regular evaluations on
+    eval_tokens: one line through both zigzagged between two validation subsets."""
+    evals = [{"kind": "eval", "step": s, "loss": 2.0, "eval_tokens": b} for s, b in
+             [(2, 256), (4, 4096), (4, 256), (6, 256), (8, 4096)]]
+    groups = eval_groups(evals)
+    assert list(groups) == [4096, 256]
+    assert [r["step"] for r in groups[4096]] == [4, 8] and [r["step"] for r in groups[256]] == [2, 4, 6]
+    assert list(eval_groups([{"kind": "eval", "step": 1, "loss": 1.0}])) == [0]  # records from before the field
