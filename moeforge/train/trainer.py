@@ -898,8 +898,18 @@ class Trainer:
             f"{where}: {self.trainable:,} of {self.total_params:,} parameters train; {cfg.steps} steps x "
             f"{cfg.batch_size} x {cfg.seq_len} tokens ({tokens:,}/step) on {self.ctx.world_size} process(es), "
             f"{self.accum} micro-batch(es) of {self.micro} each; {cfg.mixture.type} mixture over {doms}; "
-            f"output {self.output_dir}"
+            f"output {self.output_dir}" + self._warmup_note()
         )
+
+    def _warmup_note(self) -> str:
+        """A warning when the linear warmup is longer than the run: the learning rate then peaks at
+        lr x steps / warmup_steps and never reaches ``lr`` (easy to miss when ``--steps`` is cut for a test)."""
+        cfg = self.config
+        if cfg.warmup_steps <= cfg.steps:
+            return ""
+        return (f"\nnote: warmup_steps {cfg.warmup_steps} > steps {cfg.steps}: the learning rate peaks at "
+                f"{cfg.lr * cfg.steps / cfg.warmup_steps:.3g} (lr {cfg.lr:g} x {cfg.steps}/{cfg.warmup_steps}) and "
+                f"never reaches lr; lower warmup_steps (e.g. --warmup_steps {max(1, cfg.steps // 10)}) to train at lr.")
 
     # ======================================================================== dynamic mixture
     def _mixture_losses(self) -> dict[str, float]:

@@ -74,3 +74,14 @@ def test_cli_errors_are_printed_once_under_torchrun(tmp_path, make_cfg, capsys, 
         assert err.value.code == 2
         assert ("unknown config key 'lrr'" in capsys.readouterr().err) is printed
 
+
+
+def test_a_warmup_longer_than_the_run_is_pointed_out(tmp_path, make_cfg, capsys):
+    # --steps cut for a quick run under a config's warmup_steps: lr never reaches its value
+    with pytest.raises(SystemExit) as err:
+        main(["train", _write(tmp_path, make_cfg(steps=2, warmup_steps=8, progress=True, lr=1e-3))])
+    assert err.value.code == 0
+    out = capsys.readouterr()
+    assert "note: warmup_steps 8 > steps 2: the learning rate peaks at 0.00025 (lr 0.001 x 2/8)" in out.out + out.err
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "out") if r.get("kind") == "train"]
+    assert max(lrs) == pytest.approx(2.5e-4)
