@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +91,7 @@ class MoEConfig:
         from .routers import ROUTERS  # late import: routers import this module
 
         check_field_types(self)
+        _check_finite(self)
 
         for name in ("hidden_size", "expert_size", "num_experts", "top_k"):
             value = getattr(self, name)
@@ -190,3 +192,17 @@ class MoEConfig:
 
     def replace(self, **changes: Any) -> MoEConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _check_finite(config: MoEConfig) -> None:
+    """Refuse NaN and infinite numbers in ``config``'s float fields: comparisons such as
+    ``capacity_factor > 0`` let ``inf`` through (an OverflowError at the first forward), and
+    ``output_scale``, which has no range, would turn every output into NaN."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            default = "the router's default" if f.default is None else repr(f.default)
+            raise MoeforgeError(
+                f"MoEConfig.{f.name} must be a finite number, got {value!r}; set a finite value or leave it out "
+                f"for its default ({default})."
+            )

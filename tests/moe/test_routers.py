@@ -284,3 +284,28 @@ def test_sigmoid_bias_state_stays_float32_when_the_model_is_cast(dtype):
     before = layer.router.bias.clone()
     update_router_biases(layer)
     assert (layer.router.bias - before).abs().tolist() == pytest.approx([1e-3] * 4, rel=1e-4)  # each moved by gamma
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(router="switch", top_k=1, capacity_factor=math.inf),
+        dict(router="expert_choice", allow_future_tokens=True, capacity_factor=math.inf),
+        dict(router="switch", top_k=1, eval_capacity_factor=math.inf),
+        dict(output_scale=math.nan),
+        dict(output_scale=-math.inf),
+        dict(aux_loss_coef=math.inf),
+        dict(z_loss_coef=math.inf),
+        dict(router_init_std=math.inf),
+        dict(router="noisy_topk", noise_floor=math.inf),
+        dict(router="sigmoid_bias", bias_update_rate=math.inf),
+    ],
+)
+def test_non_finite_numbers_are_refused_at_construction(kw):
+    """inf passes the range checks (capacity_factor=inf crashed at the first forward with an
+    OverflowError; output_scale=nan made every output NaN): refused, naming the field."""
+    name = next(k for k, v in kw.items() if isinstance(v, float))
+    base = dict(hidden_size=8, expert_size=4, num_experts=4, top_k=2)
+    base.update(kw)
+    with pytest.raises(MoeforgeError, match=rf"MoEConfig\.{name} must be a finite number, got (nan|inf|-inf)"):
+        MoEConfig(**base)
