@@ -47,6 +47,18 @@ def build_router(config: MoEConfig) -> Router:
     return ROUTERS[config.router](config)
 
 
+def ceil_tokens(tokens: float) -> int:
+    """ceil of a per-expert token count computed in floating point, ignoring the product's rounding
+    error: capacity factors such as 1.1 have no exact binary value, so 100 / 2 * 1.1 evaluates to
+    55.00000000000001, whose plain ceil would give every expert 56 slots instead of 55."""
+    return math.ceil(tokens - abs(tokens) * 1e-12)
+
+
+def ceil_tokens_tensor(tokens: Tensor) -> Tensor:
+    """:func:`ceil_tokens` elementwise, for a float64 tensor of counts (long result)."""
+    return torch.ceil(tokens - tokens.abs() * 1e-12).long()
+
+
 # std of a standard normal truncated to (-2, 2): TF's VarianceScaling divides by it so that the
 # truncated draw has the intended std
 _TRUNCATED_STD = 0.87962566103423978
@@ -245,7 +257,7 @@ class SwitchRouter(Router):
         factor = self.capacity_factor if self.training else self.config.eval_capacity_factor
         if factor is None:
             return None
-        return max(1, math.ceil(tokens / self.num_experts * factor))
+        return max(1, ceil_tokens(tokens / self.num_experts * factor))
 
     def route(self, x: Tensor, batch_shape: tuple[int, ...] | None) -> Routing:
         eps = 0.01 if self.config.jitter_eps is None else self.config.jitter_eps
@@ -340,11 +352,11 @@ class ExpertChoiceRouter(Router):
             scores = grid.permute(0, 2, 1)
             group = s
         if token_mask is None:
-            capacity = min(group, max(1, math.ceil(group * self.capacity_factor / e)))
+            capacity = min(group, max(1, ceil_tokens(group * self.capacity_factor / e)))
             group_caps = None
         else:  # each group's capacity counts its real tokens only, so padding never changes a choice
             real = token_mask.view(b, s).sum(dim=0 if self.config.expert_choice_causal else 1)  # (G,)
-            group_caps = torch.ceil(real.double() * self.capacity_factor / e).clamp_min(1).long().minimum(real)
+            group_caps = ceil_tokens_tensor(real.double() * self.capacity_factor / e).clamp_min(1).minimum(real)
             capacity = int(group_caps.max()) if group_caps.numel() else 0
         weight, choice = scores.topk(capacity, dim=-1)  # (G, E, C)
         outer = torch.arange(scores.shape[0], device=x.device).view(-1, 1, 1)

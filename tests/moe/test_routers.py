@@ -309,3 +309,19 @@ def test_non_finite_numbers_are_refused_at_construction(kw):
     base.update(kw)
     with pytest.raises(MoeforgeError, match=rf"MoEConfig\.{name} must be a finite number, got (nan|inf|-inf)"):
         MoEConfig(**base)
+
+
+def test_capacity_is_the_ceil_of_the_exact_product():
+    """ceil(T / E * c) of the decimal factor: 100 / 2 * 1.1 evaluates to 55.00000000000001 in floating
+    point, and a plain ceil gave 56 slots (one token too many kept per expert)."""
+    switch = layer_with_router_weight(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), top_k=1, router="switch",
+                                      capacity_factor=1.1, jitter_eps=0.0).train()
+    assert switch.router.capacity(100) == 55 and switch.router.capacity(10) == 6  # 5.5 still rounds up
+    dropped = switch(torch.tensor([[2.0, 0.0]] * 100)).routing.dropped  # every token prefers expert 0
+    assert int((~dropped).sum()) == 55
+    # expert choice: ceil(S * c / E) = 50 * 1.1 / 5 = 11 tokens per expert, with and without a token mask
+    for kw in ({}, {"token_mask": torch.ones(1, 50, dtype=torch.bool)}):
+        layer = MoELayer(MoEConfig(hidden_size=8, expert_size=4, num_experts=5, router="expert_choice",
+                                   allow_future_tokens=True, capacity_factor=1.1)).eval()
+        routing = layer(torch.randn(1, 50, 8), **kw).routing
+        assert routing.expert_load().tolist() == [11] * 5
