@@ -48,6 +48,7 @@ class MoeforgeConfig(LlamaConfig):
                     f"moe_layers {bad} name no layer of this {self.num_hidden_layers}-layer model; use indices "
                     f"0-{self.num_hidden_layers - 1}."
                 )
+        self._check_override_keys()
 
     def _check_shape_fields(self) -> None:
         """Refuse impossible attention/stack sizes (e.g. from a hand-edited or foreign config.json),
@@ -87,6 +88,19 @@ class MoeforgeConfig(LlamaConfig):
         window = self.sliding_window
         if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 0):
             raise MoeforgeError(f"sliding_window must be a non-negative integer or null (full attention), got {window!r}.")
+
+    def _check_override_keys(self) -> None:
+        """Refuse ``moe_overrides`` keys that name no MoE layer (an int key, a layer out of range, a
+        dense layer): :meth:`layer_moe_config` looks layers up by their index as a string, so such an
+        override was silently never applied."""
+        layers = [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+        for key in self.moe_overrides or {}:
+            if not (isinstance(key, str) and key.isdigit() and int(key) in layers):
+                hint = f" (write {str(key)!r})" if isinstance(key, int) and key in layers else ""
+                raise MoeforgeError(
+                    f"moe_overrides key {key!r} names no MoE layer of this model{hint}; keys are the indices of "
+                    f"MoE layers as strings, here {', '.join(repr(str(i)) for i in layers) or 'none'}."
+                )
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return self.moe_layers is None or layer_idx in self.moe_layers

@@ -92,3 +92,22 @@ def test_aux_losses_keep_their_gradient_under_reentrant_activation_checkpointing
     for g in grads[1:]:
         torch.testing.assert_close(g, grads[0])
     assert grads[0].abs().sum() > 0
+
+
+def test_moe_overrides_that_name_no_moe_layer_are_refused():
+    """Overrides are looked up by the layer index as a string: an int key, an index past the last
+    layer or a dense layer's index was silently never applied."""
+    import pytest
+
+    from moeforge.errors import MoeforgeError
+
+    moe = {"num_experts": 4, "top_k": 2, "expert_size": 12}
+    model = MoeforgeForCausalLM(MoeforgeConfig(**TINY, moe=moe, moe_overrides={"1": {"output_scale": 4.0}}))
+    assert [layer.config.output_scale for layer in model.moe_layers()] == [1.0, 4.0]
+    for overrides, layers, message in [
+        ({1: {"output_scale": 4.0}}, None, r"key 1 names no MoE layer of this model \(write '1'\)"),
+        ({"7": {"output_scale": 4.0}}, None, r"key '7' names no MoE layer.*here '0', '1'"),
+        ({"1": {"output_scale": 4.0}}, [0], r"key '1' names no MoE layer.*here '0'\."),
+    ]:
+        with pytest.raises(MoeforgeError, match=message):
+            MoeforgeConfig(**TINY, moe=moe, moe_layers=layers, moe_overrides=overrides)
