@@ -133,7 +133,9 @@ class StackedExperts(nn.Module):
         """
         tokens, hidden = x.shape
         w = self.in_proj
-        if x.dtype != w.dtype and x.dtype.itemsize < w.dtype.itemsize:
+        # a lower-precision input, or another 16-bit format (float16 into bfloat16 weights), needs
+        # autocast; a higher-precision one is the fused path's inference upcast, one expert at a time
+        if x.dtype != w.dtype and (x.dtype.itemsize <= w.dtype.itemsize or not self._use_fused(x)):
             if not torch.is_autocast_enabled(x.device.type):
                 raise MoeforgeError(
                     f"the MoE layer's input is {str(x.dtype).removeprefix('torch.')} but its expert weights are "

@@ -371,6 +371,23 @@ def test_lower_precision_input_than_weights(execution):
         assert x.grad is not None and layer.experts.gate_up_proj.grad is not None
 
 
+@pytest.mark.parametrize("execution", ["fused", "grouped"])
+def test_input_and_weights_in_different_16_bit_formats_are_one_clear_error(execution):
+    """float16 into bfloat16 experts (same width, so not 'lower precision') reached torch.mm as a
+    dtype mismatch (grouped) or failed in backward saying the weights were lower precision (fused);
+    a float32 input into bfloat16 experts on the grouped path, which has no inference upcast, the same."""
+    layer = make_layer().to(torch.bfloat16)
+    layer.experts.execution = execution
+    with pytest.raises(MoeforgeError, match="input is float16 but its expert weights are bfloat16"):
+        layer(torch.randn(2, 5, 16, dtype=torch.float16))
+    x = torch.randn(2, 5, 16)
+    if execution == "grouped":
+        with pytest.raises(MoeforgeError, match="input is float32 but its expert weights are bfloat16"):
+            layer(x)
+    else:  # the fused path's inference upcast, one expert at a time
+        assert layer.eval()(x).hidden_states.dtype == torch.float32
+
+
 @pytest.mark.parametrize(
     "kw",
     [
