@@ -129,10 +129,28 @@ def compose_from_config(anchor_model: nn.Module, section: dict[str, Any], *, anc
             "the compose section needs 'augmenting': the path or alias of the augmenting model m_A "
             "(e.g. `augmenting: smollm2`)."
         )
+    _check_section_values(section)
     composed = compose(anchor_model, section["augmenting"], config=config, anchor_tokenizer=anchor_tokenizer)
     if section.get("init_from"):
-        composed.load_trained(section["init_from"], allow_other_models=bool(section.get("allow_other_models", False)))
+        composed.load_trained(section["init_from"], allow_other_models=section.get("allow_other_models", False))
     return composed
+
+
+def _check_section_values(section: dict[str, Any]) -> None:
+    """Refuse wrongly typed section keys that :class:`CALMConfig` does not check (a quoted
+    ``allow_other_models: "false"`` would otherwise count as true)."""
+    for key in ("augmenting", "init_from"):
+        value = section.get(key)
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            raise MoeforgeError(
+                f"compose.{key} must be a path or alias (a string), got {value!r} ({type(value).__name__})."
+            )
+    allow = section.get("allow_other_models", False)
+    if not isinstance(allow, bool):
+        raise MoeforgeError(
+            f"compose.allow_other_models must be true or false, got {allow!r} ({type(allow).__name__}); "
+            "write it unquoted."
+        )
 
 
 def load_composition(

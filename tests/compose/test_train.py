@@ -59,6 +59,25 @@ def test_bad_compose_section_exits_with_one_line(saved_models, tmp_path, capsys)
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"init_from": 5}, "compose.init_from must be a path or alias (a string), got 5 (int)"),
+        ({"init_from": "x", "allow_other_models": "false"},
+         "compose.allow_other_models must be true or false, got 'false' (str)"),
+    ],
+)
+def test_wrongly_typed_section_keys_exit_with_one_line(saved_models, tmp_path, capsys, section, message):
+    """init_from: 5 ended in a TypeError traceback; allow_other_models: "false" (quoted) counted as true."""
+    with pytest.raises(SystemExit) as done:
+        main(["train", str(_config(saved_models, tmp_path, **section))])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("moeforge: error:")]
+    assert len(errors) == 1 and message in errors[0]
+    assert "Traceback" not in err
+
+
 def test_seq_len_past_the_augmenting_models_context_refused(saved_models, tmp_path, capsys):
     """Only the anchor's context was checked: m_A ran past its own max_position_embeddings silently."""
     from moeforge.models import MoeforgeConfig
