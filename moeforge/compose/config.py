@@ -73,7 +73,8 @@ class CALMConfig:
             if layers is None:
                 continue
             require(
-                isinstance(layers, (list, tuple)) and all(isinstance(i, int) and i >= 0 for i in layers),
+                isinstance(layers, (list, tuple))
+                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers),
                 f"compose.{name} must be a list of 0-based layer indices, got {layers!r}.",
             )
             layers = list(layers)
