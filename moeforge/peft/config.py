@@ -19,6 +19,7 @@ T5, see :mod:`moeforge.peft.targets`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -96,8 +97,8 @@ class AdapterConfig:
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
         require(
-            isinstance(self.router_init_std, (int, float)) and self.router_init_std > 0,
-            f"{owner}.router_init_std must be > 0, got {self.router_init_std!r}.",
+            isinstance(self.router_init_std, (int, float)) and 0 < self.router_init_std < math.inf,
+            f"{owner}.router_init_std must be a finite number > 0, got {self.router_init_std!r} (paper's code: 0.02).",
         )
         router_input = getattr(self, "router_input", None)
         if router_input is not None:
@@ -196,14 +197,17 @@ class MoLoRAConfig(AdapterConfig):
         owner = type(self).__name__
         _positive_int(owner, "rank", self.rank)
         require(
-            isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and self.alpha > 0,
-            f"{owner}.alpha must be > 0, got {self.alpha!r}; the update is scaled by alpha/rank (paper: alpha=16, rank=4).",
+            isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and 0 < self.alpha < math.inf,
+            f"{owner}.alpha must be a finite number > 0, got {self.alpha!r}; the update is scaled by alpha/rank (paper: alpha=16, rank=4).",
         )
         require(
             isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
             f"{owner}.dropout must be in [0, 1), got {self.dropout!r}.",
         )
-        require(isinstance(self.init_std, (int, float)) and self.init_std > 0, f"{owner}.init_std must be > 0, got {self.init_std!r}.")
+        require(
+            isinstance(self.init_std, (int, float)) and 0 < self.init_std < math.inf,
+            f"{owner}.init_std must be a finite number > 0, got {self.init_std!r} (paper's code: 0.02).",
+        )
 
     @property
     def scaling(self) -> float:

@@ -26,6 +26,10 @@ from .conftest import make_model
         (lambda: LoRAConfig(top_k=1), ["no router", "top_k"]),
         (lambda: MoVConfig(target_modules=[]), ["target_modules", "non-empty"]),
         (lambda: MoLoRAConfig(dropout=1.0), ["dropout", "[0, 1)"]),
+        # an infinite scale made the first forward NaN (inf * 0 at B = 0), reported as a lr problem
+        (lambda: MoLoRAConfig(alpha=float("inf")), ["alpha", "finite", "inf"]),
+        (lambda: MoLoRAConfig(init_std=float("inf")), ["init_std", "finite", "inf"]),
+        (lambda: MoVConfig(router_init_std=float("inf")), ["router_init_std", "finite", "inf"]),
     ],
 )
 def test_bad_values_are_refused_with_the_value_and_the_fix(build, words):
