@@ -9,6 +9,7 @@ N/n, 2N/n, ..., N; the paper uses N_A/n = 4). Explicit layer lists override that
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,7 +95,7 @@ class CALMConfig:
                 f"compose.num_heads must be a positive integer or null (the anchor's head count), got {self.num_heads!r}.",
             )
         require(0.0 <= self.dropout < 1.0, f"compose.dropout must be in [0, 1), got {self.dropout!r}.")
-        require(self.init_std > 0, f"compose.init_std must be > 0, got {self.init_std!r}.")
+        require(0 < self.init_std < math.inf, f"compose.init_std must be a finite number > 0, got {self.init_std!r}.")
 
     # ------------------------------------------------------------------ resolution against models
     def layer_pairs(self, augmenting_num_layers: int, anchor_num_layers: int) -> list[tuple[int, int]]:

@@ -38,6 +38,7 @@ def test_more_connections_than_layers():
         ({"num_connections": 2, "anchor_layers": [2, 1]}, "strictly increasing"),
         ({"num_heads": 0}, "num_heads"),
         ({"dropout": 1.5}, "dropout"),
+        ({"init_std": float("inf")}, "init_std must be a finite number > 0, got inf"),
         ({"anchor_layers": [True, 2]}, r"anchor_layers must be a list of 0-based layer indices, got \[True, 2\]"),
     ],
 )
