@@ -332,13 +332,13 @@ def wrap(model: nn.Module | str | os.PathLike, config: AdapterConfig | dict) -> 
     names, feedforward = _resolve_targets(model, config)
     require(names, f"{type(config).__name__} selects no module of this {type(model).__name__}; set target_modules.")
     head_dim = config.head_dim if isinstance(config, MoVConfig) and config.head_dim else head_dim_of(model)
+    context = AdapterContext()
+    layers: dict[str, AdapterLayer] = {}
+    for name in names:  # may refuse (e.g. a head_dim that does not fit): nothing of the model is touched yet
+        layers[name] = _build_layer(model, name, config, context, feedforward, head_dim)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    context = AdapterContext()
-    layers: dict[str, AdapterLayer] = {}
-    for name in names:
-        layers[name] = _build_layer(model, name, config, context, feedforward, head_dim)
     for name, layer in layers.items():
         parent, child = _parent(model, name)
         setattr(parent, child, layer)

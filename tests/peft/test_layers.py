@@ -129,3 +129,6 @@ def test_a_head_dim_that_does_not_divide_the_key_width_is_refused():
                                          num_attention_heads=4, num_key_value_heads=2))
     with pytest.raises(MoeforgeError, match="head_dim=5 does not divide"):
         wrap(model, MoVConfig(num_experts=2, head_dim=5))
+    # the refusal leaves the model as it was: it used to come back with every parameter frozen
+    assert all(p.requires_grad for p in model.parameters())
+    assert wrap(model, MoVConfig(num_experts=2)).parameter_summary().trainable > 0
