@@ -399,7 +399,9 @@ class SigmoidBiasRouter(Router):
     over the k selected when ``normalize_weights``. In training the router counts how many tokens
     each expert received; :meth:`update_bias` (call it after each optimiser step, e.g. through
     :func:`moeforge.moe.layer.update_router_biases`) moves b_i by -gamma if expert i received more
-    than the mean load and +gamma if less (gamma = ``bias_update_rate``, 1e-3 by default).
+    than the mean load and +gamma if less (gamma = ``bias_update_rate``, 1e-3 by default). Under
+    gradient checkpointing the forward recomputed in the backward counts its tokens again: every
+    expert's count doubles, which leaves the sign of each step, and so the update, unchanged.
     """
 
     def __init__(self, config: MoEConfig) -> None:
