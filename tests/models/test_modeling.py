@@ -15,6 +15,19 @@ def tiny_moe(**moe) -> MoeforgeForCausalLM:
     return MoeforgeForCausalLM(MoeforgeConfig(**TINY, moe=spec)).eval()
 
 
+def _checkpointing(model, kwargs: dict | None) -> None:
+    """Activation checkpointing on with ``kwargs``, or off for None (transformers 5's names, else the old ones)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if kwargs is None:
+            model.activation_checkpointing_disable()
+        else:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif kwargs is None:
+        model.gradient_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def test_single_full_expert_model_equals_llama():
     llama = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
     moe = MoeforgeForCausalLM(MoeforgeConfig(**TINY, moe={"num_experts": 1, "top_k": 1, "expert_size": 48})).eval()
@@ -81,14 +94,14 @@ def test_aux_losses_keep_their_gradient_under_reentrant_activation_checkpointing
     grads = []
     for kwargs in (None, {"use_reentrant": True}, {"use_reentrant": False}):
         if kwargs is not None:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            _checkpointing(model, kwargs)
         model.zero_grad()
         torch.manual_seed(1)  # the same router jitter in every run
         out = model(ids, labels=ids)
         assert out.aux_loss.requires_grad and all(v.requires_grad for v in out.aux_losses.values())
         out.aux_losses["balance_loss"].backward()
         grads.append(model.model.layers[0].mlp.router.weight.grad.clone())
-        model.gradient_checkpointing_disable()
+        _checkpointing(model, None)
     for g in grads[1:]:
         torch.testing.assert_close(g, grads[0])
     assert grads[0].abs().sum() > 0
@@ -111,3 +124,29 @@ def test_moe_overrides_that_name_no_moe_layer_are_refused():
     ]:
         with pytest.raises(MoeforgeError, match=message):
             MoeforgeConfig(**TINY, moe=moe, moe_layers=layers, moe_overrides=overrides)
+
+
+def test_sigmoid_bias_update_is_the_same_under_activation_checkpointing():
+    """The recomputed forward counts its tokens again (every expert's load doubles), which leaves
+    the sign-based bias step unchanged."""
+    from moeforge.moe.layer import update_router_biases
+
+    torch.manual_seed(0)
+    model = tiny_moe(router="sigmoid_bias", num_experts=8, top_k=2, bias_update_rate=0.1).train()
+    ids = torch.randint(0, 120, (2, 16))
+    biases, loads = [], []
+    for kwargs in (None, {"use_reentrant": False}, {"use_reentrant": True}):
+        for layer in model.model.layers:
+            layer.mlp.router.bias.zero_()
+        if kwargs is not None:
+            _checkpointing(model, kwargs)
+        model(ids, labels=ids).loss.backward()
+        loads.append(model.model.layers[0].mlp.router.pending_load.clone())
+        update_router_biases(model)
+        biases.append(torch.stack([layer.mlp.router.bias.clone() for layer in model.model.layers]))
+        _checkpointing(model, None)
+    for load in loads[1:]:
+        torch.testing.assert_close(load, 2 * loads[0])
+    for b in biases[1:]:
+        torch.testing.assert_close(b, biases[0])
+    assert biases[0].abs().sum() > 0
