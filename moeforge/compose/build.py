@@ -121,6 +121,16 @@ def compose_from_config(anchor_model: nn.Module, section: dict[str, Any], *, anc
           augmenting: runs/kv_memory_model
           num_connections: 2
     """
+    config = check_section(section)
+    composed = compose(anchor_model, section["augmenting"], config=config, anchor_tokenizer=anchor_tokenizer)
+    if section.get("init_from"):
+        composed.load_trained(section["init_from"], allow_other_models=section.get("allow_other_models", False))
+    return composed
+
+
+def check_section(section: dict[str, Any]) -> CALMConfig:
+    """The :class:`CALMConfig` of a ``compose:`` section, after every check that needs no model
+    (the trainer runs them when it reads the config, before any model loads)."""
     if not isinstance(section, dict):
         raise MoeforgeError(f"the compose section must be a mapping of settings, got {type(section).__name__}.")
     config = CALMConfig.from_dict(section, extra_keys=SECTION_KEYS)
@@ -130,10 +140,7 @@ def compose_from_config(anchor_model: nn.Module, section: dict[str, Any], *, anc
             "(e.g. `augmenting: smollm2`)."
         )
     _check_section_values(section)
-    composed = compose(anchor_model, section["augmenting"], config=config, anchor_tokenizer=anchor_tokenizer)
-    if section.get("init_from"):
-        composed.load_trained(section["init_from"], allow_other_models=section.get("allow_other_models", False))
-    return composed
+    return config
 
 
 def _check_section_values(section: dict[str, Any]) -> None:

@@ -360,6 +360,15 @@ class TrainConfig:
             require(isinstance(v, (int, float)) and v >= 0, f"aux_loss_scales.{k} must be a number >= 0, got {v!r}.")
         if self.peft is not None and self.compose is not None:
             raise MoeforgeError("a config may have a `peft` section or a `compose` section, not both.")
+        # the sections' own checks, now rather than after the model has loaded
+        if self.peft is not None:
+            from ..peft.config import config_from_dict
+
+            config_from_dict(self.peft, where="the peft section")
+        if self.compose is not None:
+            from ..compose.build import check_section
+
+            check_section(self.compose)
         if (self.peft is not None or self.compose is not None) and self.train_params != "auto":
             section = "peft" if self.peft is not None else "compose"
             raise MoeforgeError(

@@ -13,7 +13,6 @@ router   the routers only
 
 from __future__ import annotations
 
-import inspect
 
 from torch import nn
 
@@ -23,26 +22,13 @@ from ..errors import MoeforgeError
 def apply_wrappers(model: nn.Module, config, tokenizer=None) -> nn.Module:
     """Wrap ``model`` as the config's ``peft``/``compose`` section says (lazy imports)."""
     if config.peft is not None:
-        try:
-            from ..peft import wrap_from_config
-        except ImportError as err:
-            raise MoeforgeError(
-                f"the config has a `peft` section but moeforge.peft.wrap_from_config is unavailable ({err}); "
-                "install a moeforge version with parameter-efficient MoE support or remove the section."
-            ) from None
+        from ..peft import wrap_from_config
+
         return wrap_from_config(model, config.peft)
     if config.compose is not None:
-        try:
-            from ..compose import compose_from_config
-        except ImportError as err:
-            raise MoeforgeError(
-                f"the config has a `compose` section but moeforge.compose.compose_from_config is unavailable ({err}); "
-                "install a moeforge version with composition support or remove the section."
-            ) from None
-        kwargs = {}
-        if tokenizer is not None and "anchor_tokenizer" in inspect.signature(compose_from_config).parameters:
-            kwargs["anchor_tokenizer"] = tokenizer
-        return compose_from_config(model, config.compose, **kwargs)
+        from ..compose import compose_from_config
+
+        return compose_from_config(model, config.compose, anchor_tokenizer=tokenizer)
     return model
 
 

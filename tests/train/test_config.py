@@ -1,5 +1,6 @@
 """TrainConfig: shipped configs load, overrides, unknown keys with the closest valid key, bad values."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -165,8 +166,21 @@ def test_peft_and_compose_overrides_keep_text_for_their_string_settings():
     cfg = load_config({**base, "compose": {"augmenting": "x"}},
                       ["--compose.augmenting", "0123", "--compose.init_from", "007", "--compose.num_connections", "2"])
     assert cfg.compose == {"augmenting": "0123", "init_from": "007", "num_connections": 2}
-    cfg = load_config({**base, "peft": {"method": "mov"}}, ["--peft.num_experts", "4", "--peft.method", "lora"])
-    assert cfg.peft == {"method": "lora", "num_experts": 4}
+    cfg = load_config({**base, "peft": {"method": "mov"}}, ["--peft.num_experts", "4", "--peft.method", "molora"])
+    assert cfg.peft == {"method": "molora", "num_experts": 4}
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"peft": {"method": "mov", "num_expert": 4}}, "Did you mean 'num_experts'"),
+    ({"peft": {"method": "lora", "num_experts": 4}}, "use MoLoRAConfig(num_experts=4)"),
+    ({"compose": {"num_connections": 2}}, "the compose section needs 'augmenting'"),
+    ({"compose": {"augmenting": "x", "init_from": 5}}, "compose.init_from must be a path or alias"),
+])
+def test_peft_and_compose_sections_are_checked_when_the_config_is_read(section, message):
+    # before any model loads (the model "m" here does not even exist)
+    base = {"model": "m", "output_dir": "o", "data": [{"name": "prose", "builtin": "prose"}]}
+    with pytest.raises(MoeforgeError, match=re.escape(message)):
+        load_config({**base, **section})
 
 
 def test_an_all_digit_source_name_is_addressed_by_name():
