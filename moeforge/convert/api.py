@@ -468,7 +468,9 @@ class _Conversion:
         else:
             windows = calibration_windows(self.tokenizer, cfg.calibration, cfg.calibration_tokens, seq_len)
         runner = DenseRunner(self.shared)
-        self.say(f"calibration: {windows.numel()} tokens in {windows.shape[0]} windows of {windows.shape[1]}")
+        short = (f" (the calibration text holds no more; --calibration-tokens asked for {cfg.calibration_tokens})"
+                 if windows.numel() + windows.shape[1] <= cfg.calibration_tokens else "")
+        self.say(f"calibration: {windows.numel()} tokens in {windows.shape[0]} windows of {windows.shape[1]}{short}")
         importance = None
         if cfg.method == "importance":
             t0 = time.perf_counter()

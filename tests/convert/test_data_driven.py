@@ -192,3 +192,18 @@ def test_importance_refuses_one_token_windows(tiny_llama):
     with pytest.raises(MoeforgeError, match="at least 2 tokens"):
         importance_pass(DenseRunner(source), windows, 2, generator=torch.Generator().manual_seed(0),
                         read_ffn=lambda i: DenseFFN(*source.read_ffn(i)))
+
+
+def test_a_calibration_text_shorter_than_asked_is_reported(tiny_llama, tmp_path):
+    """Fewer tokens than --calibration-tokens (a short --calibration file) were used without a word."""
+    (tmp_path / "short.txt").write_text("the cat sat on the mat. " * 40)
+    lines: list[str] = []
+    moeforge.convert(tiny_llama, None, method="random", experts=4, top_k=2, rescale="fit", eval_tokens=0,
+                     calibration=str(tmp_path / "short.txt"), calibration_tokens=4096, calibration_seq_len=32,
+                     progress=lines.append)
+    line = next(m for m in lines if m.startswith("calibration:"))
+    assert "the calibration text holds no more; --calibration-tokens asked for 4096" in line
+    lines.clear()
+    moeforge.convert(tiny_llama, None, method="random", experts=4, top_k=2, rescale="fit", eval_tokens=0,
+                     calibration_tokens=256, calibration_seq_len=32, progress=lines.append)
+    assert next(m for m in lines if m.startswith("calibration:")) == "calibration: 256 tokens in 8 windows of 32"
