@@ -90,7 +90,13 @@ def _save(directory: Path, dom: DomainData) -> None:
         np.save(directory / f"{split}_lengths.npy", blocks.lengths)
         if blocks.labels is not None:
             np.save(directory / f"{split}_labels.npy", blocks.labels)
-    (directory / "meta.json").write_text(json.dumps({"kind": dom.kind, "skipped": dom.skipped}) + "\n")
+    # what was written, so a load can tell a complete entry from one with a file missing or swapped
+    splits = {
+        split: {"blocks": len(blocks), "seq_len": blocks.seq_len, "labels": blocks.labels is not None}
+        for split in ("train", "valid")
+        if (blocks := getattr(dom, split)) is not None
+    }
+    (directory / "meta.json").write_text(json.dumps({"kind": dom.kind, "skipped": dom.skipped, "splits": splits}) + "\n")
 
 
 def _load(directory: Path, name: str) -> DomainData | None:
@@ -99,22 +105,28 @@ def _load(directory: Path, name: str) -> DomainData | None:
         return None
     try:
         meta = json.loads(meta_file.read_text())
-        splits = {}
-        for split in ("train", "valid"):
-            ids_file = directory / f"{split}_ids.npy"
-            if not ids_file.is_file():
-                splits[split] = None
-                continue
+        splits = {"train": None, "valid": None}
+        for split, info in meta["splits"].items():
             labels_file = directory / f"{split}_labels.npy"
             # memory-mapped: a large corpus is paged in as batches touch it, not read whole
-            splits[split] = Blocks(
-                np.load(ids_file, allow_pickle=False, mmap_mode="r"),
+            blocks = Blocks(
+                np.load(directory / f"{split}_ids.npy", allow_pickle=False, mmap_mode="r"),
                 np.load(directory / f"{split}_lengths.npy", allow_pickle=False),
-                np.load(labels_file, allow_pickle=False, mmap_mode="r") if labels_file.is_file() else None,
+                np.load(labels_file, allow_pickle=False, mmap_mode="r") if info["labels"] else None,
             )
-    except (OSError, ValueError, json.JSONDecodeError):
-        return None  # a damaged entry is rebuilt
-    return DomainData(name, meta["kind"], splits["train"], splits["valid"], meta.get("skipped", 0), cached=True)
+            shape = (info["blocks"], info["seq_len"])
+            if (
+                split not in splits
+                or blocks.input_ids.shape != shape
+                or blocks.lengths.shape != shape[:1]
+                or (blocks.labels is not None and blocks.labels.shape != shape)
+            ):
+                return None
+            splits[split] = blocks
+        dom = DomainData(name, meta["kind"], splits["train"], splits["valid"], int(meta.get("skipped", 0)), cached=True)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, json.JSONDecodeError):
+        return None  # a damaged entry (or one from before the file list) is rebuilt
+    return None if dom.train is None else dom
 
 
 def _tokenize_records(tokenizer, kind, records, *, source, seq_len, sep, pad, max_tokens):

@@ -243,3 +243,37 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path, tokenizer):
     again = build_domain(src, tokenizer, seq_len=16, cache_dir=str(cache))
     assert not again.cached and np.array_equal(again.train.input_ids, first.train.input_ids)
     assert build_domain(src, tokenizer, seq_len=16, cache_dir=str(cache)).cached
+
+
+def test_cache_entry_missing_a_file_or_with_foreign_meta_is_rebuilt(tmp_path, tokenizer):
+    """An entry with valid JSON but no kind was a KeyError; one whose valid or labels file was gone
+    loaded as no validation slice or as text (loss on every token), and swapped arrays went unnoticed."""
+    f = tmp_path / "c.jsonl"
+    conv = {"messages": [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "2"}]}
+    f.write_text((json.dumps(conv) + "\n") * 30)
+    src = DataSource(name="c", path=str(f), valid_fraction=0.2)
+    cache = tmp_path / "cache"
+    first = build_domain(src, tokenizer, seq_len=32, cache_dir=str(cache))
+    (entry,) = list(cache.iterdir())
+    good = {p.name: p.read_bytes() for p in entry.iterdir()}
+
+    def damage(name, content=None):
+        for n, data in good.items():
+            (entry / n).write_bytes(data)
+        if content is None:
+            (entry / name).unlink()
+        else:
+            (entry / name).write_bytes(content)
+        return build_domain(src, tokenizer, seq_len=32, cache_dir=str(cache))
+
+    for name, content in [
+        ("meta.json", b"{}"),
+        ("meta.json", b"[]"),
+        ("valid_ids.npy", None),
+        ("train_labels.npy", None),
+        ("train_lengths.npy", good["valid_lengths.npy"]),
+    ]:
+        again = damage(name, content)
+        assert not again.cached, name
+        assert np.array_equal(again.train.labels, first.train.labels) and len(again.valid) == len(first.valid)
+    assert build_domain(src, tokenizer, seq_len=32, cache_dir=str(cache)).cached
