@@ -27,7 +27,7 @@ from .sources import read_source, source_fingerprint
 logger = logging.getLogger(__name__)
 
 #: bump when packing changes the tokens it produces
-PACKING_VERSION = 2
+PACKING_VERSION = 3
 
 
 @dataclass

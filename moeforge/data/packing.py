@@ -136,7 +136,8 @@ def pack_chat(
     """Render and tokenize conversations; returns (blocks, number of examples truncated to nothing).
 
     Without ``pack`` each example becomes one block (truncated to ``seq_len``); an example whose
-    assistant tokens all fall beyond ``seq_len`` is skipped and counted.
+    assistant tokens all fall beyond ``seq_len`` is skipped and counted. With ``pack``, blocks
+    without any target token are left out.
     """
     examples = []
     total = 0
@@ -151,7 +152,11 @@ def pack_chat(
         labels = np.array([t for _, lab in examples for t in lab], dtype=np.int32)
         if max_tokens is not None:
             stream, labels = stream[:max_tokens], labels[:max_tokens]
-        return _cut(stream, labels, seq_len, pad_id), 0
+        blocks = _cut(stream, labels, seq_len, pad_id)
+        # a block of prompt text alone (long system or user turns) carries no loss: a batch of
+        # such blocks would have nothing to train on, so they are left out
+        targets = (blocks.labels[:, 1:] != IGNORE_INDEX) & (np.arange(1, seq_len) < blocks.lengths[:, None])
+        return blocks.subset(np.flatnonzero(targets.any(axis=1))), 0
     rows, lab_rows, lengths = [], [], []
     skipped = 0
     for ids, labels in examples:

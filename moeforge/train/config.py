@@ -81,7 +81,8 @@ class DataSource:
     max_tokens: int | None = None
     """Read documents until this many tokens (train and validation split together); None reads everything."""
     pack: bool | None = None
-    """Chat only: pack several examples per block instead of one padded example per block."""
+    """Chat only: pack several examples per block instead of one padded example per block (blocks
+    holding no assistant token are left out)."""
 
     def __post_init__(self) -> None:
         require(

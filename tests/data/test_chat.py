@@ -1,5 +1,6 @@
 """SFT rendering: only assistant tokens carry loss, for messages, ShareGPT and prompt/response records."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -242,3 +243,18 @@ def test_null_or_structured_content_and_leading_reply_are_named(tokenizer):
     with pytest.raises(MoeforgeError, match=r"^r: conversation starts with an assistant message"):
         normalize_messages(src, {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"},
                                               {"role": "assistant", "content": "b"}]}, "r")
+
+
+def test_packed_blocks_without_targets_are_left_out(tokenizer):
+    """Packed blocks of prompt text alone were kept: a batch of them stopped training with 'the
+    batch has no target tokens'."""
+    prompt = "Compute this sum carefully please: " + " + ".join(str(j) for j in range(12))
+    convs = [[{"role": "user", "content": prompt}, {"role": "assistant", "content": "66"}]] * 5
+    blocks, _ = pack_chat(tokenizer, convs, seq_len=16, pad_id=0, pack=True)
+    ids, labels = blocks.batch(np.arange(len(blocks)), trim=False)
+    assert len(blocks) > 0 and bool((labels[:, 1:] != IGNORE_INDEX).any(dim=1).all())
+    whole, _ = pack_chat(tokenizer, convs, seq_len=10_000, pad_id=0, pack=True)  # one block: every label
+    stream = whole.labels[0, : whole.lengths[0]]
+    # every target a block can predict (all but each 16-token block's first token) is still there
+    predictable = np.arange(len(stream)) % 16 != 0
+    assert int((labels[:, 1:] != IGNORE_INDEX).sum()) == int((stream[predictable] != IGNORE_INDEX).sum())
