@@ -1,10 +1,11 @@
 """Build every domain of a training config: read, tokenize, pack, hold out validation, cache on disk.
 
-The cache key covers the source's content fingerprint (file paths, sizes, modification
-times, or the built-in domain), every setting that changes the tokens (format, fields, system
+The cache key covers the source's content fingerprint (file paths, sizes and SHA-256 digests,
+or the built-in domain with the Python and moeforge versions), every setting that changes the tokens (format, fields, system
 prompt, token limits, packing) and the tokenizer itself (its vocabulary and merges, special
 tokens, chat template). Entries are ``.npy`` files (read with ``allow_pickle=False``) written to a
-temporary directory and renamed into place, so an interrupted build leaves nothing half-written.
+temporary directory and renamed into place, so an interrupted build leaves nothing half-written;
+an entry whose files do not match its ``meta.json`` is rebuilt.
 """
 
 from __future__ import annotations
