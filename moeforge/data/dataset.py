@@ -42,6 +42,13 @@ class DomainData:
     skipped: int = 0
     """Chat examples dropped because truncation to seq_len left no assistant token."""
     cached: bool = False
+    train_digest: str = ""
+    """:meth:`Blocks.digest` of ``train``, taken when the blocks were built (a checkpoint records it,
+    so a resume can tell that the training data changed)."""
+
+    def __post_init__(self) -> None:
+        if not self.train_digest:
+            self.train_digest = self.train.digest()
 
 
 def cache_root(cache_dir: str | None) -> Path | None:
@@ -97,7 +104,8 @@ def _save(directory: Path, dom: DomainData) -> None:
         for split in ("train", "valid")
         if (blocks := getattr(dom, split)) is not None
     }
-    (directory / "meta.json").write_text(json.dumps({"kind": dom.kind, "skipped": dom.skipped, "splits": splits}) + "\n")
+    meta = {"kind": dom.kind, "skipped": dom.skipped, "splits": splits, "train_digest": dom.train_digest}
+    (directory / "meta.json").write_text(json.dumps(meta) + "\n")
 
 
 def _load(directory: Path, name: str) -> DomainData | None:
@@ -124,10 +132,13 @@ def _load(directory: Path, name: str) -> DomainData | None:
             ):
                 return None
             splits[split] = blocks
-        dom = DomainData(name, meta["kind"], splits["train"], splits["valid"], int(meta.get("skipped", 0)), cached=True)
+        if splits["train"] is None:
+            return None
+        dom = DomainData(name, meta["kind"], splits["train"], splits["valid"], int(meta.get("skipped", 0)), cached=True,
+                         train_digest=str(meta.get("train_digest") or ""))
     except (OSError, ValueError, TypeError, KeyError, AttributeError, json.JSONDecodeError):
         return None  # a damaged entry (or one from before the file list) is rebuilt
-    return None if dom.train is None else dom
+    return dom
 
 
 def _tokenize_records(tokenizer, kind, records, *, source, seq_len, sep, pad, max_tokens):

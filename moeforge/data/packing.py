@@ -46,6 +46,17 @@ class Blocks:
     def num_tokens(self) -> int:
         return int(self.lengths.sum())
 
+    def digest(self) -> str:
+        """SHA-256 of the blocks' token ids, lengths and labels: equal digests, equal training data."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for array in (self.input_ids, self.lengths, self.labels):
+            if array is not None:
+                h.update(str(array.shape).encode())
+                h.update(np.ascontiguousarray(array, dtype=np.int32).tobytes())
+        return h.hexdigest()[:32]
+
     def subset(self, index: np.ndarray) -> Blocks:
         return Blocks(
             self.input_ids[index], self.lengths[index], None if self.labels is None else self.labels[index]

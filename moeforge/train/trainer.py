@@ -442,6 +442,7 @@ class Trainer:
             "fingerprint": self.fingerprint,
             "world_size": self.ctx.world_size,
             "domains": self.config.domain_names,
+            "train_data": {d.name: d.train_digest for d in self.domains},
             "config": self.config.to_dict(),
             "time": time.time(),
         }
@@ -537,6 +538,7 @@ class Trainer:
                 f"checkpoint {path} was trained on domains {state['domains']}, the config has {self.config.domain_names}; "
                 "resume with the same data sources or use a new output_dir."
             )
+        self._check_train_data(state.get("train_data"), path)
         self.sampler.load_state_dict(state["sampler"])
         self.mixture.load_state_dict(state["mixture"])
         self._load_window_state(state["window"])
@@ -549,6 +551,20 @@ class Trainer:
             _seed_all(self.config.seed + 7919 * self.ctx.rank + self.step)
         if self.ctx.is_main:
             self.writer.truncate_after(self.step)
+
+    def _check_train_data(self, saved: dict[str, str] | None, path: Path) -> None:
+        """Refuse to resume on training blocks other than the checkpoint's (a data file edited in
+        place, whatever its size): the run would go on sampling positions of different data.
+        Checkpoints written before the digests were recorded are not checked."""
+        if not saved:
+            return
+        changed = [d.name for d in self.domains if saved.get(d.name) not in (None, d.train_digest)]
+        if changed:
+            raise MoeforgeError(
+                f"the training data of {', '.join(repr(n) for n in changed)} differs from what checkpoint {path.name} "
+                f"in {self.output_dir} was trained on (its files were edited); resuming would splice two runs "
+                "together. Restore the original files, choose a new output_dir, or pass --overwrite true to start over."
+            )
 
     # ====================================================================== evaluation
     @torch.no_grad()

@@ -194,6 +194,19 @@ def test_micro_batch_size_change_is_refused_for_moe_models(tmp_path, make_cfg):
     assert config_changes(old, new, moe=True) == ["micro_batch_size 2 -> 4"]
 
 
+def test_training_data_edited_in_place_is_refused_on_resume(tmp_path, make_cfg):
+    """Only the block counts were compared: an edit that kept the number of blocks resumed silently
+    on different data (and a resume never re-tokenises unchanged data: the cache keeps its digest)."""
+    corpus = tmp_path / "notes.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 80)
+    data = [{"name": "notes", "path": str(corpus), "valid_fraction": 0.1}]
+    train(make_cfg(steps=2, data=data))
+    train(make_cfg(steps=3, data=data))  # the same file: resumes
+    corpus.write_text("the quick brown cat jumps over the lazy dog. " * 80)  # same size, other tokens
+    with pytest.raises(MoeforgeError, match=r"training data of 'notes' differs from what checkpoint step-"):
+        train(make_cfg(steps=4, data=data))
+
+
 @pytest.mark.parametrize("state", ["[1, 2]", "{\"step\": 2}", "not json"])
 def test_damaged_checkpoint_state_is_one_clear_message(tmp_path, make_cfg, state):
     from moeforge.train.checkpoint import list_checkpoints
