@@ -55,7 +55,9 @@ def batched_mm_bytes(tokens: int, e: int, k: int, size: int, hidden: int, dtype:
 def contenders(e: int, k: int, size: int, hidden: int, dtype: torch.dtype, device: str, skip: set[str]):
     torch.manual_seed(0)
     ours = MoELayer(MoEConfig(hidden_size=hidden, expert_size=size, num_experts=e, top_k=k, aux_loss_coef=0.0))
-    out = {"moeforge": lambda x, m=ours.to(device, dtype): m(x).hidden_states}
+    ours.to(device, dtype)
+    out = {"moeforge": lambda x, m=ours: m(x).hidden_states}
+    out["moeforge"].module = ours  # its weights, whose gradients measure() clears
     for impl in HF_IMPLS:
         if impl in skip:
             continue
@@ -79,9 +81,15 @@ def sync(device: str) -> None:
 def measure(fns: dict, x: torch.Tensor, backward: bool, repeats: int, device: str) -> dict[str, float]:
     grad = torch.randn_like(x)
     times: dict[str, list[float]] = {name: [] for name in fns}
+    params = {fn: list(getattr(fn, "module", fn).parameters()) for fn in fns.values()}
 
     def once(fn):
         inp = x.detach().requires_grad_(backward)
+        # every call starts without weight gradients, as a training step after zero_grad(set_to_none=True):
+        # otherwise each backward adds into the previous call's gradients, an extra pass over every weight
+        # that the MoE contenders pay on E/k times more weights than the limit
+        for p in params[fn]:
+            p.grad = None
         sync(device)
         t0 = time.perf_counter()
         y = fn(inp)
