@@ -108,17 +108,22 @@ def measure(fns: dict, x: torch.Tensor, backward: bool, repeats: int, device: st
 
 
 def check_same_output(fns: dict, x: torch.Tensor) -> None:
-    """Every transformers contender computes moeforge's output. In a low precision, transformers'
-    router runs in that precision and moeforge's in float32, so a near-tie may send a token to a
-    different expert: up to 1% of tokens may then differ, the rest must agree."""
-    allowed = 0.0 if x.dtype == torch.float32 else 0.01
+    """Every transformers contender computes moeforge's output. Errors are measured against the
+    output's scale (its largest entry): an absolute tolerance would pass almost any output at
+    shapes whose outputs are themselves about that small (64 x 8 x 24: entries ~3e-3). In float32
+    the outputs must agree to 1e-5 of that scale. In a low precision, transformers' router runs in
+    that precision and moeforge's in float32, so a near-tie may send a token to a different expert:
+    up to 5% of tokens may then differ (top-8 of 64 experts has many near-ties), the rest must agree
+    to 2e-2 of the scale."""
+    tol, allowed = (1e-5, 0.0) if x.dtype == torch.float32 else (2e-2, 0.05)
     with torch.no_grad():
         ref = fns["moeforge"](x).reshape(-1, x.shape[-1]).float()
+        atol = tol * ref.abs().max().item()
         for name, fn in fns.items():
             if not name.startswith("hf-"):
                 continue
             out = fn(x.clone()).reshape(-1, x.shape[-1]).float()
-            bad = ~torch.isclose(out, ref, atol=2e-2, rtol=2e-2).all(dim=1)
+            bad = ~torch.isclose(out, ref, atol=atol, rtol=tol).all(dim=1)
             frac = bad.float().mean().item()
             if frac > allowed:
                 raise SystemExit(f"{name} disagrees with moeforge on {frac:.2%} of tokens (allowed {allowed:.0%})")
