@@ -141,12 +141,17 @@ def available_bytes(device: torch.device) -> int:
 
 
 def time_plain_loop(model, ids: torch.Tensor, steps: int, warmup: int, precision: str) -> list[float]:
-    """A plain transformers training loop: loss (with the router aux loss), backward, AdamW (fused
-    on a GPU), under bf16 autocast when ``precision`` is bf16."""
+    """A plain transformers training loop: loss (with the router aux loss), backward, clipping, fused
+    AdamW (transformers' Trainer default ``adamw_torch_fused``, and what the moeforge trainer runs,
+    on the CPU as on a GPU; same betas and weight decay as the trainer's defaults), under bf16
+    autocast when ``precision`` is bf16."""
     device = ids.device
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=1e-5, betas=(0.9, 0.95),
+                            fused=device.type in ("cpu", "cuda"))
     times = []
     for i in range(warmup + steps):
         sync(device)
