@@ -169,8 +169,10 @@ def time_plain_loop(model, ids: torch.Tensor, steps: int, warmup: int, precision
     return times
 
 
-def time_moeforge_step(model, tokenizer, args, steps: int, warmup: int) -> list[float]:
-    """The moeforge trainer's own step on built-in prose packed at the benchmark's shape."""
+def time_moeforge_step(model, tokenizer, args, steps: int, warmup: int) -> tuple[list[float], torch.Tensor]:
+    """The moeforge trainer's own step on built-in prose packed at the benchmark's shape. Returns the
+    step times and a (batch, seq_len) batch of that prose (full blocks), for the plain loops to train
+    on the same kind of tokens: routing, hence the experts' load, depends on the tokens."""
     from moeforge.train import Trainer, load_config
 
     with tempfile.TemporaryDirectory() as out:
@@ -192,6 +194,11 @@ def time_moeforge_step(model, tokenizer, args, steps: int, warmup: int) -> list[
         trainer = Trainer(cfg, model=model, tokenizer=tokenizer)
         trainer._setup()
         device = trainer.ctx.device
+        blocks = trainer.domains[0].train
+        full = [i for i in range(len(blocks)) if int(blocks.lengths[i]) == args.seq_len][: args.batch]
+        if len(full) < args.batch:
+            raise SystemExit(f"the built-in prose holds {len(full)} full blocks of {args.seq_len} tokens, fewer than --batch {args.batch}")
+        prose = blocks.batch(full, trim=False)[0]
         times = []
         for i in range(warmup + steps):
             sync(device)
@@ -201,7 +208,7 @@ def time_moeforge_step(model, tokenizer, args, steps: int, warmup: int) -> list[
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
         model.to("cpu")
-        return times
+        return times, prose
 
 
 def main() -> None:
@@ -268,10 +275,14 @@ def main() -> None:
         probe = ids[:1, :32].cpu()
         diff = (moe(probe).logits - mix(probe).logits).abs().max().item()
     print(f"Mixtral copy vs moeforge logits: max |diff| = {diff:.2e}", flush=True)
+    if not diff <= 1e-3:
+        raise SystemExit("the Mixtral copy does not compute the moeforge model's logits; the comparison would be meaningless")
     del mix
 
     moe_state = {k: v.clone() for k, v in moe.state_dict().items()}  # the Mixtral copies start from the untrained weights
-    record("moeforge MoE (trainer step)", time_moeforge_step(moe, tok, args, args.steps, args.warmup), moe)
+    times, prose = time_moeforge_step(moe, tok, args, args.steps, args.warmup)
+    record("moeforge MoE (trainer step)", times, moe)
+    ids = prose.to(device)  # the plain loops train on the trainer's prose, not on uniformly random ids
     moe.load_state_dict(moe_state)
     moe.zero_grad(set_to_none=True)
     del moe_state
@@ -299,7 +310,7 @@ def main() -> None:
     gc.collect()
 
     dense = dense_model(args)
-    record("dense SmolLM2 (trainer step)", time_moeforge_step(dense, tok, args, args.steps, args.warmup), dense)
+    record("dense SmolLM2 (trainer step)", time_moeforge_step(dense, tok, args, args.steps, args.warmup)[0], dense)
     dense_plain = time_plain_loop(dense, ids, args.steps, args.warmup, args.precision)
     record("dense SmolLM2 (plain loop)", dense_plain, dense)
 
