@@ -5,7 +5,8 @@ and forward+backward of:
 
 * ``moeforge``: :class:`moeforge.moe.MoELayer` (top-k router, dropless sorted execution);
 * ``hf-<impl>``: transformers' ``MixtralSparseMoeBlock`` under every experts implementation it
-  offers on this device (``eager``, ``batched_mm``, ``grouped_mm``);
+  offers on every device (``eager``, ``batched_mm``, ``grouped_mm``; the CUDA-only Hub kernels
+  ``deepgemm`` and ``sonicmoe`` are not run);
 * ``limit``: a dense SwiGLU MLP of width top-k x expert size, i.e. the same matmul FLOPs with
   no routing at all.
 
