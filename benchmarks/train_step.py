@@ -273,9 +273,11 @@ def main() -> None:
     with torch.no_grad():
         moe.eval(), mix.eval()
         probe = ids[:1, :32].cpu()
-        diff = (moe(probe).logits - mix(probe).logits).abs().max().item()
-    print(f"Mixtral copy vs moeforge logits: max |diff| = {diff:.2e}", flush=True)
-    if not diff <= 1e-3:
+        ref = moe(probe).logits
+        diff = (ref - mix(probe).logits).abs().max().item()
+        scale = ref.abs().max().item()
+    print(f"Mixtral copy vs moeforge logits: max |diff| = {diff:.2e} (logits up to {scale:.1f})", flush=True)
+    if not diff <= 1e-4 * scale:  # float32 sums in another order over 30 layers: ~1e-5 of the logits' scale
         raise SystemExit("the Mixtral copy does not compute the moeforge model's logits; the comparison would be meaningless")
     del mix
 
