@@ -123,22 +123,36 @@ RUNTIME_CONFIG_KEYS = frozenset({
 })
 
 
+def flatten_settings(value: Any, prefix: str = "", out: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Nested settings as dotted keys (``moe.top_k``: 2); a list of named mappings (data sources)
+    is keyed by name, with the names themselves under ``"PREFIX (sources)"``."""
+    out = {} if out is None else out
+    if isinstance(value, dict):
+        for k, v in value.items():
+            flatten_settings(v, f"{prefix}.{k}" if prefix else str(k), out)
+    elif isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
+        for v in value:
+            flatten_settings({k: x for k, x in v.items() if k != "name"}, f"{prefix}.{v['name']}", out)
+        out[f"{prefix} (sources)"] = [v["name"] for v in value]
+    else:
+        out[prefix] = value
+    return out
+
+
+def setting_changes(old: dict[str, Any], new: dict[str, Any], skip=lambda key: False) -> list[str]:
+    """``key old -> new`` for each dotted key (of :func:`flatten_settings`) whose value differs,
+    ``'unset'`` standing for a missing key; keys for which ``skip(key)`` is true are left out."""
+    return [f"{k} {old.get(k, 'unset')!r} -> {new.get(k, 'unset')!r}" for k in sorted(set(old) | set(new))
+            if not skip(k) and old.get(k, "unset") != new.get(k, "unset")]
+
+
 def model_config(model: nn.Module) -> dict[str, Any] | None:
     """The model's architecture settings as dotted keys (``moe.top_k``: 2), None when it has no
     transformers config: two models of the same shapes may still route or compute differently."""
     cfg = getattr(model, "config", None)
     if not hasattr(cfg, "to_diff_dict"):
         return None
-    out: dict[str, Any] = {}
-
-    def flat(value: Any, prefix: str) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                flat(v, f"{prefix}.{k}" if prefix else str(k))
-        else:
-            out[prefix] = value
-
-    flat({k: v for k, v in cfg.to_diff_dict().items() if k not in RUNTIME_CONFIG_KEYS}, "")
+    out = flatten_settings({k: v for k, v in cfg.to_diff_dict().items() if k not in RUNTIME_CONFIG_KEYS})
     return json.loads(json.dumps(out, sort_keys=True, default=str))  # as state.json gives it back
 
 
@@ -150,9 +164,7 @@ def check_fingerprint(saved: dict[str, Any], current: dict[str, Any], path: Path
     what = []
     if saved.get("model_class") != current.get("model_class"):
         what.append(f"class {saved.get('model_class')} vs {current.get('model_class')}")
-    old, new = saved.get("config") or {}, current.get("config") or {}
-    changed = [f"{k} {old.get(k, 'unset')!r} -> {new.get(k, 'unset')!r}" for k in sorted(set(old) | set(new))
-               if old.get(k, "unset") != new.get(k, "unset")]
+    changed = setting_changes(saved.get("config") or {}, current.get("config") or {})
     if changed:
         what.append(f"its config differs: {', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''}")
     if saved.get("parameters") != current.get("parameters"):

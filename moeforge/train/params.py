@@ -13,7 +13,6 @@ router   the routers only
 
 from __future__ import annotations
 
-
 from torch import nn
 
 from ..errors import MoeforgeError

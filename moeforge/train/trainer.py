@@ -1196,32 +1196,14 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any], *, moe: bool 
     layers) ``micro_batch_size`` is not resumable either: the routers' aux losses, Switch capacity
     and expert choice are computed per micro-batch, so it changes the objective."""
 
-    def flat(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                flat(v, f"{prefix}.{k}" if prefix else str(k), out)
-        elif isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
-            for v in value:
-                flat({k: x for k, x in v.items() if k != "name"}, f"{prefix}.{v['name']}", out)
-            out[f"{prefix} (sources)"] = [v["name"] for v in value]
-        else:
-            out[prefix] = value
-        return out
-
-    old, new = flat(saved, "", {}), flat(current, "", {})
+    old, new = ckpt.flatten_settings(saved), ckpt.flatten_settings(current)
     # a source added or removed is named once, by the "(sources)" line, not field by field
-    one_sided = [f"{key[: -len(' (sources)')]}.{name}."
-                 for key in set(old) | set(new) if key.endswith(" (sources)")
-                 for name in set(old.get(key) or []) ^ set(new.get(key) or [])]
-    changes = []
+    one_sided = tuple(f"{key[: -len(' (sources)')]}.{name}."
+                      for key in set(old) | set(new) if key.endswith(" (sources)")
+                      for name in set(old.get(key) or []) ^ set(new.get(key) or []))
     resumable = RESUMABLE_CHANGES - ({"micro_batch_size"} if moe else set())
-    for key in sorted(set(old) | set(new)):
-        if key.split(".")[0].split(" ")[0] in resumable or key.startswith(tuple(one_sided)):
-            continue
-        a, b = old.get(key, "unset"), new.get(key, "unset")
-        if a != b:
-            changes.append(f"{key} {a!r} -> {b!r}")
-    return changes
+    return ckpt.setting_changes(
+        old, new, skip=lambda key: key.split(".")[0].split(" ")[0] in resumable or key.startswith(one_sided))
 
 
 def _seed_all(seed: int) -> None:
