@@ -55,7 +55,10 @@ def main() -> None:
             fn()
             results[name]["times"].append(time.perf_counter() - t0)
     diff = float((results["plain"]["grad_w"] - results["fused"]["grad_w"]).abs().max())
-    print(f"{args.tokens} tokens, hidden {args.hidden}, vocabulary {args.vocab}, torch threads {torch.get_num_threads()}, "
+    from moeforge.eval.report import device_description
+
+    print(f"{device_description()}; {args.tokens} tokens, hidden {args.hidden}, vocabulary {args.vocab}, "
+          f"torch threads {torch.get_num_threads()}, "
           f"median of {args.repeats}")
     print(f"loss plain {results['plain']['loss']:.6f} fused {results['fused']['loss']:.6f}; max |grad W diff| {diff:.2e}")
     for name in ("plain", "fused"):

@@ -143,7 +143,10 @@ def main() -> None:
                     help="skip a contender whose per-call weight gathers exceed this many GiB (batched_mm)")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
-    print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} "
+    from moeforge.eval.report import device_description
+
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else device_description()
+    print(f"device={args.device} ({where}) threads={torch.get_num_threads()} torch={torch.__version__} "
           f"tokens={args.tokens} hidden={args.hidden} dtype={args.dtype} repeats={args.repeats} (median ms)")
     header = f"{'shape (E,k,I)':>14} {'pass':>9} " + " ".join(f"{n:>13}" for n in ["moeforge", *[f'hf-{i}' for i in HF_IMPLS], "limit"])
     print(header)

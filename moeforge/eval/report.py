@@ -15,13 +15,39 @@ DEFAULT_REPORT = Path(__file__).resolve().parents[2] / "docs" / "results.md"
 HEADER = "# Reproduction report\n\nEach section is written by the script it names; rerun that command to reproduce it.\n"
 
 
+def cpu_model(cpuinfo: str | None = None) -> str | None:
+    """The CPU's model name from ``/proc/cpuinfo`` (Linux; ``cpuinfo`` is its text, read when None),
+    or None where it cannot be read."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            return " ".join(value.split())
+    return None
+
+
 def device_description() -> str:
-    """A one-line description of the device that produced a number."""
+    """A one-line description of the device that produced a number: the GPU's name, or the CPU's
+    model, architecture, vector instruction set torch uses (AVX2, AVX512, ...) and core count. Two
+    x86 CPUs can differ twofold in matmul speed, which moves ratios between matmul-bound and
+    memory-bound code, so a CPU number names its CPU."""
     if torch.cuda.is_available():
         return f"GPU: {torch.cuda.get_device_name(0)}"
     import os
 
-    return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    arch = platform.machine() or platform.processor() or "unknown architecture"
+    parts = [p for p in (cpu_model(), arch) if p]
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except (AttributeError, RuntimeError):
+        capability = None
+    if capability and capability != "DEFAULT":
+        parts.append(capability)
+    return f"CPU: {', '.join(parts)}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def update_section(section_id: str, markdown: str, *, path: str | Path = DEFAULT_REPORT, title: str | None = None) -> Path:
