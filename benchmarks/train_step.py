@@ -9,7 +9,10 @@ Compares, in one run and on the same batch shape:
   experts implementation transformers offers (eager, batched_mm, grouped_mm); the best counts;
 * ``dense``: the dense SmolLM2 through the same moeforge step.
 
-Prints one table and the ratios the training issue sets as goals: moeforge's speed-up over the
+Every contender is built first (the machine holds all their weights and optimiser states at once,
+about 2.2 GB each for SmolLM2's size in float32) and, after ``--warmup`` steps each, they take one
+timed step each in turn for ``--steps`` rounds, so a change in the machine's load during the run
+reaches them all alike. Prints one table and the ratios the training issue sets as goals: moeforge's speed-up over the
 best transformers implementation (its step time / moeforge's, goal >= 1.3) and the MoE's speed-up
 over dense next to its active-FLOPs ratio.
 
@@ -26,8 +29,8 @@ same precision (``--precision bf16``: bf16 autocast over float32 weights, the tr
 from __future__ import annotations
 
 import argparse
-import gc
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -140,7 +143,15 @@ def available_bytes(device: torch.device) -> int:
         return 1 << 62
 
 
-def time_plain_loop(model, ids: torch.Tensor, steps: int, warmup: int, precision: str) -> list[float]:
+class Contender:
+    """One contender's training step, ready to be called: ``step()`` runs one full step."""
+
+    def __init__(self, name: str, model, step, cleanup=None) -> None:
+        self.name, self.model, self.step, self.cleanup = name, model, step, cleanup
+        self.times: list[float] = []
+
+
+def plain_loop(name: str, model, ids: torch.Tensor, precision: str) -> Contender:
     """A plain transformers training loop: loss (with the router aux loss), backward, clipping, fused
     AdamW (transformers' Trainer default ``adamw_torch_fused``, and what the moeforge trainer runs,
     on the CPU as on a GPU; same betas and weight decay as the trainer's defaults), under bf16
@@ -152,63 +163,75 @@ def time_plain_loop(model, ids: torch.Tensor, steps: int, warmup: int, precision
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=1e-5, betas=(0.9, 0.95),
                             fused=device.type in ("cpu", "cuda"))
-    times = []
-    for i in range(warmup + steps):
-        sync(device)
-        t0 = time.perf_counter()
+
+    def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    model.to("cpu")
-    return times
+
+    return Contender(name, model, step)
 
 
-def time_moeforge_step(model, tokenizer, args, steps: int, warmup: int) -> tuple[list[float], torch.Tensor]:
+def moeforge_trainer(name: str, model, tokenizer, args) -> tuple[Contender, torch.Tensor]:
     """The moeforge trainer's own step on built-in prose packed at the benchmark's shape. Returns the
-    step times and a (batch, seq_len) batch of that prose (full blocks), for the plain loops to train
+    contender and a (batch, seq_len) batch of that prose (full blocks), for the plain loops to train
     on the same kind of tokens: routing, hence the experts' load, depends on the tokens."""
     from moeforge.train import Trainer, load_config
 
-    with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(
-            {
-                "model": "benchmark",
-                "output_dir": out,
-                "data": [{"name": "prose", "builtin": "prose", "max_tokens": (warmup + steps + 2) * args.batch * args.seq_len * 2}],
-                "steps": warmup + steps,
-                "batch_size": args.batch,
-                "seq_len": args.seq_len,
-                "lr": 1e-5,
-                "warmup_steps": 0,
-                "progress": False,
-                "plots": False,
-                "precision": args.precision,
-            }
-        )
-        trainer = Trainer(cfg, model=model, tokenizer=tokenizer)
-        trainer._setup()
-        device = trainer.ctx.device
-        blocks = trainer.domains[0].train
-        full = [i for i in range(len(blocks)) if int(blocks.lengths[i]) == args.seq_len][: args.batch]
-        if len(full) < args.batch:
-            raise SystemExit(f"the built-in prose holds {len(full)} full blocks of {args.seq_len} tokens, fewer than --batch {args.batch}")
-        prose = blocks.batch(full, trim=False)[0]
-        times = []
-        for i in range(warmup + steps):
+    total = args.warmup + args.steps
+    out = tempfile.mkdtemp(prefix="moeforge-bench-")
+    cfg = load_config(
+        {
+            "model": "benchmark",
+            "output_dir": out,
+            "data": [{"name": "prose", "builtin": "prose", "max_tokens": (total + 2) * args.batch * args.seq_len * 2}],
+            "steps": total,
+            "batch_size": args.batch,
+            "seq_len": args.seq_len,
+            "lr": 1e-5,
+            "warmup_steps": 0,
+            "progress": False,
+            "plots": False,
+            "precision": args.precision,
+        }
+    )
+    trainer = Trainer(cfg, model=model, tokenizer=tokenizer)
+    trainer._setup()
+    blocks = trainer.domains[0].train
+    full = [i for i in range(len(blocks)) if int(blocks.lengths[i]) == args.seq_len][: args.batch]
+    if len(full) < args.batch:
+        shutil.rmtree(out, ignore_errors=True)
+        raise SystemExit(f"the built-in prose holds {len(full)} full blocks of {args.seq_len} tokens, fewer than --batch {args.batch}")
+    prose = blocks.batch(full, trim=False)[0]
+    return Contender(name, model, trainer.train_step, cleanup=lambda: shutil.rmtree(out, ignore_errors=True)), prose
+
+
+def run_in_rotation(contenders: list[Contender], steps: int, warmup: int, device: torch.device) -> list[Contender]:
+    """Warm every contender up, then time one step of each in turn, ``steps`` rounds: a change in the
+    machine's load during the run then reaches every contender alike instead of whichever ran at
+    the time. A contender that fails (an implementation transformers cannot run here) is reported
+    and dropped; the others go on."""
+    alive = []
+    for c in contenders:
+        try:
+            for _ in range(warmup):
+                c.step()
+            sync(device)
+        except Exception as err:
+            print(f"  {c.name}: failed: {type(err).__name__}: {err}", flush=True)
+            continue
+        alive.append(c)
+    for _ in range(steps):
+        for c in alive:
             sync(device)
             t0 = time.perf_counter()
-            trainer.train_step()
+            c.step()
             sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-        model.to("cpu")
-        return times, prose
+            c.times.append(time.perf_counter() - t0)
+    return alive
 
 
 def main() -> None:
@@ -281,14 +304,9 @@ def main() -> None:
         raise SystemExit("the Mixtral copy does not compute the moeforge model's logits; the comparison would be meaningless")
     del mix
 
-    moe_state = {k: v.clone() for k, v in moe.state_dict().items()}  # the Mixtral copies start from the untrained weights
-    times, prose = time_moeforge_step(moe, tok, args, args.steps, args.warmup)
-    record("moeforge MoE (trainer step)", times, moe)
-    ids = prose.to(device)  # the plain loops train on the trainer's prose, not on uniformly random ids
-    moe.load_state_dict(moe_state)
-    moe.zero_grad(set_to_none=True)
-    del moe_state
-    best = None
+    # every contender is built first and they then run in rotation, one step each; the Mixtral
+    # copies take the MoE's untrained weights (to_mixtral copies them) before the trainer moves them
+    copies = []
     for impl in [s for s in args.impls.split(",") if s]:
         if impl == "batched_mm" and not args.force:
             need, avail = batched_mm_bytes(moe, args), available_bytes(device)
@@ -297,26 +315,28 @@ def main() -> None:
                       f"and keeps them for the backward pass, ~{need / 2**30:.0f} GiB here vs {avail / 2**30:.0f} GiB "
                       "available (--force runs it anyway)", flush=True)
                 continue
-        mix = to_mixtral(moe, impl)
-        try:
-            record(f"transformers Mixtral ({impl})", time_plain_loop(mix, ids, args.steps, args.warmup, args.precision), mix)
-        except Exception as err:  # an implementation transformers cannot run here
-            print(f"  transformers Mixtral ({impl}): failed: {type(err).__name__}: {err}")
-            continue
-        finally:
-            del mix
-            gc.collect()
-        if best is None or rows[-1]["s"] < best["s"]:
-            best = rows[-1]
-    del moe
-    gc.collect()
-
+        copies.append((impl, to_mixtral(moe, impl)))
+    ours, prose = moeforge_trainer("moeforge MoE (trainer step)", moe, tok, args)
+    ids = prose.to(device)  # the plain loops train on the trainer's prose, not on uniformly random ids
+    contenders = [ours] + [plain_loop(f"transformers Mixtral ({impl})", mix, ids, args.precision) for impl, mix in copies]
+    del copies
     dense = dense_model(args)
-    record("dense SmolLM2 (trainer step)", time_moeforge_step(dense, tok, args, args.steps, args.warmup)[0], dense)
-    dense_plain = time_plain_loop(dense, ids, args.steps, args.warmup, args.precision)
-    record("dense SmolLM2 (plain loop)", dense_plain, dense)
-
-    ours, dense_row = rows[0], rows[-2]
+    dense_ours, _ = moeforge_trainer("dense SmolLM2 (trainer step)", dense, tok, args)
+    contenders += [dense_ours, plain_loop("dense SmolLM2 (plain loop)", dense, ids, args.precision)]
+    try:
+        alive = run_in_rotation(contenders, args.steps, args.warmup, device)
+    finally:
+        for c in contenders:
+            if c.cleanup is not None:
+                c.cleanup()
+    for c in alive:
+        record(c.name, c.times, c.model)
+    names = [r["name"] for r in rows]
+    if ours.name not in names or dense_ours.name not in names:
+        raise SystemExit("the moeforge trainer failed on the MoE or the dense model; no ratios to report")
+    hf = [r for r in rows if r["name"].startswith("transformers Mixtral")]
+    best = min(hf, key=lambda r: r["s"]) if hf else None
+    ours, dense_row = rows[names.index(ours.name)], rows[names.index(dense_ours.name)]
     print("\nsummary")
     if best is not None:
         print(f"  speed-up over the best transformers Mixtral ({best['name']}; its time / moeforge's): "
