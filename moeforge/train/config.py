@@ -335,6 +335,9 @@ class TrainConfig:
             require(isinstance(value, int) and value > 0, f"{name} must be a positive integer, got {value!r}.")
         require(self.seq_len >= 2, f"seq_len must be >= 2, got {self.seq_len}.")
         require(self.output_dir.strip() != "", "output_dir is empty; name the directory the run writes to.")
+        require(self.cache_dir is None or self.cache_dir.strip() != "",
+                "cache_dir is empty (it would cache tokens in the current directory); name a directory, "
+                "write 'off' to disable the token cache, or leave it out for the default.")
         require(self.model.strip() != "", "model is empty; give a path or alias (e.g. smollm2).")
         require(self.eps > 0, f"eps must be > 0 (AdamW's denominator term), got {self.eps}.")
         require(0 <= self.seed < 2**63, f"seed must be an integer in [0, 2^63), got {self.seed}.")

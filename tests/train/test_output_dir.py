@@ -202,5 +202,8 @@ def test_output_dir_holding_other_files_or_the_model_is_refused(tmp_path, make_c
     assert (model / "config.json").is_file()
     with pytest.raises(MoeforgeError, match="output_dir is empty"):
         train(make_cfg(output_dir=""))
+    with pytest.raises(MoeforgeError, match="cache_dir is empty .* 'off' to disable"):
+        train(make_cfg(output_dir=str(tmp_path / "cached"), cache_dir=" "))
+    assert not (tmp_path / "cached").exists()
     with pytest.raises(MoeforgeError, match="'output_dir' expects a string, got nothing"):
         train(make_cfg(output_dir=None))
