@@ -262,3 +262,7 @@ def config_from_dict(data: dict[str, Any], *, where: str = "peft config") -> Ada
         return cls(**data)
     except TypeError as err:  # e.g. a wrong value type deep in dataclasses
         raise MoeforgeError(f"bad {where}: {err}") from None
+    except MoeforgeError as err:
+        # the field checks name the Python class ("MoVConfig.num_experts ..."); a YAML or JSON user
+        # wrote a section, so name that and the method instead
+        raise MoeforgeError(f"{where} (method {method}): {str(err).replace(f'{cls.__name__}.', '')}") from None

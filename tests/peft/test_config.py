@@ -50,6 +50,15 @@ def test_peft_section_unknown_key_names_the_closest_valid_key():
         config_from_dict({"num_experts": 10})
 
 
+def test_a_bad_value_in_a_section_names_the_section_not_the_python_class():
+    with pytest.raises(MoeforgeError) as err:
+        config_from_dict({"method": "mov", "num_experts": 0}, where="the peft section")
+    assert str(err.value).startswith("the peft section (method mov): num_experts must be")
+    assert "MoVConfig" not in str(err.value)
+    with pytest.raises(MoeforgeError, match=r"^peft config \(method molora\): top_k"):
+        config_from_dict({"method": "molora", "num_experts": 2, "top_k": 3})
+
+
 def test_peft_section_builds_the_config_and_round_trips():
     cfg = config_from_dict({"method": "molora", "num_experts": 10, "rank": 4, "alpha": 16, "top_k": 2})
     assert isinstance(cfg, MoLoRAConfig) and cfg.top_k == 2 and cfg.scaling == 4.0
