@@ -316,14 +316,16 @@ def main() -> None:
                       "available (--force runs it anyway)", flush=True)
                 continue
         copies.append((impl, to_mixtral(moe, impl)))
-    ours, prose = moeforge_trainer("moeforge MoE (trainer step)", moe, tok, args)
-    ids = prose.to(device)  # the plain loops train on the trainer's prose, not on uniformly random ids
-    contenders = [ours] + [plain_loop(f"transformers Mixtral ({impl})", mix, ids, args.precision) for impl, mix in copies]
-    del copies
-    dense = dense_model(args)
-    dense_ours, _ = moeforge_trainer("dense SmolLM2 (trainer step)", dense, tok, args)
-    contenders += [dense_ours, plain_loop("dense SmolLM2 (plain loop)", dense, ids, args.precision)]
-    try:
+    contenders: list[Contender] = []
+    try:  # the trainers' scratch output directories go whatever happens
+        ours, prose = moeforge_trainer("moeforge MoE (trainer step)", moe, tok, args)
+        contenders.append(ours)
+        ids = prose.to(device)  # the plain loops train on the trainer's prose, not on uniformly random ids
+        contenders += [plain_loop(f"transformers Mixtral ({impl})", mix, ids, args.precision) for impl, mix in copies]
+        del copies
+        dense = dense_model(args)
+        dense_ours, _ = moeforge_trainer("dense SmolLM2 (trainer step)", dense, tok, args)
+        contenders += [dense_ours, plain_loop("dense SmolLM2 (plain loop)", dense, ids, args.precision)]
         alive = run_in_rotation(contenders, args.steps, args.warmup, device)
     finally:
         for c in contenders:
