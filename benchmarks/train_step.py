@@ -242,7 +242,9 @@ def main() -> None:
     ap.add_argument("--batch", type=positive_int, default=2)
     ap.add_argument("--seq-len", type=positive_int, default=256)
     ap.add_argument("--steps", type=positive_int, default=3, help="timed steps per variant (median reported)")
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=2,
+                    help="untimed steps per contender first (the allocator settles over the first two: "
+                         "the first step of a run page-faults its activations in)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--force", action="store_true", help="run batched_mm even when it would not fit in memory")
     ap.add_argument("--impls", default="eager,batched_mm,grouped_mm", help="transformers experts implementations to try")
