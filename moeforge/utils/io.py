@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,12 +84,58 @@ def check_writable_dir(path: str | os.PathLike, what: str = "output directory") 
         ) from None
 
 
+def _host() -> str:
+    """This machine's name as it goes into temporary names (file-name-safe, at most 40 characters)."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())[:40] or "host"
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (one we may not signal counts as existing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def owned_temp_dir(parent: str | os.PathLike, stem: str) -> Path:
+    """A fresh ``.{stem}.tmp-HOST-PID-XXXX`` directory in ``parent``, named after its owner so that
+    :func:`sweep_stale` can tell when the owner is gone."""
+    return Path(tempfile.mkdtemp(prefix=f".{stem}.tmp-{_host()}-{os.getpid()}-", dir=parent))
+
+
+def sweep_stale(parent: str | os.PathLike, stem: str) -> list[Path]:
+    """Remove what writers of ``stem`` in ``parent`` left when they were killed (SIGKILL, power loss)
+    before they could clean up: ``.{stem}.tmp-HOST-PID-*`` and ``.{stem}.old-HOST-PID`` entries whose
+    HOST is this machine and whose PID no longer runs. Entries of other machines (a shared file
+    system) and of running processes are left alone, so a concurrent writer never loses its
+    directory; a PID reused by an unrelated process only delays the sweep. Returns what was removed."""
+    host = _host()
+    removed = []
+    for kind in ("tmp", "old"):
+        head = f".{stem}.{kind}-{host}-"
+        for entry in Path(parent).glob(glob.escape(head) + "*"):
+            pid = entry.name[len(head):].split("-", 1)[0]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+            removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``path`` that becomes ``path`` only on success.
 
     The temporary directory lives in the same parent (so the final rename is atomic on one
-    file system) and is removed if the body raises. An existing ``path`` is refused unless
+    file system) and is removed if the body raises; those a killed earlier write left beside
+    ``path`` are swept first (:func:`sweep_stale`). An existing ``path`` is refused unless
     ``overwrite``; then it is replaced only after the new content is complete.
     """
     if not str(path).strip():
@@ -100,7 +149,8 @@ def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> It
     created = [p for p in final.parents if not p.exists()]  # innermost first
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        sweep_stale(final.parent, final.name)  # what a killed earlier write of this output left
+        tmp = owned_temp_dir(final.parent, final.name)
         tmp.chmod(0o777 & ~_UMASK)  # mkdtemp makes it 0700, which the renamed output would keep
     except OSError as err:
         _remove_empty(created)
@@ -112,7 +162,7 @@ def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> It
         _remove_empty(created)  # a failed run leaves no trace, the parent folders it made included
         raise
     if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        old = final.parent / f".{final.name}.old-{_host()}-{os.getpid()}"
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
