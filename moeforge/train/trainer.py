@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ..errors import MoeforgeError
+from ..models.attention import use_block_attention
 from ..utils.memory import tune_cpu_allocator
 from . import checkpoint as ckpt
 from .config import TrainConfig, load_config
@@ -334,6 +335,7 @@ class Trainer:
             else:
                 raise MoeforgeError(f"{type(model).__name__} does not support gradient checkpointing; set it to false.")
         model.to(ctx.device)
+        self.block_attention = use_block_attention(model, cfg.attention, ctx.device)
         if ctx.device.type == "cpu":
             tune_cpu_allocator()  # reuse freed activation/gradient blocks instead of page-faulting them back
         model.train()
@@ -1186,7 +1188,7 @@ def _within(path: Path, directory: Path) -> bool:
 RESUMABLE_CHANGES = frozenset({
     "output_dir", "resume", "overwrite", "progress", "plots", "save_final", "save_every", "keep_last",
     "log_every", "eval_every", "eval_tokens", "eval_tasks", "cache_dir", "device", "precision", "steps", "parallel",
-    "micro_batch_size", "find_unused_parameters", "gradient_checkpointing", "fused_cross_entropy",
+    "micro_batch_size", "find_unused_parameters", "gradient_checkpointing", "fused_cross_entropy", "attention",
 })
 
 
