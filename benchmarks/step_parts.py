@@ -10,6 +10,9 @@ Forward+backward of each part on a (batch, seq_len, 576) block, SmolLM2's shape 
 * ``attention (explicit)``: the same attention written as two matmuls and one masked softmax, with
   the query heads that share a KV head stacked (no KV copies), to see whether the fused kernel
   can be beaten on this machine;
+* ``attention (blocked)``: moeforge's block-causal attention
+  (:func:`moeforge.models.attention.block_causal_attention`), which the trainer uses on the CPU;
+* ``LlamaAttention (blocked)``: the whole block with transformers dispatching to it;
 * ``q,k,v,o projections``: the four linear maps of ``LlamaAttention``;
 * ``LlamaAttention``: the whole block (projections, rotary, SDPA);
 * ``moe 8x2x192``: :class:`moeforge.moe.MoELayer`, SmolLM2's FFN split into 8 experts, top-2;
@@ -40,6 +43,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from moeforge.eval.report import device_description
+from moeforge.models.attention import ATTENTION_NAME, block_causal_attention, register_attention
 from moeforge.moe import MoEConfig, MoELayer
 from moeforge.utils.memory import tune_cpu_allocator
 from _args import positive_int  # noqa: E402  (benchmarks/ is on sys.path when run)
@@ -52,6 +56,11 @@ def parts(batch: int, seq: int) -> dict:
     cfg._attn_implementation = "sdpa"
     hidden, heads, kv, dim = 576, 9, 3, 64
     attn, norm, mlp = LlamaAttention(cfg, 0), LlamaRMSNorm(hidden), LlamaMLP(cfg)
+    register_attention()
+    cfg_blocked = LlamaConfig(**cfg.to_dict())
+    cfg_blocked._attn_implementation = ATTENTION_NAME
+    attn_blocked = LlamaAttention(cfg_blocked, 0)
+    attn_blocked.load_state_dict(attn.state_dict())
     moe = MoELayer(MoEConfig(hidden_size=hidden, expert_size=192, num_experts=8, top_k=2))
     x0 = torch.randn(batch, seq, hidden)
     cos, sin = LlamaRotaryEmbedding(cfg)(x0, torch.arange(seq)[None])
@@ -97,15 +106,20 @@ def parts(batch: int, seq: int) -> dict:
         "rotary q,k": rotary,
         "sdpa (flash)": attention(sdpa),
         "attention (explicit)": attention(explicit),
+        "attention (blocked)": attention(lambda q, k, v: block_causal_attention(q, k, v).transpose(1, 2)),
         "q,k,v,o projections": module(attn, lambda m, x: projections(x).expand_as(x)),
         "LlamaAttention": module(attn, lambda m, x: m(x, position_embeddings=(cos, sin), attention_mask=None)[0]),
+        "LlamaAttention (blocked)": module(attn_blocked, lambda m, x: m(x, position_embeddings=(cos, sin),
+                                                                        attention_mask=None)[0]),
         "moe 8x2x192": module(moe, lambda m, x: m(x).hidden_states),
         "dense mlp": module(mlp),
     }
     with torch.no_grad():
         diff = (sdpa(q0, k0, v0) - explicit(q0, k0, v0)).abs().max().item()
+    q, k, v = leaf(q0), leaf(k0), leaf(v0)
+    diff = max(diff, (sdpa(q, k, v).transpose(1, 2) - block_causal_attention(q, k, v)).abs().max().item())
     if not diff < 1e-4:
-        raise SystemExit(f"the explicit attention differs from SDPA by {diff:.1e}; the comparison would be meaningless")
+        raise SystemExit(f"the explicit or blocked attention differs from SDPA by {diff:.1e}; the comparison would be meaningless")
     return fns
 
 
@@ -128,7 +142,7 @@ def main() -> None:
     print(f"{device_description()}, threads {torch.get_num_threads()}; {args.batch} x {args.seq_len} tokens, "
           f"forward+backward, median of {args.repeats} (ms)")
     for name, ts in times.items():
-        print(f"  {name:<22} {1000 * statistics.median(ts):8.1f}")
+        print(f"  {name:<24} {1000 * statistics.median(ts):8.1f}")
 
 
 if __name__ == "__main__":
