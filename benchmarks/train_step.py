@@ -9,6 +9,11 @@ Compares, in one run and on the same batch shape:
   experts implementation transformers offers (eager, batched_mm, grouped_mm); the best counts;
 * ``dense``: the dense SmolLM2 through the same moeforge step.
 
+The moeforge trainer steps take its ``attention`` setting (``--attention``, default auto: the
+block-causal attention of :mod:`moeforge.models.attention` on the CPU); ``--attention-ab`` adds a
+copy of the MoE in the same trainer with ``attention: model`` (transformers' SDPA), so the
+attention's share of the speed-up is measured in the same rotation.
+
 Every contender is built first (the machine holds all their weights and optimiser states at once,
 about 2.2 GB each for SmolLM2's size in float32) and, after ``--warmup`` steps each, they take one
 timed step each in turn for ``--steps`` rounds, so a change in the machine's load during the run
@@ -29,6 +34,7 @@ same precision (``--precision bf16``: bf16 autocast over float32 weights, the tr
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import shutil
 import statistics
@@ -175,7 +181,7 @@ def plain_loop(name: str, model, ids: torch.Tensor, precision: str) -> Contender
     return Contender(name, model, step)
 
 
-def moeforge_trainer(name: str, model, tokenizer, args) -> tuple[Contender, torch.Tensor]:
+def moeforge_trainer(name: str, model, tokenizer, args, attention: str | None = None) -> tuple[Contender, torch.Tensor]:
     """The moeforge trainer's own step on built-in prose packed at the benchmark's shape. Returns the
     contender and a (batch, seq_len) batch of that prose (full blocks), for the plain loops to train
     on the same kind of tokens: routing, hence the experts' load, depends on the tokens."""
@@ -196,6 +202,7 @@ def moeforge_trainer(name: str, model, tokenizer, args) -> tuple[Contender, torc
             "progress": False,
             "plots": False,
             "precision": args.precision,
+            "attention": attention or args.attention,
         }
     )
     trainer = Trainer(cfg, model=model, tokenizer=tokenizer)
@@ -251,6 +258,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                     help="fp32, or bf16 autocast over float32 weights (default: bf16 on a GPU, fp32 on the CPU)")
+    ap.add_argument("--attention", choices=["auto", "blocked", "model"], default="auto",
+                    help="the moeforge trainer's attention setting (auto: its block-causal attention on the CPU)")
+    ap.add_argument("--attention-ab", action="store_true",
+                    help="also time a copy of the MoE in the moeforge trainer with attention: model (transformers' SDPA)")
     ap.add_argument("--dense-config", help="directory with config.json + tokenizer: random weights of that shape, no GGUF")
     ap.add_argument("--save-dense-config", metavar="DIR", help="write SmolLM2's config and tokenizer to DIR and exit")
     args = ap.parse_args()
@@ -318,16 +329,21 @@ def main() -> None:
                       "available (--force runs it anyway)", flush=True)
                 continue
         copies.append((impl, to_mixtral(moe, impl)))
+    moe_sdpa = copy.deepcopy(moe) if args.attention_ab else None
     contenders: list[Contender] = []
     try:  # the trainers' scratch output directories go whatever happens
         ours, prose = moeforge_trainer("moeforge MoE (trainer step)", moe, tok, args)
         contenders.append(ours)
+        if moe_sdpa is not None:
+            contenders.append(moeforge_trainer("moeforge MoE (attention: model)", moe_sdpa, tok, args, "model")[0])
+            del moe_sdpa
         ids = prose.to(device)  # the plain loops train on the trainer's prose, not on uniformly random ids
         contenders += [plain_loop(f"transformers Mixtral ({impl})", mix, ids, args.precision) for impl, mix in copies]
         del copies
         dense = dense_model(args)
         dense_ours, _ = moeforge_trainer("dense SmolLM2 (trainer step)", dense, tok, args)
-        contenders += [dense_ours, plain_loop("dense SmolLM2 (plain loop)", dense, ids, args.precision)]
+        # the plain loop gets its own copy: the trainer switched its model's attention implementation
+        contenders += [dense_ours, plain_loop("dense SmolLM2 (plain loop)", dense_model(args), ids, args.precision)]
         alive = run_in_rotation(contenders, args.steps, args.warmup, device)
     finally:
         for c in contenders:
