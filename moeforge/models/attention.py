@@ -21,7 +21,7 @@ B * Hq * S * (S + block) / 2 floats per layer (40 MB at 8 x 512 for SmolLM2, blo
 :data:`MAX_SAVED_BYTES` the call falls back to SDPA, whose memory is linear in S.
 
 :func:`moeforge_attention_forward` has transformers' attention-function signature. It takes the
-block path only where it is exact and pays off: CPU, float32/float64, gradients wanted, causal
+block path only where it is exact and pays off: CPU, float32/float64 without autocast, gradients wanted, causal
 self-attention without a mask tensor (no padding), no dropout, softcap, position bias or
 sliding window. Everything else (inference, padding, decoding with a cache, GPUs) goes to
 transformers' own ``sdpa`` function unchanged. Masks are built as for ``sdpa``.
@@ -127,6 +127,8 @@ def block_causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None 
 def _takes_block_path(module, query: Tensor, key: Tensor, attention_mask, dropout: float, is_causal, kwargs) -> bool:
     if query.device.type != "cpu" or query.dtype not in (torch.float32, torch.float64):
         return False
+    if torch.is_autocast_enabled("cpu"):
+        return False  # the matmuls would run in the autocast dtype; SDPA handles mixed precision
     if not torch.is_grad_enabled() or not (query.requires_grad or key.requires_grad):
         return False  # inference: the fused kernel's forward is as fast and keeps no probabilities
     if attention_mask is not None or dropout or kwargs.get("softcap") is not None:

@@ -125,6 +125,16 @@ def test_padding_inference_and_large_calls_fall_back_to_sdpa(block_calls, monkey
     torch.testing.assert_close(logits, ref_logits)
 
 
+def test_bf16_autocast_keeps_sdpa(block_calls):
+    model = _llama().float()
+    use_block_attention(model, "auto", torch.device("cpu"))
+    ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert block_calls == [] and torch.isfinite(loss)
+
+
 def test_modes_switch_what_they_say():
     model = _llama()
     assert use_block_attention(model, "model", torch.device("cpu")) == 0
