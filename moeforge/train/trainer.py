@@ -335,7 +335,7 @@ class Trainer:
             else:
                 raise MoeforgeError(f"{type(model).__name__} does not support gradient checkpointing; set it to false.")
         model.to(ctx.device)
-        self.block_attention = use_block_attention(model, cfg.attention, ctx.device)
+        use_block_attention(model, cfg.attention, ctx.device)
         if ctx.device.type == "cpu":
             tune_cpu_allocator()  # reuse freed activation/gradient blocks instead of page-faulting them back
         model.train()

@@ -189,6 +189,16 @@ def test_gradient_checkpointing_same_losses_and_bf16_autocast_runs(tmp_path, mak
     assert all(p.dtype == torch.float32 for p in bf16.model.parameters())  # master weights stay fp32
 
 
+def test_cpu_training_takes_the_block_attention_with_the_same_losses(tmp_path, make_cfg):
+    blocked = train(make_cfg(steps=2, output_dir=str(tmp_path / "a")))
+    sdpa = train(make_cfg(steps=2, attention="model", output_dir=str(tmp_path / "m")))
+    assert blocked.model.config._attn_implementation == "moeforge"
+    assert sdpa.model.config._attn_implementation == "sdpa"
+    a = [r["loss"] for r in blocked.history if r["kind"] == "train"]
+    b = [r["loss"] for r in sdpa.history if r["kind"] == "train"]
+    assert a == pytest.approx(b, abs=1e-5)
+
+
 def test_sft_padding_reaches_the_moe_layers_as_a_token_mask(tmp_path, make_cfg, monkeypatch):
     # right-padded chat rows: the trainer passes the padding to the MoE layers, which do not route it
     from moeforge.moe.layer import MoELayer
